@@ -1,0 +1,358 @@
+"""The `gpulab` command line. Read commands take `--json`; bad input exits 2 with one line.
+
+The CLI talks to the scheduler's API on its Unix socket and never holds Redis credentials.
+Daemon commands (`scheduler`, `worker`, `up`) import their packages lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+
+from jobs import render
+from jobs.api import ApiError
+from jobs.client import ApiClient, DaemonUnreachable
+from jobs.config import Config, ConfigError, load_config
+from jobs.spec import JobSpec, SpecError, parse_mem, parse_time_limit, validate_spec
+
+EXIT_USAGE = 2
+# Variables that describe the submitting shell's GPU view, not the job's: the worker sets them.
+NOT_CAPTURED = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPULAB_JOB_ID", "GPULAB_ATTEMPT"})
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"gpulab: {message}", err=True)
+    sys.exit(code)
+
+
+class Context:
+    def __init__(self) -> None:
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = load_config()
+            except ConfigError as exc:
+                fail(str(exc), EXIT_USAGE)
+        return self._config
+
+    def client(self) -> ApiClient:
+        return ApiClient(self.config.socket_path)
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except DaemonUnreachable as exc:
+            fail(str(exc), 1)
+        except ApiError as exc:
+            fail(exc.message, EXIT_USAGE if exc.status in (400, 404, 409, 413) else 1)
+
+
+pass_ctx = click.make_pass_decorator(Context, ensure=True)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """gpulab: a GPU job scheduler for shared lab servers."""
+
+
+def build_spec(
+    command: tuple[str, ...], gpus: int, mem: str | None, name: str | None, priority: int,
+    time_limit: str | None, hold: bool, requeue: bool, kind: str,
+) -> JobSpec:  # fmt: skip
+    try:
+        spec = JobSpec(
+            command=command,
+            cwd=os.getcwd(),
+            gpus=gpus,
+            mem_bytes=parse_mem(mem) if mem is not None else None,
+            name=name or "",
+            env={k: v for k, v in os.environ.items() if k not in NOT_CAPTURED},
+            time_limit_s=parse_time_limit(time_limit) if time_limit is not None else None,
+            priority=priority,
+            requeue=requeue,
+            hold=hold,
+            kind=kind,
+        )
+        validate_spec(spec)
+    except SpecError as exc:
+        fail(str(exc), EXIT_USAGE)
+    return spec
+
+
+def submit_options(fn: Any) -> Any:
+    options = [
+        click.option("--gpus", type=int, default=1, show_default=True, help="GPUs on one node."),
+        click.option("--mem", help="Memory per GPU (12GiB, 12G, 12000MiB). Without it: a whole idle GPU."),
+        click.option("--name", help="Job name (default: the program's name)."),
+        click.option("--priority", type=int, default=0, show_default=True, help="Higher starts first."),
+        click.option("--time", "time_limit", help="Time limit: 30m, 2h, 1-12:00:00, 90:00."),
+        click.option("--hold", is_flag=True, help="Submit held; start with `gpulab release`."),
+        click.option("--json", "as_json", is_flag=True, help="Print the whole record, not just the id."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _submit(ctx: Context, spec: JobSpec, as_json: bool) -> None:
+    client = ctx.client()
+    job_id = ctx.call(client.submit, spec.to_json())
+    if as_json:
+        emit_json(ctx.call(client.job, job_id))
+    else:
+        click.echo(job_id)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@submit_options
+@click.option("--requeue/--no-requeue", default=None, help="Run again after a node loss (default: on for --train).")
+@click.option("--train", "factory", help="Run the built-in training loop with this factory (module:func or file.py).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@pass_ctx
+def submit(
+    ctx: Context, command: tuple[str, ...], gpus: int, mem: str | None, name: str | None, priority: int,
+    time_limit: str | None, hold: bool, as_json: bool, requeue: bool | None, factory: str | None,
+) -> None:  # fmt: skip
+    """Queue a job: gpulab submit [OPTIONS] -- PROGRAM ARGS..."""
+    kind = "command"
+    if factory:
+        command = (sys.executable, "-m", "worker.training", factory, "--", *command)
+        kind = "training"
+    spec = build_spec(command, gpus, mem, name, priority, time_limit, hold, _requeue(requeue, kind), kind)
+    _submit(ctx, spec, as_json)
+
+
+def _requeue(flag: bool | None, kind: str) -> bool:
+    return flag if flag is not None else kind == "training"
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@submit_options
+@click.option("--epochs", type=int, help="Epochs to train.")
+@click.option("--seed", type=int, help="Random seed.")
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), help="Mixed precision.")
+@click.option("--requeue/--no-requeue", default=True, show_default=True)
+@click.argument("factory")
+@click.argument("factory_args", nargs=-1, type=click.UNPROCESSED)
+@pass_ctx
+def train(
+    ctx: Context, factory: str, factory_args: tuple[str, ...], gpus: int, mem: str | None, name: str | None,
+    priority: int, time_limit: str | None, hold: bool, as_json: bool, epochs: int | None, seed: int | None,
+    amp: str | None, requeue: bool,
+) -> None:  # fmt: skip
+    """Train with the built-in loop: gpulab train examples/digits.py --mem 4GiB --epochs 20"""
+    loop_args: list[str] = []
+    for flag, value in (("--epochs", epochs), ("--seed", seed), ("--amp", amp)):
+        if value is not None:
+            loop_args += [flag, str(value)]
+    if factory.endswith(".py") or ".py:" in factory:
+        path, _, func = factory.partition(":")
+        if not Path(path).is_file():
+            fail(f"train: no such file: {path}", EXIT_USAGE)
+        factory = str(Path(path).resolve()) + (f":{func}" if func else "")
+    command = (sys.executable, "-m", "worker.training", factory, *loop_args, "--", *factory_args)
+    spec = build_spec(
+        command, gpus, mem, name or Path(factory.split(":")[0]).stem, priority, time_limit, hold, requeue, "training"
+    )
+    _submit(ctx, spec, as_json)
+
+
+@main.command(name="queue")
+@click.option("--all", "all_jobs", is_flag=True, help="Include finished jobs.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def queue_cmd(ctx: Context, all_jobs: bool, as_json: bool) -> None:
+    """Jobs, their state, GPUs, memory, age and why they wait."""
+    data = ctx.call(ctx.client().jobs, all_jobs)
+    if as_json:
+        emit_json({"jobs": data})
+    else:
+        Console().print(render.queue_table(data))
+
+
+main.add_command(queue_cmd, name="q")
+
+
+@main.command()
+@click.argument("job_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def show(ctx: Context, job_id: int, as_json: bool) -> None:
+    """Everything about one job, with its history."""
+    data = ctx.call(ctx.client().job, job_id)
+    if as_json:
+        emit_json(data)
+    else:
+        render.show_job(Console(), data)
+
+
+def _actions(verb: str, help_text: str) -> None:
+    @main.command(name=verb, help=help_text)
+    @click.argument("job_ids", type=int, nargs=-1, required=True)
+    @click.option("--json", "as_json", is_flag=True)
+    @pass_ctx
+    def command(ctx: Context, job_ids: tuple[int, ...], as_json: bool) -> None:
+        results = [ctx.call(ctx.client().action, job_id, verb) for job_id in job_ids]
+        if as_json:
+            emit_json(results)
+        else:
+            for result in results:
+                click.echo(f"{result['id']} {result['state']}")
+
+
+_actions("cancel", "Cancel jobs (running ones are stopped, their whole process tree).")
+_actions("hold", "Keep pending jobs from starting.")
+_actions("release", "Let held jobs start again.")
+
+
+@main.command()
+@click.argument("job_id", type=int)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@pass_ctx
+def logs(ctx: Context, job_id: int, follow: bool) -> None:
+    """Print a job's output (stdout and stderr)."""
+    client, offset = ctx.client(), 0
+    while True:
+        chunk = ctx.call(client.log, job_id, offset)
+        sys.stdout.write(chunk["data"])
+        sys.stdout.flush()
+        offset = chunk["offset"]
+        if chunk["more"]:
+            continue
+        if not follow or chunk["final"]:
+            if chunk["final"] and follow:  # the last lines may have landed after our read
+                sys.stdout.write(ctx.call(client.log, job_id, offset)["data"])
+            return
+        time.sleep(0.25)  # the log is a file on disk; poll it like `tail -f`
+
+
+@main.command()
+@click.argument("job_ids", type=int, nargs=-1, required=True)
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit 124).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def wait(ctx: Context, job_ids: tuple[int, ...], timeout: float | None, as_json: bool) -> None:
+    """Block until the jobs end. Exit 0 if all COMPLETED, else the first failure's exit code
+    (1 when it has none, e.g. cancelled or OOM); 124 on --timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    client, results = ctx.client(), []
+    for job_id in job_ids:
+        while True:
+            left = 60.0 if deadline is None else max(0.0, min(60.0, deadline - time.monotonic()))
+            record = ctx.call(client.wait, job_id, left)
+            if record["state"] in ("COMPLETED", "FAILED", "CANCELLED"):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                fail(f"job {job_id} is still {record['state']} after {timeout}s", 124)
+        results.append(record)
+    if as_json:
+        emit_json(results)
+    else:
+        for r in results:
+            click.echo(
+                f"{r['id']} {r['state']}"
+                + (f" {r['reason']}" if r["reason"] else "")
+                + (f" exit {r['exit_code']}" if r.get("exit_code") is not None else "")
+            )
+    sys.exit(wait_exit_code(results))
+
+
+def wait_exit_code(records: list[dict[str, Any]]) -> int:
+    for r in records:
+        if r["state"] != "COMPLETED":
+            code = r.get("exit_code")
+            return int(code) if code else 1
+    return 0
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def gpus(ctx: Context, as_json: bool) -> None:
+    """Per GPU: total, used, reserved by gpulab, used by others, available."""
+    data = ctx.call(ctx.client().gpus)
+    if as_json:
+        emit_json(data)
+    else:
+        Console().print(render.gpus_table(data["nodes"]))
+
+
+# ---- daemons ----------------------------------------------------------------------------------
+def _sim_gpus(spec: str | None) -> list[int] | None:
+    if spec is None:
+        return None
+    from worker.sim_probe import parse_sim_gpus
+
+    try:
+        return parse_sim_gpus(spec)
+    except ValueError as exc:
+        fail(f"--sim-gpus: {exc}", EXIT_USAGE)
+
+
+def _daemon_logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+@main.command()
+@click.option("-v", "--verbose", is_flag=True)
+@pass_ctx
+def scheduler(ctx: Context, verbose: bool) -> None:
+    """Run the scheduler daemon (API socket + scheduling loop)."""
+    from jobs.redis_conn import RedisUnavailable
+    from scheduler.main import run_scheduler
+
+    _daemon_logging(verbose)
+    try:
+        sys.exit(run_scheduler(ctx.config))
+    except RedisUnavailable as exc:
+        fail(str(exc))
+
+
+@main.command()
+@click.option("--name", help="Node name (default: config [worker] name, else the host name).")
+@click.option("--sim-gpus", help="Simulate GPUs: 2x24GiB or 24GiB,16GiB.")
+@click.option("-v", "--verbose", is_flag=True)
+@pass_ctx
+def worker(ctx: Context, name: str | None, sim_gpus: str | None, verbose: bool) -> None:
+    """Run a worker daemon for this host's GPUs."""
+    from jobs.redis_conn import RedisUnavailable
+    from worker.daemon import NodeNameTaken
+    from worker.main import run_worker
+
+    _daemon_logging(verbose)
+    try:
+        sys.exit(run_worker(ctx.config, name, _sim_gpus(sim_gpus)))
+    except (RedisUnavailable, NodeNameTaken) as exc:
+        fail(str(exc))
+
+
+@main.command()
+@click.option("--sim-gpus", help="Simulate GPUs (default when NVML finds none: 2x24GiB).")
+@click.option("--name", help="Node name of the worker.")
+@pass_ctx
+def up(ctx: Context, sim_gpus: str | None, name: str | None) -> None:
+    """Redis (embedded if none) + scheduler + worker in the foreground. Ctrl-C stops all."""
+    from scheduler.stack import run_stack
+
+    _sim_gpus(sim_gpus)  # validate before starting anything
+    sys.exit(run_stack(ctx.config, sim_gpus=sim_gpus, name=name))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The CLI's side of the API: HTTP over the scheduler's Unix socket. Holds no Redis credentials."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from jobs import api
+
+
+class DaemonUnreachable(RuntimeError):
+    def __init__(self, socket_path: Path, why: str) -> None:
+        super().__init__(
+            f"cannot reach the gpulab scheduler at {socket_path} ({why}); "
+            "start it with 'gpulab up' (one server) or 'gpulab scheduler'"
+        )
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class ApiClient:
+    def __init__(self, socket_path: Path, timeout_s: float = 30.0) -> None:
+        self.socket_path = socket_path
+        self.timeout_s = timeout_s
+
+    def request(self, method: str, path: str, body: Any = None, *, timeout_s: float | None = None) -> Any:
+        conn = _UnixConnection(self.socket_path, timeout_s or self.timeout_s)
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise DaemonUnreachable(self.socket_path, exc.strerror or type(exc).__name__) from None
+        except (TimeoutError, OSError, http.client.HTTPException) as exc:
+            raise DaemonUnreachable(self.socket_path, str(exc) or type(exc).__name__) from None
+        finally:
+            conn.close()
+        try:
+            decoded = json.loads(data) if data else {}
+        except json.JSONDecodeError:
+            raise api.ApiError(response.status, f"bad answer from the scheduler: {data[:200]!r}") from None
+        if response.status >= 400:
+            raise api.ApiError(response.status, str(decoded.get("error", response.reason)))
+        return decoded
+
+    def submit(self, spec: dict[str, Any]) -> int:
+        return int(self.request("POST", api.jobs_path(), spec)["id"])
+
+    def jobs(self, *, all_jobs: bool = False) -> list[dict[str, Any]]:
+        query = "?" + urlencode({"all": "1"}) if all_jobs else ""
+        return list(self.request("GET", api.jobs_path() + query)["jobs"])
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return dict(self.request("GET", api.job_path(job_id)))
+
+    def action(self, job_id: int, action: str) -> dict[str, Any]:
+        return dict(self.request("POST", api.job_path(job_id, action), {}))
+
+    def log(self, job_id: int, offset: int) -> dict[str, Any]:
+        return dict(self.request("GET", api.job_path(job_id, "log") + "?" + urlencode({"offset": offset})))
+
+    def wait(self, job_id: int, timeout_s: float) -> dict[str, Any]:
+        query = "?" + urlencode({"timeout": timeout_s})
+        return dict(self.request("GET", api.job_path(job_id, "wait") + query, timeout_s=timeout_s + 10))
+
+    def gpus(self) -> dict[str, Any]:
+        return dict(self.request("GET", api.gpus_path()))

@@ -1,0 +1,137 @@
+"""Configuration: config.toml (at $GPULAB_CONFIG, else /etc/gpulab/config.toml, else defaults),
+then GPULAB_REDIS_URL and GPULAB_STATE_DIR on top, so two stacks can share one machine.
+
+Every setting is documented in the repository's config.toml.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from jobs.sizes import parse_size
+
+SYSTEM_CONFIG = Path("/etc/gpulab/config.toml")
+
+
+class ConfigError(ValueError):
+    """A config file or setting is wrong; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    socket: str = ""  # "" -> <state_dir>/gpulab.sock
+    housekeeping_interval_s: float = 1.0
+    headroom_bytes: int = 256 * 2**20
+    spike_buffer_bytes: int = 512 * 2**20
+    idle_gpu_max_used_bytes: int = 512 * 2**20
+    assign_timeout_s: float = 30.0
+    max_pending_per_user: int = 10_000
+    max_requeues: int = 5
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    name: str = ""  # "" -> host name
+    simulate_gpus: tuple[str, ...] = ()
+    heartbeat_interval_s: float = 1.0
+    lease_ttl_s: float = 10.0
+    kill_grace_s: float = 10.0
+    requeue_on_shutdown: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    redis_url: str = ""  # "" -> embedded redis on a unix socket in the state dir
+    state_dir: Path = field(default_factory=lambda: default_state_dir())
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    source: str = "built-in defaults"
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.scheduler.socket) if self.scheduler.socket else self.state_dir / "gpulab.sock"
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or f"unix://{self.state_dir / 'redis.sock'}"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def sim_dir(self) -> Path:
+        return self.state_dir / "sim"
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.state_dir / "checkpoints"
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/gpulab")
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "gpulab"
+
+
+_SIZE_KEYS = {"headroom", "spike_buffer", "idle_gpu_max_used"}
+
+
+def _section(cls: type, table: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{key}_bytes" if key in _SIZE_KEYS else key
+        if name not in known:
+            raise ConfigError(f"{where}: unknown setting '{key}'")
+        try:
+            if key in _SIZE_KEYS:
+                value = parse_size(str(value), allow_zero=True)
+            elif name == "simulate_gpus":
+                value = tuple(str(v) for v in value)
+            elif name.endswith("_s"):
+                value = float(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: '{key}': {exc}") from None
+        values[name] = value
+    return cls(**values)
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Read the config file (if any) and apply the environment overrides."""
+    if path is None and os.environ.get("GPULAB_CONFIG"):
+        path = Path(os.environ["GPULAB_CONFIG"])
+    if path is None and SYSTEM_CONFIG.exists():
+        path = SYSTEM_CONFIG
+    config = Config()
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        config = _from_toml(data, str(path))
+    if os.environ.get("GPULAB_REDIS_URL"):
+        config = replace(config, redis_url=os.environ["GPULAB_REDIS_URL"])
+    if os.environ.get("GPULAB_STATE_DIR"):
+        config = replace(config, state_dir=Path(os.environ["GPULAB_STATE_DIR"]))
+    return config
+
+
+def _from_toml(data: dict[str, Any], where: str) -> Config:
+    unknown = set(data) - {"redis", "paths", "scheduler", "worker"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown section [{sorted(unknown)[0]}]")
+    redis_url = str(data.get("redis", {}).get("url", ""))
+    state_dir = str(data.get("paths", {}).get("state_dir", ""))
+    return Config(
+        redis_url=redis_url,
+        state_dir=Path(state_dir).expanduser() if state_dir else default_state_dir(),
+        scheduler=_section(SchedulerConfig, data.get("scheduler", {}), f"{where} [scheduler]"),
+        worker=_section(WorkerConfig, data.get("worker", {}), f"{where} [worker]"),
+        source=where,
+    )

@@ -1,0 +1,120 @@
+"""A job as stored: the spec plus everything gpulab learned about it, built from its Redis hash."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs.spec import JobSpec
+from jobs.states import FINAL_STATES, JobState
+
+
+@dataclass(frozen=True)
+class GpuAssignment:
+    index: int
+    uuid: str
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    spec: JobSpec
+    state: JobState
+    user: str
+    uid: int
+    reason: str = ""
+    detail: str = ""
+    submitted_at: float = 0.0
+    assigned_at: float | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    node: str = ""
+    gpus: tuple[GpuAssignment, ...] = ()
+    attempt: int = 0
+    exit_code: int | None = None
+    pid: int | None = None
+    peak_bytes: dict[str, int] = field(default_factory=dict)
+    current_bytes: dict[str, int] = field(default_factory=dict)
+    mem_warning: str = ""
+    status: dict[str, Any] | None = None
+    log_path: str = ""
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def peak_total(self) -> int:
+        return sum(self.peak_bytes.values())
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes] | dict[str, str]) -> JobRecord:
+        h = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
+        gpus = tuple(GpuAssignment(int(g["index"]), str(g["uuid"])) for g in json.loads(h.get("gpus") or "[]"))
+        return cls(
+            id=int(h["id"]),
+            spec=JobSpec.from_json(json.loads(h["spec"])),
+            state=JobState(h["state"]),
+            user=h.get("user", ""),
+            uid=int(h.get("uid", "-1")),
+            reason=h.get("reason", ""),
+            detail=h.get("detail", ""),
+            submitted_at=float(h.get("submitted_at", "0")),
+            assigned_at=_float(h.get("assigned_at")),
+            started_at=_float(h.get("started_at")),
+            ended_at=_float(h.get("ended_at")),
+            node=h.get("node", ""),
+            gpus=gpus,
+            attempt=int(h.get("attempt", "0")),
+            exit_code=_int(h.get("exit_code")),
+            pid=_int(h.get("pid")),
+            peak_bytes={k: int(v) for k, v in json.loads(h.get("peak_bytes") or "{}").items()},
+            current_bytes={k: int(v) for k, v in json.loads(h.get("current_bytes") or "{}").items()},
+            mem_warning=h.get("mem_warning", ""),
+            status=json.loads(h["status"]) if h.get("status") else None,
+            log_path=h.get("log_path", ""),
+        )
+
+    def to_json(self, *, private: bool = True) -> dict[str, Any]:
+        """The record as the API and `--json` show it. `private=False` hides command and environment."""
+        spec = self.spec.to_json()
+        # Environment values may hold tokens: only variable names ever leave the daemons.
+        spec["env"] = sorted(self.spec.env) if private else []
+        if not private:
+            spec["command"] = ["(hidden)"]
+        return {
+            "id": self.id,
+            "name": self.spec.display_name,
+            "state": self.state.value,
+            "reason": self.reason,
+            "detail": self.detail,
+            "user": self.user,
+            "uid": self.uid,
+            "spec": spec,
+            "submitted_at": self.submitted_at,
+            "assigned_at": self.assigned_at,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "node": self.node,
+            "gpus": [{"index": g.index, "uuid": g.uuid} for g in self.gpus],
+            "attempt": self.attempt,
+            "exit_code": self.exit_code,
+            "pid": self.pid,
+            "peak_bytes": self.peak_bytes,
+            "current_bytes": self.current_bytes,
+            "mem_warning": self.mem_warning,
+            "status": self.status,
+            "log_path": self.log_path,
+        }
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None

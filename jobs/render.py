@@ -1,0 +1,150 @@
+"""Human output of the read commands: tables and durations. `--json` bypasses all of this."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from jobs.sizes import format_size
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or seconds < 0:
+        return "-"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"
+    return f"{hours:d}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:d}:{secs:02d}"
+
+
+def _mem(job: dict[str, Any]) -> str:
+    mem = job["spec"].get("mem_bytes")
+    return "whole" if mem is None else format_size(int(mem))
+
+
+def _gpus(job: dict[str, Any]) -> str:
+    if job["gpus"]:
+        return f"{job['node']}:" + ",".join(str(g["index"]) for g in job["gpus"])
+    return str(job["spec"]["gpus"])
+
+
+def _progress(job: dict[str, Any]) -> str:
+    status = job.get("status") or {}
+    if status.get("kind") != "training":
+        return ""
+    text = f"ep {status.get('epoch')}/{status.get('epochs')} step {status.get('step')}"
+    if status.get("loss") is not None:
+        text += f" loss {status['loss']:.4g}"
+    if status.get("samples_per_s"):
+        text += f" {status['samples_per_s']:.0f}/s"
+    if status.get("eta_s") is not None and not status.get("final"):
+        text += f" eta {duration(status['eta_s'])}"
+    return text
+
+
+def _why(job: dict[str, Any]) -> str:
+    parts = [p for p in (job.get("reason"), job.get("detail"), job.get("mem_warning")) if p]
+    if job["state"] == "FAILED" and job.get("exit_code") is not None and job.get("reason") == "ExitCode":
+        parts = [f"ExitCode {job['exit_code']}"]
+    return "; ".join(parts)
+
+
+def queue_table(jobs: list[dict[str, Any]], now: float | None = None) -> Table:
+    now = now or time.time()
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("ID", "NAME", "USER", "STATE", "GPUS", "MEM/GPU", "PEAK", "AGE", "TIME", "REASON / PROGRESS"):
+        table.add_column(column, no_wrap=column not in ("REASON / PROGRESS", "NAME"))
+    for job in jobs:
+        started, ended = job.get("started_at"), job.get("ended_at")
+        run_time = (ended or now) - started if started else None
+        peak = sum(job.get("peak_bytes", {}).values())
+        extra = _progress(job) or _why(job)
+        if job["state"] in ("RUNNING",) and _progress(job) and job.get("mem_warning"):
+            extra += f"; {job['mem_warning']}"
+        table.add_row(
+            str(job["id"]),
+            job["name"],
+            job["user"],
+            job["state"],
+            _gpus(job),
+            _mem(job),
+            format_size(peak) if peak else "-",
+            duration(now - job["submitted_at"]),
+            duration(run_time),
+            extra,
+        )
+    return table
+
+
+def gpus_table(nodes: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("NODE", "GPU", "NAME", "TOTAL", "USED", "GPULAB RESERVED", "OTHERS", "AVAILABLE", "JOBS", "STATE"):
+        table.add_column(column, no_wrap=True)
+    for node in nodes:
+        if not node["online"]:
+            table.add_row(node["name"], "-", "-", "-", "-", "-", "-", "-", "-", "offline")
+            continue
+        for gpu in node["gpus"]:
+            state = "ok" if gpu["healthy"] else f"unhealthy: {gpu['error']}"
+            if node.get("draining"):
+                state = "draining"
+            table.add_row(
+                node["name"],
+                str(gpu["index"]),
+                gpu["name"],
+                format_size(gpu["total_bytes"]),
+                format_size(gpu["used_bytes"]),
+                format_size(gpu["gpulab_reserved_bytes"]),
+                format_size(gpu["others_used_bytes"]),
+                format_size(gpu["available_bytes"]),
+                str(gpu["jobs"]),
+                state,
+            )
+    return table
+
+
+def show_job(console: Console, job: dict[str, Any]) -> None:
+    spec = job["spec"]
+    rows = [
+        ("Job", f"{job['id']} ({job['name']})"),
+        ("State", job["state"] + (f" ({_why(job)})" if _why(job) else "")),
+        ("User", f"{job['user']} (uid {job['uid']})"),
+        ("Command", " ".join(spec["command"])),
+        ("Directory", spec["cwd"]),
+        (
+            "Request",
+            f"{spec['gpus']} GPU(s) x {_mem(job)}"
+            + (f", time limit {duration(spec['time_limit_s'])}" if spec.get("time_limit_s") else ""),
+        ),
+        ("Placed", _gpus(job) if job["gpus"] else "-"),
+        ("Attempt", str(job["attempt"])),
+        ("Exit code", "-" if job.get("exit_code") is None else str(job["exit_code"])),
+        ("Peak memory", ", ".join(f"{format_size(v)} on {k}" for k, v in job.get("peak_bytes", {}).items()) or "-"),
+        ("Log", job.get("log_path") or "-"),
+    ]
+    status = job.get("status") or {}
+    if status.get("kind") == "training":
+        rows.append(("Progress", _progress(job)))
+        if status.get("metrics"):
+            rows.append(
+                (
+                    "Metrics",
+                    ", ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in status["metrics"].items()
+                    ),
+                )
+            )
+    for label, value in rows:
+        console.print(f"[bold]{label:>12}[/bold]  {value}", highlight=False, markup=True)
+    if job.get("history"):
+        console.print("[bold]     History[/bold]")
+        for event in job["history"]:
+            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(event.get("at", 0))))
+            text = " ".join(p for p in (event.get("state"), event.get("reason"), event.get("detail")) if p)
+            console.print(f"              {at}  {text}", highlight=False, markup=False)

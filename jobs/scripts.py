@@ -1,0 +1,94 @@
+"""Lua scripts that make each state change one atomic step in Redis.
+
+A transition checks the job's current state (and optionally a guard field, such as the
+attempt number, so a stale worker cannot finish a newer attempt), writes the fields,
+maintains the indexes, the ledger and the lease, appends the history event and wakes the
+scheduler - all or nothing.
+"""
+
+SUBMIT = """
+-- KEYS: next_id, pending, wake, events
+-- ARGV: job fields JSON (without id), now, key prefix
+-- The job's own keys are named here from the new id (single-instance Redis, not Cluster).
+local id = redis.call('INCR', KEYS[1])
+local fields = cjson.decode(ARGV[1])
+local job_key = ARGV[3] .. ':job:' .. id
+redis.call('HSET', job_key, 'id', id)
+for k, v in pairs(fields) do redis.call('HSET', job_key, k, v) end
+redis.call('ZADD', KEYS[2], id, id)
+redis.call('XADD', job_key .. ':events', '*', 'state', fields['state'],
+           'reason', fields['reason'] or '', 'detail', 'submitted by ' .. fields['user'], 'at', ARGV[2])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'job', id, 'state', fields['state'], 'at', ARGV[2])
+redis.call('LPUSH', KEYS[3], id)
+redis.call('LTRIM', KEYS[3], 0, 99)
+return id
+"""
+
+TRANSITION = """
+-- KEYS: job, job_events, pending, active, finished, ledger, lease, wake, events
+-- ARGV: 1 job id, 2 allowed source states (comma separated), 3 target state, 4 now,
+--       5 fields JSON, 6 ledger op ('' keep | 'del' | reservation JSON),
+--       7 lease op ('' keep | 'del' | ttl ms), 8 lease value, 9 wake ('1'/'0'),
+--       10 guard field ('' none), 11 guard value, 12 event detail
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {0, 'missing'} end
+local allowed = false
+for s in string.gmatch(ARGV[2], '[^,]+') do if s == state then allowed = true end end
+if not allowed then return {0, state} end
+if ARGV[10] ~= '' and redis.call('HGET', KEYS[1], ARGV[10]) ~= ARGV[11] then return {0, state} end
+local target = ARGV[3]
+local id = ARGV[1]
+redis.call('HSET', KEYS[1], 'state', target)
+local fields = cjson.decode(ARGV[5])
+for k, v in pairs(fields) do
+  if v == '' then redis.call('HDEL', KEYS[1], k) else redis.call('HSET', KEYS[1], k, v) end
+end
+if target == 'PENDING' or target == 'HELD' then
+  redis.call('ZADD', KEYS[3], id, id)
+  redis.call('SREM', KEYS[4], id)
+elseif target == 'ASSIGNED' or target == 'RUNNING' then
+  redis.call('ZREM', KEYS[3], id)
+  redis.call('SADD', KEYS[4], id)
+else
+  redis.call('ZREM', KEYS[3], id)
+  redis.call('SREM', KEYS[4], id)
+  redis.call('ZADD', KEYS[5], ARGV[4], id)
+end
+if ARGV[6] == 'del' then redis.call('HDEL', KEYS[6], id)
+elseif ARGV[6] ~= '' then redis.call('HSET', KEYS[6], id, ARGV[6]) end
+if ARGV[7] == 'del' then redis.call('DEL', KEYS[7])
+elseif ARGV[7] ~= '' then redis.call('SET', KEYS[7], ARGV[8], 'PX', ARGV[7]) end
+local reason = redis.call('HGET', KEYS[1], 'reason') or ''
+redis.call('XADD', KEYS[2], '*', 'state', target, 'from', state, 'reason', reason, 'detail', ARGV[12], 'at', ARGV[4])
+redis.call('XADD', KEYS[9], 'MAXLEN', '~', 10000, '*', 'job', id, 'state', target, 'at', ARGV[4])
+if ARGV[9] == '1' then
+  redis.call('LPUSH', KEYS[8], id)
+  redis.call('LTRIM', KEYS[8], 0, 99)
+end
+return {1, state}
+"""
+
+RENEW_LEASES = """
+-- KEYS: lease keys; ARGV: ttl ms, node. Renews the leases this node still holds and
+-- returns the 1-based positions of those it lost (expired or taken): the worker must stop
+-- those jobs, since the scheduler may already have run them elsewhere.
+local lost = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[2] then
+    redis.call('PEXPIRE', key, ARGV[1])
+  else
+    table.insert(lost, i)
+  end
+end
+return lost
+"""
+
+SET_PENDING_REASON = """
+-- KEYS: job, job_events; ARGV: reason, detail, now. Only while still PENDING: a blind
+-- write could overwrite the reason of a state the job has moved on to. The change goes
+-- into the history too, so `show` (and tests) can see why and since when a job waits.
+if redis.call('HGET', KEYS[1], 'state') == 'PENDING' then
+  redis.call('HSET', KEYS[1], 'reason', ARGV[1], 'detail', ARGV[2])
+  redis.call('XADD', KEYS[2], '*', 'state', 'PENDING', 'reason', ARGV[1], 'detail', ARGV[2], 'at', ARGV[3])
+end
+"""

@@ -1,0 +1,185 @@
+"""What a user asks for: the job spec, its JSON form, and its validation.
+
+The same `validate_spec` runs in the CLI (fast, clear errors) and in the scheduler's API
+(the authority: the CLI is not trusted), so a bad spec is refused before anything is stored.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from jobs.sizes import format_size, parse_size
+
+MAX_GPUS_PER_JOB = 16
+MAX_ARGV_BYTES = 128 * 1024
+MAX_ENV_BYTES = 256 * 1024
+MAX_NAME = 128
+MAX_PRIORITY = 10_000
+MAX_TIME_LIMIT_S = 365 * 86400
+KINDS = ("command", "training")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@=-]*$")
+_TIME_RE = re.compile(r"^(?:(?P<days>\d+)-)?(?:(?P<h>\d+):)?(?P<m>\d+)(?::(?P<s>\d+))?$")
+_TIME_UNIT_RE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>s|m|min|h|d)$")
+
+
+class SpecError(ValueError):
+    """One mistake in a submission. `str()` is the one line the user sees."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    command: tuple[str, ...]
+    cwd: str
+    gpus: int = 1
+    mem_bytes: int | None = None  # per GPU; None = a whole idle GPU
+    name: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    time_limit_s: float | None = None
+    priority: int = 0
+    requeue: bool = False
+    hold: bool = False
+    kind: str = "command"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["command"] = list(self.command)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> JobSpec:
+        """Build and validate a spec from untrusted JSON (the API's request body)."""
+        if not isinstance(data, dict):
+            raise SpecError("spec", "must be a JSON object")
+        allowed = set(cls.__dataclass_fields__)
+        unknown = set(data) - allowed
+        if unknown:
+            raise SpecError(sorted(unknown)[0], "unknown field")
+        if "command" not in data or "cwd" not in data:
+            raise SpecError("command" if "command" not in data else "cwd", "is required")
+        command = data["command"]
+        if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+            raise SpecError("command", "must be a list of strings (argv)")
+        env = data.get("env", {})
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise SpecError("env", "must be an object of string to string")
+        spec = cls(
+            command=tuple(command),
+            cwd=_typed(data, "cwd", str, ""),
+            gpus=_typed(data, "gpus", int, 1),
+            mem_bytes=_typed(data, "mem_bytes", int, None),
+            name=_typed(data, "name", str, ""),
+            env=dict(env),
+            time_limit_s=_number_or_none(data, "time_limit_s"),
+            priority=_typed(data, "priority", int, 0),
+            requeue=_typed(data, "requeue", bool, False),
+            hold=_typed(data, "hold", bool, False),
+            kind=_typed(data, "kind", str, "command"),
+        )
+        validate_spec(spec)
+        return spec
+
+    @property
+    def display_name(self) -> str:
+        return self.name or (self.command[0].rsplit("/", 1)[-1] if self.command else "job")
+
+    def describe_mem(self) -> str:
+        return "whole GPU" if self.mem_bytes is None else format_size(self.mem_bytes)
+
+
+def _typed(data: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = data.get(key, default)
+    if value is None and default is None:
+        return None
+    # bool is an int in Python; refuse it where a number is expected.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SpecError(key, f"must be of type {kind.__name__}")
+    return value
+
+
+def _number_or_none(data: dict[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(key, "must be a number of seconds")
+    return float(value)
+
+
+def validate_spec(spec: JobSpec) -> None:
+    """Raise SpecError for the first mistake; return None when the spec is acceptable."""
+    if not spec.command or not spec.command[0]:
+        raise SpecError("command", "is empty; give the program after '--', e.g. gpulab submit -- python train.py")
+    if sum(len(a.encode()) + 1 for a in spec.command) > MAX_ARGV_BYTES:
+        raise SpecError("command", f"is longer than {MAX_ARGV_BYTES} bytes")
+    if any("\x00" in a for a in spec.command):
+        raise SpecError("command", "contains a NUL byte")
+    if not spec.cwd.startswith("/") or "\x00" in spec.cwd:
+        raise SpecError("cwd", "must be an absolute path")
+    if not 1 <= spec.gpus <= MAX_GPUS_PER_JOB:
+        raise SpecError("--gpus", f"must be between 1 and {MAX_GPUS_PER_JOB}, got {spec.gpus}")
+    if spec.mem_bytes is not None and not 2**20 <= spec.mem_bytes <= 2**50:
+        raise SpecError("--mem", "must be between 1MiB and 1PiB per GPU")
+    if spec.name and (len(spec.name) > MAX_NAME or not _NAME_RE.match(spec.name)):
+        raise SpecError("--name", f"use up to {MAX_NAME} letters, digits and ._:+@=- (starting with a letter or digit)")
+    env_bytes = sum(len(k) + len(v) + 2 for k, v in spec.env.items())
+    if env_bytes > MAX_ENV_BYTES:
+        raise SpecError("env", f"captured environment is larger than {MAX_ENV_BYTES} bytes")
+    if any("\x00" in k or "=" in k or not k or "\x00" in v for k, v in spec.env.items()):
+        raise SpecError("env", "variable names must be non-empty without '=' or NUL")
+    if spec.time_limit_s is not None and not 0 < spec.time_limit_s <= MAX_TIME_LIMIT_S:
+        raise SpecError("--time", "must be more than 0 and at most 365 days")
+    if not -MAX_PRIORITY <= spec.priority <= MAX_PRIORITY:
+        raise SpecError("--priority", f"must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
+    if spec.kind not in KINDS:
+        raise SpecError("kind", f"must be one of {', '.join(KINDS)}")
+
+
+def parse_mem(text: str) -> int:
+    """`--mem` as bytes per GPU, with the error message naming the option."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise SpecError("--mem", str(exc)) from None
+
+
+def parse_time_limit(text: str) -> float:
+    """Slurm's forms (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH[:MM[:SS]]`) or `90s`, `30m`, `2h`, `1.5d`."""
+    text = text.strip()
+    unit_match = _TIME_UNIT_RE.match(text)
+    if unit_match:
+        scale = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}[unit_match["unit"]]
+        seconds = float(unit_match["n"]) * scale
+    else:
+        seconds = _slurm_time(text)
+    if not 0 < seconds <= MAX_TIME_LIMIT_S:
+        raise SpecError("--time", f"'{text}' must be more than 0 and at most 365 days")
+    return seconds
+
+
+def _slurm_time(text: str) -> float:
+    parts = text.split("-", 1)
+    days = 0
+    rest = text
+    if len(parts) == 2:
+        if not parts[0].isdigit():
+            raise SpecError("--time", f"'{text}' is not a time; use e.g. 30m, 2h, 1-12:00:00 or 90:00")
+        days, rest = int(parts[0]), parts[1]
+    fields_ = rest.split(":")
+    if not 1 <= len(fields_) <= 3 or not all(f.isdigit() for f in fields_):
+        raise SpecError("--time", f"'{text}' is not a time; use e.g. 30m, 2h, 1-12:00:00 or 90:00")
+    numbers = [int(f) for f in fields_]
+    if len(parts) == 2:  # D-HH, D-HH:MM, D-HH:MM:SS
+        h, m, s = ([*numbers, 0, 0])[:3]
+    elif len(numbers) == 1:  # MM
+        h, m, s = 0, numbers[0], 0
+    elif len(numbers) == 2:  # MM:SS
+        h, m, s = 0, numbers[0], numbers[1]
+    else:
+        h, m, s = numbers
+    return float(days * 86400 + h * 3600 + m * 60 + s)

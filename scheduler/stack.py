@@ -1,0 +1,108 @@
+"""`gpulab up`: a whole single-server stack in one foreground process tree.
+
+Starts a private redis-server when the configured Redis is local and not answering, then
+the scheduler and one worker as child processes (their output prefixed), and stops them in
+reverse order on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+from jobs.config import Config
+from scheduler.redis_server import RedisServer, RedisServerError, is_local, reachable
+
+READY_TIMEOUT_S = 60.0
+
+
+def _nvml_has_gpus() -> bool:
+    try:
+        from worker.nvml_probe import NvmlProbe
+
+        probe = NvmlProbe()
+        found = bool(probe.snapshot().devices)
+        probe.close()
+        return found
+    except Exception:
+        return False
+
+
+def _start_child(label: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "ready" in line and not ready.is_set():
+                ready.set()
+            sys.stdout.write(f"[{label}] {line}")
+            sys.stdout.flush()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(READY_TIMEOUT_S) or proc.poll() is not None:
+        raise RuntimeError(f"{label} did not start (exit code {proc.poll()})")
+    return proc
+
+
+def run_stack(config: Config, *, sim_gpus: str | None, name: str | None) -> int:
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    url = config.effective_redis_url
+    redis_server: RedisServer | None = None
+    children: list[subprocess.Popen[str]] = []
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        if not reachable(url):
+            if not is_local(url):
+                print(f"gpulab: Redis at {url} is not reachable and is not local; start it first", file=sys.stderr)
+                return 1
+            unix_socket = Path(url.removeprefix("unix://")) if url.startswith("unix://") else None
+            port = 0 if unix_socket else int(url.rsplit(":", 1)[1].split("/")[0])
+            redis_server = RedisServer(config.state_dir / "redis", unix_socket=unix_socket, port=port)
+            redis_server.start()
+            print(f"gpulab: started redis-server ({redis_server.url}, AOF everysec, noeviction)", flush=True)
+        config = replace(config, redis_url=url)
+        env = dict(os.environ, GPULAB_REDIS_URL=url, GPULAB_STATE_DIR=str(config.state_dir))
+        if sim_gpus is None and not config.worker.simulate_gpus and not _nvml_has_gpus():
+            sim_gpus = "2x24GiB"
+            print("gpulab: no NVIDIA GPU found; simulating 2x24GiB", flush=True)
+        cli = [sys.executable, "-m", "jobs.cli"]
+        children.append(_start_child("scheduler", [*cli, "scheduler"], env))
+        worker_args = (
+            cli + ["worker"] + (["--sim-gpus", sim_gpus] if sim_gpus else []) + (["--name", name] if name else [])
+        )
+        children.append(_start_child("worker", worker_args, env))
+        print(
+            f"gpulab: up. Socket {config.socket_path}. Try: gpulab submit -- echo hi; gpulab queue. Ctrl-C stops.",
+            flush=True,
+        )
+        while not stop.is_set():
+            if any(c.poll() is not None for c in children):
+                print("gpulab: a daemon exited; stopping the stack", file=sys.stderr)
+                return 1
+            stop.wait(0.5)
+        return 0
+    except (RedisServerError, RuntimeError) as exc:
+        print(f"gpulab: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+                try:
+                    child.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+        if redis_server is not None:
+            redis_server.stop()

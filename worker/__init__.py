@@ -1,0 +1,1 @@
+"""gpulab worker: GPU probes, heartbeat, job runner, training loop. One per GPU host."""

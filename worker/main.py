@@ -1,0 +1,61 @@
+"""`gpulab worker`: one per GPU host."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+
+from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
+
+from jobs import keys
+from jobs.config import Config
+from jobs.redis_conn import connect_redis
+from jobs.sizes import format_size
+from worker import tasks
+from worker.daemon import WorkerDaemon
+from worker.probe import GpuProbe
+
+log = logging.getLogger("gpulab.worker")
+
+
+def make_probe(config: Config, node: str, sim_gpus: list[int] | None) -> tuple[GpuProbe, bool]:
+    if sim_gpus:
+        from worker.sim_probe import SimProbe
+
+        return SimProbe(node, sim_gpus, config.sim_dir), True
+    from worker.nvml_probe import NvmlProbe
+
+    return NvmlProbe(), False
+
+
+def run_worker(config: Config, name: str | None = None, sim_gpus: list[int] | None = None) -> int:
+    node = name or config.worker.name or socket.gethostname().split(".")[0]
+    if sim_gpus is None and config.worker.simulate_gpus:
+        from worker.sim_probe import parse_sim_gpus
+
+        sim_gpus = parse_sim_gpus(list(config.worker.simulate_gpus))
+    client = connect_redis(config.effective_redis_url, f"worker {node}")
+    probe, simulated = make_probe(config, node, sim_gpus)
+    daemon = WorkerDaemon(config, client, probe, node, simulated=simulated)
+    daemon.start()
+    tasks.CURRENT = daemon
+    queue = Queue(keys.node_queue_name(node), connection=client, serializer=JSONSerializer)
+    rq_worker = SimpleWorker(
+        [queue], connection=client, serializer=JSONSerializer, name=f"gpulab-{node}-{daemon.owner}"
+    )
+    gpus = ", ".join(f"GPU{d.index} {format_size(d.total_bytes)}" for d in probe.snapshot().devices)
+    print(f"gpulab worker ready: node {node}{' (simulated)' if simulated else ''}: {gpus}", flush=True)
+    try:
+        rq_worker.work(logging_level="WARNING", with_scheduler=False)
+    finally:
+        daemon.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sys.exit(run_worker(load_config()))

@@ -1,0 +1,272 @@
+"""One job's process on this node: start it, watch it, stop it, record how it ended.
+
+The process runs from argv (no shell), in its own process group, with the assigned GPUs
+in CUDA_VISIBLE_DEVICES (as UUIDs, with PCI bus order) and stdout+stderr in the job's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from jobs.config import Config
+from jobs.record import JobRecord
+from jobs.sizes import format_size
+from jobs.states import JobState, Reason
+from jobs.store import JobStore, Transition, TransitionRefused
+from worker.outcome import Outcome, classify
+from worker.process_tree import kill_group, signal_tree
+
+log = logging.getLogger("gpulab.worker")
+LOG_TAIL_BYTES = 64 * 1024
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+class JobRunner:
+    def __init__(
+        self,
+        record: JobRecord,
+        config: Config,
+        store: JobStore,
+        node: str,
+        *,
+        simulated: bool,
+        before_finish: Callable[[JobRunner], None],
+    ) -> None:
+        self.record = record
+        self.job_id = record.id
+        self.attempt = record.attempt
+        self.config = config
+        self.store = store
+        self.node = node
+        self.simulated = simulated
+        self.before_finish = before_finish
+        self.gpu_uuids = [g.uuid for g in record.gpus]
+        self.log_path = config.log_dir / f"{record.id}.log"
+        self.run_dir = config.state_dir / "run" / str(record.id)
+        self.status_path = self.run_dir / "status.json"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.peak: dict[str, int] = {}
+        self.current: dict[str, int] = {}
+        self.mem_warning = ""
+        self._stop_reason = ""  # "cancelled" | "timeout" | "lease" | "shutdown"
+        self._lock = threading.Lock()
+        self._status_mtime = 0.0
+        self.done = threading.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    # ---- start --------------------------------------------------------------------------------
+    def environment(self) -> dict[str, str]:
+        spec = self.record.spec
+        env = dict(spec.env)
+        env.update(
+            {
+                "CUDA_VISIBLE_DEVICES": ",".join(self.gpu_uuids),
+                "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+                "GPULAB_JOB_ID": str(self.job_id),
+                "GPULAB_ATTEMPT": str(self.attempt),
+                "GPULAB_NODE": self.node,
+                "GPULAB_STATUS_FILE": str(self.status_path),
+                "GPULAB_CHECKPOINT_DIR": str(self.config.checkpoint_root / str(self.job_id)),
+            }
+        )
+        if spec.mem_bytes is not None:
+            env["GPULAB_MEM_BYTES"] = str(spec.mem_bytes)
+        if self.simulated:
+            env["GPULAB_SIM_DIR"] = str(self.config.sim_dir)
+        return env
+
+    def start(self) -> None:
+        """Mark RUNNING, then start the process. Raises LaunchError if it cannot start."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        self.status_path.unlink(missing_ok=True)
+        self.store.transition(
+            Transition(
+                self.job_id,
+                JobState.RUNNING,
+                {"started_at": time.time(), "log_path": str(self.log_path), "reason": "", "detail": ""},
+                expect=frozenset({JobState.ASSIGNED}),
+                guard=("attempt", str(self.attempt)),
+                lease_ttl_s=self.config.worker.lease_ttl_s,
+                lease_node=self.node,
+                wake=False,
+                detail=f"started on {self.node}",
+            )
+        )
+        spec = self.record.spec
+        with open(self.log_path, "ab") as log_file:
+            if self.attempt > 1:
+                log_file.write(f"=== gpulab: job {self.job_id} attempt {self.attempt} on {self.node} ===\n".encode())
+                log_file.flush()
+            try:
+                with self._lock:
+                    self.proc = subprocess.Popen(
+                        list(spec.command),
+                        cwd=spec.cwd,
+                        env=self.environment(),
+                        stdin=subprocess.DEVNULL,
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,  # own process group: stop it whole
+                        close_fds=True,
+                    )
+                    self.started_at = time.monotonic()
+                    stop_now = self._stop_reason
+            except OSError as exc:
+                message = f"cannot start {spec.command[0]!r} in {spec.cwd}: {exc.strerror or exc}"
+                log_file.write(f"gpulab: {message}\n".encode())
+                self._record_launch_failure(message)
+                raise LaunchError(message) from None
+        self.store.update_fields(self.job_id, {"pid": self.proc.pid})
+        if stop_now:
+            self.stop(stop_now)
+        threading.Thread(target=self._watch, name=f"job-{self.job_id}", daemon=True).start()
+
+    def _record_launch_failure(self, message: str) -> None:
+        with contextlib.suppress(TransitionRefused):
+            self.store.transition(
+                Transition(
+                    self.job_id,
+                    JobState.FAILED,
+                    {"reason": Reason.LAUNCH_FAILED.value, "detail": message, "ended_at": time.time()},
+                    expect=frozenset({JobState.RUNNING}),
+                    guard=("attempt", str(self.attempt)),
+                    detail=message,
+                )
+            )
+        self.done.set()
+
+    # ---- stop ---------------------------------------------------------------------------------
+    def stop(self, why: str) -> None:
+        """SIGTERM the whole tree now, SIGKILL after the grace period. Idempotent."""
+        with self._lock:
+            first = not self._stop_reason
+            if first:
+                self._stop_reason = why
+            proc = self.proc
+        if proc is None or not first:
+            return
+        signal_tree(proc.pid, 15)
+        timer = threading.Timer(self.config.worker.kill_grace_s, self._force_kill)
+        timer.daemon = True
+        timer.start()
+
+    def _force_kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            signal_tree(self.proc.pid, 9)
+
+    # ---- watch and finish -----------------------------------------------------------------------
+    def _watch(self) -> None:
+        assert self.proc is not None
+        limit = self.record.spec.time_limit_s
+        while True:
+            remaining = None if limit is None else self.started_at + limit - time.monotonic()
+            try:
+                returncode = self.proc.wait(timeout=None if remaining is None else max(remaining, 0.0))
+                break
+            except subprocess.TimeoutExpired:
+                self.stop("timeout")
+                limit = None  # keep waiting for the process to go; the kill timer follows
+        kill_group(self.proc.pid)  # leftovers of the group die with the job
+        try:
+            self.before_finish(self)
+            self._finish(returncode)
+        except Exception:
+            log.exception("worker: could not record the end of job %s", self.job_id)
+        finally:
+            self.done.set()
+
+    def read_status(self) -> dict[str, Any] | None:
+        """The job's own status file (training progress), when it changed since last read."""
+        try:
+            mtime = self.status_path.stat().st_mtime
+            if mtime == self._status_mtime:
+                return None
+            data = json.loads(self.status_path.read_text())
+            self._status_mtime = mtime
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _log_tail(self) -> bytes:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+                return f.read()
+        except OSError:
+            return b""
+
+    def _finish(self, returncode: int) -> None:
+        self._status_mtime = 0.0
+        status = self.read_status()
+        outcome = classify(
+            returncode,
+            cancelled=self._stop_reason == "cancelled",
+            timed_out=self._stop_reason == "timeout",
+            lease_lost=self._stop_reason == "lease",
+            status=status,
+            log_tail=self._log_tail(),
+        )
+        fields: dict[str, Any] = {
+            "exit_code": outcome.exit_code,
+            "peak_bytes": self.peak,
+            "current_bytes": {},
+        }
+        if status is not None:
+            fields["status"] = status
+        target, outcome = self._requeue_or_final(outcome)
+        fields.update({"reason": outcome.reason.value, "detail": outcome.detail})
+        if target in (JobState.PENDING, JobState.HELD):
+            fields.update({"node": "", "gpus": "", "pid": ""})
+        else:
+            fields["ended_at"] = time.time()
+        try:
+            self.store.transition(
+                Transition(
+                    self.job_id,
+                    target,
+                    fields,
+                    expect=frozenset({JobState.RUNNING}),
+                    guard=("attempt", str(self.attempt)),
+                    detail=outcome.detail or "exit code 0",
+                )
+            )
+        except TransitionRefused as exc:
+            log.warning("worker: job %s ended but was already moved on (%s)", self.job_id, exc)
+
+    def _requeue_or_final(self, outcome: Outcome) -> tuple[JobState, Outcome]:
+        """A job that died of a signal or of its node's shutdown runs again if it asked to."""
+        lost = self._stop_reason == "shutdown" or outcome.reason == Reason.SIGNAL
+        if self._stop_reason == "shutdown" and not self.record.spec.requeue:
+            return JobState.FAILED, Outcome(JobState.FAILED, Reason.NODE_LOST, "worker shut down", outcome.exit_code)
+        if not (lost and self.record.spec.requeue):
+            return outcome.state, outcome
+        why = "worker shut down" if self._stop_reason == "shutdown" else outcome.detail
+        if self.attempt > self.config.scheduler.max_requeues:
+            detail = f"{why}; held after {self.attempt} attempts"
+            return JobState.HELD, Outcome(JobState.HELD, Reason.HELD, detail, outcome.exit_code)
+        return JobState.PENDING, Outcome(JobState.PENDING, Reason.REQUEUED, why, outcome.exit_code)
+
+    # ---- memory ---------------------------------------------------------------------------------
+    def observe(self, uuid: str, used: int) -> None:
+        """Record what the job's process tree holds on one of its GPUs now."""
+        self.current[uuid] = used
+        self.peak[uuid] = max(self.peak.get(uuid, 0), used)
+        request = self.record.spec.mem_bytes
+        if request is not None and used > request and not self.mem_warning:
+            self.mem_warning = f"uses {format_size(used)} on GPU {uuid}, more than its --mem {format_size(request)}"
