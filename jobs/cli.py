@@ -177,7 +177,7 @@ def train(
 @pass_ctx
 def queue_cmd(ctx: Context, all_jobs: bool, as_json: bool) -> None:
     """Jobs, their state, GPUs, memory, age and why they wait."""
-    data = ctx.call(ctx.client().jobs, all_jobs)
+    data = ctx.call(lambda: ctx.client().jobs(all_jobs=all_jobs))
     if as_json:
         emit_json({"jobs": data})
     else:
@@ -354,5 +354,18 @@ def up(ctx: Context, sim_gpus: str | None, name: str | None) -> None:
     sys.exit(run_stack(ctx.config, sim_gpus=sim_gpus, name=name))
 
 
+def run() -> None:
+    """Entry point: click's usage errors become one line on stderr with exit code 2."""
+    try:
+        main.main(standalone_mode=False)
+    except click.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx else ""
+        fail(f"{where}{exc.format_message()}", EXIT_USAGE)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except click.Abort:
+        fail("aborted", 1)
+
+
 if __name__ == "__main__":
-    main()
+    run()

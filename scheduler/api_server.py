@@ -15,6 +15,7 @@ import re
 import socket
 import socketserver
 import struct
+import sys
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,11 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             socket_path.unlink()
         super().__init__(str(socket_path), _Handler)
         os.chmod(socket_path, 0o666)  # every local user may call; identity is SO_PEERCRED
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up or stalls is its own problem: note it, keep serving."""
+        error = sys.exc_info()[1]
+        if isinstance(error, BrokenPipeError | ConnectionResetError | TimeoutError):
+            log.debug("api: client went away: %s", error)
+        else:
+            log.exception("api: error while serving a request")

@@ -90,7 +90,15 @@ class Scheduler:
             why = waiting.get(record.id)
             if why is not None and (record.reason, record.detail) != (why.reason.value, why.detail):
                 # Only while still PENDING: a blind HSET could overwrite a newer state's reason.
-                pipe.eval(scripts.SET_PENDING_REASON, 2, keys.job(record.id), keys.job_events(record.id), why.reason.value, why.detail, repr(time.time()))
+                pipe.eval(
+                    scripts.SET_PENDING_REASON,
+                    2,
+                    keys.job(record.id),
+                    keys.job_events(record.id),
+                    why.reason.value,
+                    why.detail,
+                    repr(time.time()),
+                )
                 changed = True
         if changed:
             pipe.execute()
@@ -166,5 +174,3 @@ class Scheduler:
             guard=guard,
             detail=where,
         )
-
-

@@ -64,7 +64,13 @@ class Daemon:
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            argv,
+            env=env,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -87,7 +93,7 @@ class Daemon:
                     if needle in line:
                         return line
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.proc.poll() is not None and not any(needle in x for x in self.lines):
+                if remaining <= 0 or (self.proc.poll() is not None and not any(needle in x for x in self.lines)):
                     raise AssertionError(f"no line with {needle!r}; output so far:\n" + "\n".join(self.lines))
                 self._changed.wait(remaining)
 

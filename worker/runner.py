@@ -91,23 +91,14 @@ class JobRunner:
         return env
 
     def start(self) -> None:
-        """Mark RUNNING, then start the process. Raises LaunchError if it cannot start."""
+        """Start the process, then mark the job RUNNING with its pid and lease in one step.
+
+        If the job was cancelled or moved while we started it, the process is killed at once
+        (TransitionRefused propagates). Raises LaunchError if the program cannot start.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
         self.status_path.unlink(missing_ok=True)
-        self.store.transition(
-            Transition(
-                self.job_id,
-                JobState.RUNNING,
-                {"started_at": time.time(), "log_path": str(self.log_path), "reason": "", "detail": ""},
-                expect=frozenset({JobState.ASSIGNED}),
-                guard=("attempt", str(self.attempt)),
-                lease_ttl_s=self.config.worker.lease_ttl_s,
-                lease_node=self.node,
-                wake=False,
-                detail=f"started on {self.node}",
-            )
-        )
         spec = self.record.spec
         with open(self.log_path, "ab") as log_file:
             if self.attempt > 1:
@@ -126,25 +117,46 @@ class JobRunner:
                         close_fds=True,
                     )
                     self.started_at = time.monotonic()
-                    stop_now = self._stop_reason
             except OSError as exc:
                 message = f"cannot start {spec.command[0]!r} in {spec.cwd}: {exc.strerror or exc}"
                 log_file.write(f"gpulab: {message}\n".encode())
-                self._record_launch_failure(message)
+                self._end_launch(JobState.ASSIGNED, message)
                 raise LaunchError(message) from None
-        self.store.update_fields(self.job_id, {"pid": self.proc.pid})
+        try:
+            self.store.transition(
+                Transition(
+                    self.job_id,
+                    JobState.RUNNING,
+                    {"started_at": time.time(), "pid": self.proc.pid, "log_path": str(self.log_path),
+                     "reason": "", "detail": ""},
+                    expect=frozenset({JobState.ASSIGNED}),
+                    guard=("attempt", str(self.attempt)),
+                    lease_ttl_s=self.config.worker.lease_ttl_s,
+                    lease_node=self.node,
+                    wake=False,
+                    detail=f"started on {self.node}, pid {self.proc.pid}",
+                )
+            )  # fmt: skip
+        except TransitionRefused:
+            signal_tree(self.proc.pid, 9)
+            self.proc.wait()
+            self.done.set()
+            raise
+        with self._lock:
+            stop_now = self._stop_reason
         if stop_now:
+            self._stop_reason = ""
             self.stop(stop_now)
         threading.Thread(target=self._watch, name=f"job-{self.job_id}", daemon=True).start()
 
-    def _record_launch_failure(self, message: str) -> None:
+    def _end_launch(self, state: JobState, message: str) -> None:
         with contextlib.suppress(TransitionRefused):
             self.store.transition(
                 Transition(
                     self.job_id,
                     JobState.FAILED,
                     {"reason": Reason.LAUNCH_FAILED.value, "detail": message, "ended_at": time.time()},
-                    expect=frozenset({JobState.RUNNING}),
+                    expect=frozenset({state}),
                     guard=("attempt", str(self.attempt)),
                     detail=message,
                 )
