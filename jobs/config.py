@@ -40,7 +40,6 @@ class WorkerConfig:
     heartbeat_interval_s: float = 1.0
     lease_ttl_s: float = 10.0
     kill_grace_s: float = 10.0
-    requeue_on_shutdown: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,115 @@
+"""JobStore and dispatch against a real redis-server: atomic transitions and indexes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from jobs import keys
+from jobs.spec import JobSpec
+from jobs.states import JobState
+from jobs.store import JobStore, Transition, TransitionRefused
+from scheduler.accounting import GpuAccount
+from scheduler.dispatch import Dispatcher
+from scheduler.placement import Assignment
+
+
+def _spec(**kw: object) -> JobSpec:
+    return JobSpec(command=("true",), cwd="/", mem_bytes=2**30, **kw)  # type: ignore[arg-type]
+
+
+def _assignment(job_id: int) -> Assignment:
+    gpu = GpuAccount("n1", 0, "GPU-x", "Sim", True, 24 * 2**30, 24 * 2**30, 0)
+    return Assignment(job_id, "n1", (gpu,), {"GPU-x": 2**30}, False)
+
+
+def test_submit_writes_record_index_and_history(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    job_id = store.submit(_spec(name="a"), user="ann", uid=1000)
+    record = store.get(job_id)
+    assert record is not None and record.state == JobState.PENDING and record.user == "ann"
+    assert [r.id for r in store.waiting()] == [job_id]
+    assert store.history(job_id)[0]["state"] == "PENDING"
+    held = store.submit(_spec(hold=True), user="ann", uid=1000)
+    assert store.get(held).state == JobState.HELD  # type: ignore[union-attr]
+
+
+def test_concurrent_submits_get_unique_ids(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    ids: list[int] = []
+    lock = threading.Lock()
+
+    def many() -> None:
+        local = [store.submit(_spec(), user="u", uid=1) for _ in range(50)]
+        with lock:
+            ids.extend(local)
+
+    threads = [threading.Thread(target=many) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(ids) == list(range(1, 501))
+    assert redis_client.zcard(keys.PENDING) == 500
+
+
+def test_transitions_follow_the_table_and_maintain_indexes(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    job_id = store.submit(_spec(), user="u", uid=1)
+    with pytest.raises(TransitionRefused):
+        store.transition(Transition(job_id, JobState.RUNNING, {}))  # PENDING -> RUNNING is not an edge
+    dispatcher = Dispatcher(redis_client, store, assign_timeout_s=30)
+    assert dispatcher.dispatch([_assignment(job_id)]) == [_assignment(job_id)]
+    record = store.get(job_id)
+    assert record is not None and (record.state, record.attempt, record.node) == (JobState.ASSIGNED, 1, "n1")
+    assert store.ledger() == {job_id: {"node": "n1", "gpus": {"GPU-x": 2**30}, "whole_gpu": False}}
+    assert store.has_lease(job_id) and redis_client.sismember(keys.ACTIVE, job_id)
+    queue = Queue(keys.node_queue_name("n1"), connection=redis_client, serializer=JSONSerializer)
+    [rq_job] = queue.get_jobs()
+    assert (rq_job.func_name, rq_job.args) == ("worker.tasks.launch", [job_id, 1])
+    # A worker of an older attempt cannot move it.
+    with pytest.raises(TransitionRefused):
+        store.transition(Transition(job_id, JobState.RUNNING, {}, guard=("attempt", "0")))
+    store.transition(
+        Transition(job_id, JobState.RUNNING, {"pid": 1}, guard=("attempt", "1"), lease_ttl_s=5, lease_node="n1")
+    )
+    store.transition(Transition(job_id, JobState.COMPLETED, {"exit_code": 0}))
+    assert store.ledger() == {} and not store.has_lease(job_id)
+    assert not redis_client.sismember(keys.ACTIVE, job_id)
+    assert [r.id for r in store.finished()] == [job_id]
+    with pytest.raises(TransitionRefused):  # final is final
+        store.transition(Transition(job_id, JobState.PENDING, {}))
+    states = [e["state"] for e in store.history(job_id)]
+    assert states == ["PENDING", "ASSIGNED", "RUNNING", "COMPLETED"]
+
+
+def test_dispatch_writes_nothing_for_a_job_cancelled_under_it(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    first = store.submit(_spec(), user="u", uid=1)
+    second = store.submit(_spec(), user="u", uid=1)
+    store.transition(Transition(second, JobState.CANCELLED, {}))
+    dispatched = Dispatcher(redis_client, store, 30).dispatch([_assignment(first), _assignment(second)])
+    assert [a.job_id for a in dispatched] == [first]
+    assert store.get(second).state == JobState.CANCELLED  # type: ignore[union-attr]
+    assert list(store.ledger()) == [first]
+    queue = Queue(keys.node_queue_name("n1"), connection=redis_client, serializer=JSONSerializer)
+    assert [j.args for j in queue.get_jobs()] == [[first, 1]]
+
+
+def test_records_are_json_and_rq_tools_see_the_node_queue(redis_client: redis.Redis, redis_server: object) -> None:
+    store = JobStore(redis_client)
+    job_id = store.submit(_spec(), user="u", uid=1)
+    Dispatcher(redis_client, store, 30).dispatch([_assignment(job_id)])
+    json.loads(redis_client.hget(keys.job(job_id), "spec"))  # never pickle
+    url = redis_server.url  # type: ignore[attr-defined]
+    info = subprocess.run([sys.executable, "-m", "rq.cli", "info", "--url", url], capture_output=True, text=True)
+    if info.returncode != 0:  # older rq exposes the CLI only as a console script
+        info = subprocess.run(["rq", "info", "--url", url], capture_output=True, text=True)
+    assert keys.node_queue_name("n1") in info.stdout
