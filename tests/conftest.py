@@ -135,8 +135,10 @@ class Stack:
         self.daemons.append(self.scheduler)
         return self.scheduler
 
-    def start_worker(self, name: str = "n1", sim_gpus: str = "1x24GiB") -> Daemon:
-        worker = Daemon([sys.executable, "-m", "jobs.cli", "worker", "--name", name, "--sim-gpus", sim_gpus], self.env)
+    def start_worker(self, name: str = "n1", sim_gpus: str | None = "1x24GiB") -> Daemon:
+        """A worker on simulated GPUs, or on this host's real ones (through NVML) with sim_gpus=None."""
+        sim = ["--sim-gpus", sim_gpus] if sim_gpus else []
+        worker = Daemon([sys.executable, "-m", "jobs.cli", "worker", "--name", name, *sim], self.env)
         worker.wait_line("worker ready")
         self.daemons.append(worker)
         return worker
