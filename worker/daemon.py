@@ -176,6 +176,11 @@ class WorkerDaemon:
         usage: list[JobGpuUsage] = []
         foreign_now: dict[tuple[str, int], int] = {}
         for device in snapshot.devices:
+            if not device.healthy:
+                # The card is gone or unreadable: its jobs cannot be trusted to make progress.
+                for runner in runners:
+                    if device.uuid in runner.gpu_uuids:
+                        runner.stop(f"gpu lost: GPU {device.index} ({device.error})")
             per_job: dict[JobRunner, int] = defaultdict(int)
             for proc in device.processes:
                 holder = owner.get(proc.pid)

@@ -60,7 +60,7 @@ class JobRunner:
         self.peak: dict[str, int] = {}
         self.current: dict[str, int] = {}
         self.mem_warning = ""
-        self._stop_reason = ""  # "cancelled" | "timeout" | "lease" | "shutdown"
+        self._stop_reason = ""  # "cancelled" | "timeout" | "lease" | "shutdown" | "gpu lost: ..."
         self._lock = threading.Lock()
         self._status_mtime = 0.0
         self.done = threading.Event()
@@ -262,13 +262,13 @@ class JobRunner:
             log.warning("worker: job %s ended but was already moved on (%s)", self.job_id, exc)
 
     def _requeue_or_final(self, outcome: Outcome) -> tuple[JobState, Outcome]:
-        """A job that died of a signal or of its node's shutdown runs again if it asked to."""
-        lost = self._stop_reason == "shutdown" or outcome.reason == Reason.SIGNAL
-        if self._stop_reason == "shutdown" and not self.record.spec.requeue:
-            return JobState.FAILED, Outcome(JobState.FAILED, Reason.NODE_LOST, "worker shut down", outcome.exit_code)
-        if not (lost and self.record.spec.requeue):
+        """A job that died of a signal, or whose node or GPU went away, runs again if it asked to."""
+        node_gone = self._stop_reason == "shutdown" or self._stop_reason.startswith("gpu lost")
+        why = "worker shut down" if self._stop_reason == "shutdown" else self._stop_reason or outcome.detail
+        if node_gone and not self.record.spec.requeue:
+            return JobState.FAILED, Outcome(JobState.FAILED, Reason.NODE_LOST, why, outcome.exit_code)
+        if not (self.record.spec.requeue and (node_gone or outcome.reason == Reason.SIGNAL)):
             return outcome.state, outcome
-        why = "worker shut down" if self._stop_reason == "shutdown" else outcome.detail
         if self.attempt > self.config.scheduler.max_requeues:
             detail = f"{why}; held after {self.attempt} attempts"
             return JobState.HELD, Outcome(JobState.HELD, Reason.HELD, detail, outcome.exit_code)

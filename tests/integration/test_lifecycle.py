@@ -137,3 +137,30 @@ def test_two_workers_share_the_queue(stack: Stack) -> None:
         release(f)
     for i in ids:
         stack.wait_state(i, JobState.COMPLETED)
+
+
+def test_lost_gpu_requeues_its_jobs_and_the_worker_keeps_serving_the_others(stack: Stack) -> None:
+    from worker.sim_probe import mark_failed
+
+    stack.start_scheduler()
+    stack.start_worker("n1", "2x24GiB")
+    fifos = [stack.fifo(f"j{i}") for i in range(2)]
+    # Two 20GiB jobs: one per GPU.
+    ids = [stack.submit("--requeue", "--mem", "20GiB", *stack.hold_job_args("20GiB", f)) for f in fifos]
+    placed = {i: stack.wait_state(i, JobState.RUNNING).gpus[0].index for i in ids}
+    victim = next(i for i, gpu in placed.items() if gpu == 0)
+    survivor = next(i for i in ids if i != victim)
+    mark_failed(stack.sim_dir, "GPU-sim-n1-0", "GPU has fallen off the bus")
+    requeued = stack.wait_for(victim, lambda r: r.state == JobState.PENDING and r.reason == "Resources")
+    assert requeued.attempt == 1
+    history = stack.store.history(victim)
+    assert any("gpu lost" in e["detail"] for e in history)
+    assert stack.store.get(survivor).state == JobState.RUNNING  # type: ignore[union-attr]
+    gpus = stack.api.gpus()["nodes"][0]["gpus"]
+    assert gpus[0]["healthy"] is False and gpus[0]["available_bytes"] == 0
+    # When the survivor's GPU frees up, the requeued job runs there.
+    release(fifos[ids.index(survivor)])
+    again = stack.wait_state(victim, JobState.RUNNING)
+    assert (again.gpus[0].index, again.attempt) == (1, 2)
+    release(fifos[ids.index(victim)])
+    stack.wait_state(victim, JobState.COMPLETED)

@@ -1,0 +1,134 @@
+"""Faults injected into the real stack: a worker that never starts its job, the scheduler
+killed mid-dispatch, redis-server killed and restarted. Nothing may be lost or doubled."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from jobs import keys
+from jobs.gpus import GpuDevice, GpuSnapshot, NodeHeartbeat
+from jobs.states import JobState
+from scheduler.redis_server import RedisServer
+from tests.conftest import TEST_CONFIG, Stack, free_port, release
+
+
+def _fake_node(client: redis.Redis, name: str) -> None:
+    """A node that heartbeats (as far as Redis can tell) but whose worker never takes jobs."""
+    device = GpuDevice(0, f"GPU-ghost-{name}", "Ghost", 24 * 2**30, 24 * 2**30, 0)
+    beat = NodeHeartbeat(name, GpuSnapshot((device,), time.time()), sent_at=time.time())
+    client.set(keys.node(name), json.dumps(beat.to_json()), px=60_000)
+    client.sadd(keys.NODES, name)
+
+
+def test_job_assigned_to_a_worker_that_never_starts_it_is_requeued(
+    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    stack = Stack(
+        tmp_path, redis_server.url, redis_client, TEST_CONFIG.replace("assign_timeout_s = 10", "assign_timeout_s = 1")
+    )
+    try:
+        _fake_node(redis_client, "ghost")
+        stack.start_scheduler()
+        job_id = stack.submit("--mem", "1GiB", "--", "true")
+        assert stack.wait_state(job_id, JobState.ASSIGNED).node == "ghost"
+        redis_client.delete(keys.node("ghost"))  # the ghost vanishes with the job assigned to it
+        requeued = stack.wait_state(job_id, JobState.PENDING)
+        assert "did not start it" in requeued.detail and requeued.state == JobState.PENDING
+        stack.start_worker("real")
+        done = stack.wait_state(job_id, JobState.COMPLETED)
+        assert (done.node, done.attempt) == ("real", 2)
+    finally:
+        stack.stop()
+
+
+def _check_invariants(client: redis.Redis, total: int) -> None:
+    """Every job in exactly one index matching its state; the ledger is the active jobs."""
+    pending = {int(i) for i in client.zrange(keys.PENDING, 0, -1)}
+    active = {int(i) for i in client.smembers(keys.ACTIVE)}
+    finished = {int(i) for i in client.zrange(keys.FINISHED, 0, -1)}
+    assert pending | active | finished == set(range(1, total + 1))
+    assert not (pending & active or pending & finished or active & finished)
+    for job_id in range(1, total + 1):
+        state = client.hget(keys.job(job_id), "state").decode()
+        index = "pending" if job_id in pending else "active" if job_id in active else "finished"
+        expected = {"PENDING": "pending", "HELD": "pending", "ASSIGNED": "active", "RUNNING": "active"}
+        assert expected.get(state, "finished") == index, (job_id, state, index)
+    assert {int(i) for i in client.hkeys(keys.LEDGER)} == active
+
+
+def test_scheduler_killed_mid_dispatch_loses_nothing(stack: Stack) -> None:
+    scheduler = stack.start_scheduler()
+    stack.start_worker("n1", "4x24GiB")
+    total = 60
+    for _ in range(total):
+        stack.store.submit(_true_spec(stack), user="t", uid=0)  # straight into Redis: fast
+    stack.store.wake_scheduler()
+    # Kill it while it is placing and dispatching (some jobs already ASSIGNED).
+    stack.wait_for(1, lambda r: r.state != JobState.PENDING)
+    scheduler.stop(signal.SIGKILL)
+    _check_invariants(stack.redis, total)
+    stack.daemons.remove(scheduler)
+    stack.start_scheduler()
+    for job_id in range(1, total + 1):
+        assert stack.wait_state(job_id, JobState.COMPLETED).attempt == 1
+    _check_invariants(stack.redis, total)
+    assert stack.redis.hlen(keys.LEDGER) == 0
+
+
+def _true_spec(stack: Stack) -> object:
+    from jobs.spec import JobSpec
+
+    return JobSpec(command=("true",), cwd=str(stack.tmp_path), mem_bytes=2**30, env={"PATH": "/usr/bin:/bin"})
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "own-redis", port=free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_killed_and_restarted_keeps_acknowledged_jobs_and_running_work(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    client = redis.Redis.from_url(own_redis.url)
+    stack = Stack(tmp_path, own_redis.url, client)
+    try:
+        stack.start_scheduler()
+        stack.start_worker()
+        fifo = stack.fifo("job")
+        running = stack.submit("--mem", "1GiB", *stack.hold_job_args("1GiB", fifo))
+        stack.wait_state(running, JobState.RUNNING)
+        stack.wait_log(running, "holding")
+        acknowledged = stack.submit("--hold", "--", "true")
+        own_redis.stop(kill=True)  # kill -9 right after the submit was acknowledged
+
+        down = stack.cli("queue")
+        assert down.returncode == 1 and len(down.stderr.strip().splitlines()) == 1
+        assert "Redis" in down.stderr
+
+        own_redis.start()  # same data dir: AOF replay
+        client = redis.Redis.from_url(own_redis.url)
+        stack.redis = client
+        from jobs.store import JobStore
+
+        stack.store = JobStore(client)
+        assert stack.store.get(acknowledged).state == JobState.HELD  # type: ignore[union-attr]
+        assert stack.store.get(running).state == JobState.RUNNING  # type: ignore[union-attr]
+        release(fifo)  # the job kept running through the outage
+        assert stack.wait_state(running, JobState.COMPLETED).exit_code == 0
+        assert stack.cli("release", str(acknowledged)).returncode == 0
+        assert stack.wait_state(acknowledged, JobState.COMPLETED).exit_code == 0
+        late = stack.submit("--mem", "1GiB", "--", sys.executable, "-c", "print('after the outage')")
+        assert stack.wait_state(late, JobState.COMPLETED).exit_code == 0
+    finally:
+        stack.stop()
