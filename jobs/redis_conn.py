@@ -12,10 +12,11 @@ class RedisUnavailable(RuntimeError):
 
 
 def make_client(url: str) -> redis.Redis:
-    # No socket timeout: daemons block on BLPOP/XREAD; connects and retries are bounded.
+    # Blocking reads (BLPOP, XREAD) block for at most 2 s, well inside the socket timeout.
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=5,
+        socket_timeout=15,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=3),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         health_check_interval=30,

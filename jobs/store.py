@@ -194,7 +194,8 @@ class JobStore:
             remaining = deadline - time.monotonic()
             if record is None or predicate(record) or remaining <= 0:
                 return record
-            block_ms = max(1, int(min(remaining, 5.0) * 1000))  # short blocks: a dropped link shows fast
+            # Short blocks: below any client socket timeout, and a dropped link shows fast.
+            block_ms = max(1, int(min(remaining, 2.0) * 1000))
             reply = self.redis.xread({keys.job_events(job_id): last_id}, block=block_ms)
             for _stream, entries in reply or []:
                 last_id = entries[-1][0].decode()
