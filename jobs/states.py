@@ -25,6 +25,9 @@ class Reason(StrEnum):
     HELD = "Held"
     USER_LIMIT = "UserLimit"
     INFEASIBLE = "Infeasible"
+    ARRAY_TASK_LIMIT = "JobArrayTaskLimit"
+    NODE_NOT_AVAIL = "ReqNodeNotAvail"
+    DEPENDENCY_NEVER_SATISFIED = "DependencyNeverSatisfied"
     EXIT_CODE = "ExitCode"
     SIGNAL = "Signal"
     OOM = "OOM"
@@ -42,7 +45,11 @@ WAITING_STATES = frozenset({JobState.PENDING, JobState.HELD})
 # Every edge a job may take. Anything else is refused by the store (and by the Lua script
 # that writes it), so a late or duplicated message can never resurrect a finished job.
 ALLOWED_EDGES: dict[JobState, frozenset[JobState]] = {
-    JobState.PENDING: frozenset({JobState.ASSIGNED, JobState.CANCELLED, JobState.HELD, JobState.FAILED}),
+    # PENDING -> COMPLETED/FAILED: the late result of the attempt the scheduler has just
+    # requeued (its lease expired as it finished); guarded by the attempt number.
+    JobState.PENDING: frozenset(
+        {JobState.ASSIGNED, JobState.CANCELLED, JobState.HELD, JobState.FAILED, JobState.COMPLETED}
+    ),
     JobState.HELD: frozenset({JobState.PENDING, JobState.CANCELLED}),
     JobState.ASSIGNED: frozenset(
         {JobState.RUNNING, JobState.PENDING, JobState.CANCELLED, JobState.FAILED, JobState.HELD}

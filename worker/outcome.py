@@ -39,12 +39,12 @@ def classify(
     how = f"exit code {returncode}" if returncode >= 0 else f"killed by {signame}"
     if cancelled:
         return Outcome(JobState.CANCELLED, Reason.CANCELLED, how, exit_code)
-    if lease_lost:
-        return Outcome(JobState.FAILED, Reason.NODE_LOST, f"lease lost; stopped ({how})", exit_code)
     if timed_out:
         return Outcome(JobState.FAILED, Reason.TIMEOUT, f"time limit reached; {how}", exit_code)
-    if returncode == 0:
+    if returncode == 0:  # it finished on its own, even if its lease lapsed meanwhile
         return Outcome(JobState.COMPLETED, Reason.NONE, "", 0)
+    if lease_lost:
+        return Outcome(JobState.FAILED, Reason.NODE_LOST, f"lease lost; stopped ({how})", exit_code)
     oom = returncode == OOM_EXIT_CODE or bool(status and status.get("oom")) or any(m in log_tail for m in OOM_MARKERS)
     if oom:
         return Outcome(JobState.FAILED, Reason.OOM, f"CUDA out of memory ({how})", exit_code)

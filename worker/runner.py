@@ -14,13 +14,15 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from jobs.config import Config
 from jobs.record import JobRecord
 from jobs.sizes import format_size
-from jobs.states import JobState, Reason
+from jobs.states import FINAL_STATES, JobState, Reason
 from jobs.store import JobStore, Transition, TransitionRefused
+from worker.identity import IdentityError, resolve_run_as
 from worker.outcome import Outcome, classify
 from worker.process_tree import kill_group, signal_tree
 
@@ -55,6 +57,7 @@ class JobRunner:
         self.log_path = config.log_dir / f"{record.id}.log"
         self.run_dir = config.state_dir / "run" / str(record.id)
         self.status_path = self.run_dir / "status.json"
+        self.checkpoint_dir = config.checkpoint_root / str(record.id)
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.peak: dict[str, int] = {}
@@ -81,7 +84,7 @@ class JobRunner:
                 "GPULAB_ATTEMPT": str(self.attempt),
                 "GPULAB_NODE": self.node,
                 "GPULAB_STATUS_FILE": str(self.status_path),
-                "GPULAB_CHECKPOINT_DIR": str(self.config.checkpoint_root / str(self.job_id)),
+                "GPULAB_CHECKPOINT_DIR": str(self.checkpoint_dir),
             }
         )
         if spec.mem_bytes is not None:
@@ -96,10 +99,22 @@ class JobRunner:
         If the job was cancelled or moved while we started it, the process is killed at once
         (TransitionRefused propagates). Raises LaunchError if the program cannot start.
         """
+        spec = self.record.spec
+        try:
+            run_as = resolve_run_as(self.record.uid)
+        except IdentityError as exc:
+            self._end_launch(JobState.ASSIGNED, str(exc))
+            raise LaunchError(str(exc)) from None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.status_path.unlink(missing_ok=True)
-        spec = self.record.spec
+        self.log_path.touch(mode=0o600)
+        if run_as is not None:  # the job's files belong to its owner, readable by nobody else
+            run_as.own(self.log_path, 0o600)
+            run_as.own(self.run_dir, 0o700)
+            run_as.own(self.checkpoint_dir, 0o700)
+        env = self.environment() | (run_as.environment() if run_as else {})
         with open(self.log_path, "ab") as log_file:
             if self.attempt > 1:
                 log_file.write(f"=== gpulab: job {self.job_id} attempt {self.attempt} on {self.node} ===\n".encode())
@@ -109,12 +124,16 @@ class JobRunner:
                     self.proc = subprocess.Popen(
                         list(spec.command),
                         cwd=spec.cwd,
-                        env=self.environment(),
+                        env=env,
                         stdin=subprocess.DEVNULL,
                         stdout=log_file,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,  # own process group: stop it whole
                         close_fds=True,
+                        user=run_as.uid if run_as else None,
+                        group=run_as.gid if run_as else None,
+                        extra_groups=list(run_as.groups) if run_as else None,
+                        umask=0o022 if run_as else -1,
                     )
                     self.started_at = time.monotonic()
             except OSError as exc:
@@ -247,19 +266,30 @@ class JobRunner:
             fields.update({"node": "", "gpus": "", "pid": ""})
         else:
             fields["ended_at"] = time.time()
+        ending = Transition(
+            self.job_id,
+            target,
+            fields,
+            expect=frozenset({JobState.RUNNING}),
+            guard=("attempt", str(self.attempt)),
+            detail=outcome.detail or "exit code 0",
+        )
         try:
-            self.store.transition(
-                Transition(
-                    self.job_id,
-                    target,
-                    fields,
-                    expect=frozenset({JobState.RUNNING}),
-                    guard=("attempt", str(self.attempt)),
-                    detail=outcome.detail or "exit code 0",
-                )
-            )
+            self.store.transition(ending)
         except TransitionRefused as exc:
-            log.warning("worker: job %s ended but was already moved on (%s)", self.job_id, exc)
+            if exc.current == JobState.PENDING.value and target in FINAL_STATES:
+                self._late_finish(ending, fields)
+            else:
+                log.warning("worker: job %s ended but was already moved on (%s)", self.job_id, exc)
+
+    def _late_finish(self, ending: Transition, fields: dict[str, Any]) -> None:
+        """Our lease lapsed just as the job ended and the scheduler requeued this attempt:
+        record the result anyway (same attempt, not yet dispatched again) so it is not re-run."""
+        late = replace(ending, expect=frozenset({JobState.PENDING}), fields={**fields, "node": self.node})
+        try:
+            self.store.transition(replace(late, detail=f"{ending.detail} (finished as its lease lapsed)"))
+        except TransitionRefused as exc:
+            log.warning("worker: job %s finished after it was dispatched again (%s)", self.job_id, exc)
 
     def _requeue_or_final(self, outcome: Outcome) -> tuple[JobState, Outcome]:
         """A job that died of a signal, or whose node or GPU went away, runs again if it asked to."""

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
@@ -17,7 +18,7 @@ from jobs import keys
 from jobs.gpus import GpuDevice, GpuSnapshot, NodeHeartbeat
 from jobs.states import JobState
 from scheduler.redis_server import RedisServer
-from tests.conftest import TEST_CONFIG, Stack, free_port, release
+from tests.conftest import TEST_CONFIG, Stack, eventually, free_port, release
 
 
 def _fake_node(client: redis.Redis, name: str) -> None:
@@ -132,3 +133,28 @@ def test_redis_killed_and_restarted_keeps_acknowledged_jobs_and_running_work(
         assert stack.wait_state(late, JobState.COMPLETED).exit_code == 0
     finally:
         stack.stop()
+
+
+def test_job_that_finished_as_its_lease_expired_is_not_run_again(stack: Stack) -> None:
+    scheduler = stack.start_scheduler()
+    worker = stack.start_worker()
+    fifo = stack.fifo("job")
+    job_id = stack.submit("--requeue", "--mem", "1GiB", *stack.hold_job_args("0", fifo))
+    pid = stack.wait_state(job_id, JobState.RUNNING).pid
+    stack.wait_log(job_id, "holding")
+    worker.proc.send_signal(signal.SIGSTOP)  # the worker freezes: no lease renewals
+    try:
+        requeued = stack.wait_state(job_id, JobState.PENDING)  # lease expired: the reaper requeued it
+        assert requeued.attempt == 1
+        scheduler.proc.send_signal(signal.SIGSTOP)  # hold the scheduler so the race is decided here
+        release(fifo)  # the job finishes while its worker is frozen (it stays a zombie until then)
+        eventually(lambda: psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
+        try:
+            done = stack.wait_state(job_id, JobState.COMPLETED)
+        finally:
+            scheduler.proc.send_signal(signal.SIGCONT)
+    assert (done.attempt, done.exit_code, done.node) == (1, 0, "n1")
+    assert "lease lapsed" in stack.store.history(job_id)[-1]["detail"]
+    assert [e["state"] for e in stack.store.history(job_id)].count("RUNNING") == 1

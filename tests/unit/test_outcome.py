@@ -31,6 +31,7 @@ def _classify(code: int, **kw: object) -> tuple[JobState, Reason, int | None]:
         (1, {"status": {"oom": True}}, (JobState.FAILED, Reason.OOM, 1)),
         (-9, {"lease_lost": True}, (JobState.FAILED, Reason.NODE_LOST, None)),
         (0, {"cancelled": True}, (JobState.CANCELLED, Reason.CANCELLED, 0)),
+        (0, {"lease_lost": True}, (JobState.COMPLETED, Reason.NONE, 0)),
     ],
 )
 def test_classify(code: int, kw: dict[str, object], expected: tuple[JobState, Reason, int | None]) -> None:
