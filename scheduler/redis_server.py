@@ -59,6 +59,9 @@ class RedisServer:
             "--appendfsync", "everysec",
             "--maxmemory-policy", "noeviction",
             "--save", "",
+            # Every job has its own small history stream; the default 4 KiB first node per
+            # stream would triple Redis' memory per job (BENCHMARKS.md, footprint).
+            "--stream-node-max-bytes", "512",
             "--daemonize", "no",
             "--bind", "127.0.0.1",
             "--port", str(self.port),

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import defaultdict
 
+import psutil
 import redis
 
 from jobs import keys
@@ -62,15 +63,28 @@ class WorkerDaemon:
             self._threads.append(thread)
 
     def _claim_name(self) -> None:
-        """Two workers under one node name would take each other's launches: refuse."""
+        """Two workers under one node name would take each other's launches: refuse, unless
+        the holder was an earlier worker on this very host that has died (a crash restart)."""
         key = keys.node(self.node) + ":owner"
         ttl_ms = int(self.config.worker.lease_ttl_s * 1000)
-        if not self.redis.set(key, self.owner, nx=True, px=ttl_ms):
-            holder = self.redis.get(key)
-            raise NodeNameTaken(
-                f"node name '{self.node}' is in use by worker {holder.decode() if holder else '?'}; "
-                "pick another with --name or wait for its lease to expire"
-            )
+        if self.redis.set(key, self.owner, nx=True, px=ttl_ms):
+            return
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(key)
+                raw = pipe.get(key)
+                holder = raw.decode() if raw else ""
+                if raw is None or _dead_local_owner(holder):
+                    pipe.multi()
+                    pipe.set(key, self.owner, px=ttl_ms)
+                    pipe.execute()
+                    return
+            except redis.WatchError:
+                holder = "another worker starting just now"
+        raise NodeNameTaken(
+            f"node name '{self.node}' is in use by worker {holder}; "
+            "pick another with --name or wait for its lease to expire"
+        )
 
     def shutdown(self) -> None:
         """Stop every job (requeued or failed as NodeLost, per its spec) and leave cleanly."""
@@ -218,3 +232,8 @@ class WorkerDaemon:
                     runner = self.runners.get(int(parts[1]))
                 if runner is not None and runner.attempt == int(parts[2]):
                     runner.stop("cancelled")
+
+
+def _dead_local_owner(holder: str) -> bool:
+    host, _, pid = holder.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
