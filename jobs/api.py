@@ -32,3 +32,8 @@ def gpus_path() -> str:
 
 
 JOB_ACTIONS = ("cancel", "hold", "release")
+NODE_ACTIONS = ("drain", "resume")
+
+
+def node_path(name: str, action: str) -> str:
+    return f"{API_PREFIX}/nodes/{name}/{action}"

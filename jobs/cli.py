@@ -18,13 +18,19 @@ from rich.console import Console
 
 from jobs import render
 from jobs.api import ApiError
+from jobs.cli_policy import node_group, policy_options, spec_fields
 from jobs.client import ApiClient, DaemonUnreachable
 from jobs.config import Config, ConfigError, load_config
 from jobs.spec import JobSpec, SpecError, parse_mem, parse_time_limit, validate_spec
 
 EXIT_USAGE = 2
 # Variables that describe the submitting shell's GPU view, not the job's: the worker sets them.
-NOT_CAPTURED = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPULAB_JOB_ID", "GPULAB_ATTEMPT"})
+NOT_CAPTURED = frozenset(
+    {
+        "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPULAB_JOB_ID", "GPULAB_ATTEMPT",
+        "GPULAB_ARRAY_JOB_ID", "GPULAB_ARRAY_INDEX", "GPULAB_ARRAY_TASK_COUNT",
+    }
+)  # fmt: skip
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -71,7 +77,7 @@ def main() -> None:
 
 def build_spec(
     command: tuple[str, ...], gpus: int, mem: str | None, name: str | None, priority: int,
-    time_limit: str | None, hold: bool, requeue: bool, kind: str,
+    time_limit: str | None, hold: bool, requeue: bool, kind: str, policy: dict[str, Any] | None = None,
 ) -> JobSpec:  # fmt: skip
     try:
         spec = JobSpec(
@@ -86,6 +92,7 @@ def build_spec(
             requeue=requeue,
             hold=hold,
             kind=kind,
+            **spec_fields(policy or {}),
         )
         validate_spec(spec)
     except SpecError as exc:
@@ -108,9 +115,12 @@ def submit_options(fn: Any) -> Any:
     return fn
 
 
-def _submit(ctx: Context, spec: JobSpec, as_json: bool) -> None:
+def _submit(ctx: Context, spec: JobSpec, as_json: bool, as_user: str | None = None) -> None:
     client = ctx.client()
-    job_id = ctx.call(client.submit, spec.to_json())
+    body = spec.to_json()
+    if as_user:
+        body["user"] = as_user  # admins only; the scheduler checks
+    job_id = ctx.call(client.submit, body)
     if as_json:
         emit_json(ctx.call(client.job, job_id))
     else:
@@ -119,21 +129,22 @@ def _submit(ctx: Context, spec: JobSpec, as_json: bool) -> None:
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @submit_options
+@policy_options
 @click.option("--requeue/--no-requeue", default=None, help="Run again after a node loss (default: on for --train).")
 @click.option("--train", "factory", help="Run the built-in training loop with this factory (module:func or file.py).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
 def submit(
     ctx: Context, command: tuple[str, ...], gpus: int, mem: str | None, name: str | None, priority: int,
-    time_limit: str | None, hold: bool, as_json: bool, requeue: bool | None, factory: str | None,
+    time_limit: str | None, hold: bool, as_json: bool, requeue: bool | None, factory: str | None, **policy: Any,
 ) -> None:  # fmt: skip
     """Queue a job: gpulab submit [OPTIONS] -- PROGRAM ARGS..."""
     kind = "command"
     if factory:
         command = (sys.executable, "-m", "worker.training", factory, "--", *command)
         kind = "training"
-    spec = build_spec(command, gpus, mem, name, priority, time_limit, hold, _requeue(requeue, kind), kind)
-    _submit(ctx, spec, as_json)
+    spec = build_spec(command, gpus, mem, name, priority, time_limit, hold, _requeue(requeue, kind), kind, policy)
+    _submit(ctx, spec, as_json, policy.get("as_user"))
 
 
 def _requeue(flag: bool | None, kind: str) -> bool:
@@ -145,6 +156,7 @@ def _requeue(flag: bool | None, kind: str) -> bool:
 @click.option("--epochs", type=int, help="Epochs to train.")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), help="Mixed precision.")
+@click.option("--checkpoint-steps", type=int, help="Checkpoint every N optimizer steps (default: every 10 min).")
 @click.option("--requeue/--no-requeue", default=True, show_default=True)
 @click.argument("factory")
 @click.argument("factory_args", nargs=-1, type=click.UNPROCESSED)
@@ -152,11 +164,12 @@ def _requeue(flag: bool | None, kind: str) -> bool:
 def train(
     ctx: Context, factory: str, factory_args: tuple[str, ...], gpus: int, mem: str | None, name: str | None,
     priority: int, time_limit: str | None, hold: bool, as_json: bool, epochs: int | None, seed: int | None,
-    amp: str | None, requeue: bool,
+    amp: str | None, requeue: bool, checkpoint_steps: int | None,
 ) -> None:  # fmt: skip
     """Train with the built-in loop: gpulab train examples/digits.py --mem 4GiB --epochs 20"""
     loop_args: list[str] = []
-    for flag, value in (("--epochs", epochs), ("--seed", seed), ("--amp", amp)):
+    options = (("--epochs", epochs), ("--seed", seed), ("--amp", amp), ("--checkpoint-every-steps", checkpoint_steps))
+    for flag, value in options:
         if value is not None:
             loop_args += [flag, str(value)]
     if factory.endswith(".py") or ".py:" in factory:
@@ -185,6 +198,7 @@ def queue_cmd(ctx: Context, all_jobs: bool, as_json: bool) -> None:
 
 
 main.add_command(queue_cmd, name="q")
+main.add_command(node_group(Context))
 
 
 @main.command()

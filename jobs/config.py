@@ -34,6 +34,31 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """[policy]: job order, fair share, reservations and per-user caps (README "Scheduling policy").
+
+    priority = weight_priority * --priority
+             + weight_fairshare * 2^(-(usage_user / usage_all) * n_users)
+             + weight_age * min(1, waited / max_age)
+    Usage is GPU memory x seconds (request or peak, whole GPU = its total), decayed with
+    `fairshare_half_life_s`. Caps of 0 mean "no cap".
+    """
+
+    weight_priority: float = 1.0
+    weight_fairshare: float = 1000.0
+    weight_age: float = 1000.0
+    max_age_s: float = 86400.0
+    fairshare_half_life_s: float = 7 * 86400.0
+    reserve_after_s: float = 300.0
+    max_reservations: int = 1
+    max_gpus_per_user: int = 0
+    max_mem_per_user_bytes: int = 0
+    max_running_per_user: int = 0
+    max_array_size: int = 1000
+    admin_users: tuple[str, ...] = ("root",)
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     name: str = ""  # "" -> host name
     simulate_gpus: tuple[str, ...] = ()
@@ -48,6 +73,7 @@ class Config:
     state_dir: Path = field(default_factory=lambda: default_state_dir())
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     source: str = "built-in defaults"
 
     @property
@@ -78,7 +104,8 @@ def default_state_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "gpulab"
 
 
-_SIZE_KEYS = {"headroom", "spike_buffer", "idle_gpu_max_used"}
+_SIZE_KEYS = {"headroom", "spike_buffer", "idle_gpu_max_used", "max_mem_per_user"}
+_TUPLE_KEYS = {"simulate_gpus", "admin_users"}
 
 
 def _section(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -91,10 +118,14 @@ def _section(cls: type, table: dict[str, Any], where: str) -> Any:
         try:
             if key in _SIZE_KEYS:
                 value = parse_size(str(value), allow_zero=True)
-            elif name == "simulate_gpus":
+            elif name in _TUPLE_KEYS:
+                if not isinstance(value, list):
+                    raise ValueError("must be a list of strings")
                 value = tuple(str(v) for v in value)
-            elif name.endswith("_s"):
+            elif name.endswith("_s") or name.startswith("weight_"):
                 value = float(value)
+            elif name.startswith("max_") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError("must be a whole number, 0 or more")
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: '{key}': {exc}") from None
         values[name] = value
@@ -122,7 +153,7 @@ def load_config(path: Path | None = None) -> Config:
 
 
 def _from_toml(data: dict[str, Any], where: str) -> Config:
-    unknown = set(data) - {"redis", "paths", "scheduler", "worker"}
+    unknown = set(data) - {"redis", "paths", "scheduler", "worker", "policy"}
     if unknown:
         raise ConfigError(f"{where}: unknown section [{sorted(unknown)[0]}]")
     redis_url = str(data.get("redis", {}).get("url", ""))
@@ -132,5 +163,6 @@ def _from_toml(data: dict[str, Any], where: str) -> Config:
         state_dir=Path(state_dir).expanduser() if state_dir else default_state_dir(),
         scheduler=_section(SchedulerConfig, data.get("scheduler", {}), f"{where} [scheduler]"),
         worker=_section(WorkerConfig, data.get("worker", {}), f"{where} [worker]"),
+        policy=_section(PolicyConfig, data.get("policy", {}), f"{where} [policy]"),
         source=where,
     )

@@ -39,6 +39,9 @@ class JobRecord:
     mem_warning: str = ""
     status: dict[str, Any] | None = None
     log_path: str = ""
+    array_id: int | None = None  # task of this array (the array's id = its first task's id)
+    array_index: int | None = None
+    est_start_at: float | None = None  # while PENDING with a reservation: expected start
 
     @property
     def is_final(self) -> bool:
@@ -77,6 +80,9 @@ class JobRecord:
             mem_warning=h.get("mem_warning", ""),
             status=json.loads(h["status"]) if h.get("status") else None,
             log_path=h.get("log_path", ""),
+            array_id=_int(h.get("array_id")),
+            array_index=_int(h.get("array_index")),
+            est_start_at=_float(h.get("est_start_at")),
         )
 
     def to_json(self, *, private: bool = True) -> dict[str, Any]:
@@ -109,6 +115,9 @@ class JobRecord:
             "mem_warning": self.mem_warning,
             "status": self.status,
             "log_path": self.log_path,
+            "array_id": self.array_id,
+            "array_index": self.array_index,
+            "est_start_at": self.est_start_at if self.state == JobState.PENDING else None,
         }
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from jobs.arrays import format_indexes, parse_array
 from jobs.sizes import format_size
 
 
@@ -55,21 +56,69 @@ def _why(job: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _priority(job: dict[str, Any]) -> str:
+    """Like sprio: the total, then its parts (--priority + fair share + age)."""
+    parts = job.get("priority")
+    if not parts:
+        return ""
+    return f"{parts['total']:.0f} = {parts['priority']:.0f}+{parts['fairshare']:.0f}+{parts['age']:.0f}"
+
+
+def _estimate(job: dict[str, Any], now: float) -> str:
+    est = job.get("est_start_at")
+    if job["state"] != "PENDING" or not est:
+        return ""
+    at = time.strftime("%H:%M:%S" if est - now < 86400 else "%Y-%m-%d %H:%M", time.localtime(est))
+    return f"; est. start {at} (in {duration(max(0.0, est - now))})"
+
+
+def _rows(jobs: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(ID, NAME, job) per row. Pending tasks of one array waiting for the same reason share
+    a row, like squeue: ids 13-43, name sweep[1-31%4]."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    order: list[list[dict[str, Any]]] = []
+    for job in jobs:
+        if job["state"] == "PENDING" and job.get("array_id") is not None:
+            key = (job["array_id"], job.get("reason"), job.get("detail"))
+            if key in groups:
+                groups[key].append(job)
+                continue
+            groups[key] = [job]
+            order.append(groups[key])
+        else:
+            order.append([job])
+    rows = []
+    for group in order:
+        job = group[0]
+        if job.get("array_id") is None:
+            rows.append((str(job["id"]), job["name"], job))
+            continue
+        array = job["spec"].get("array") or ""
+        throttle = parse_array(array).throttle if array else 0
+        indexes = format_indexes([j["array_index"] for j in group])
+        if len(group) > 1 and throttle:
+            indexes += f"%{throttle}"
+        ids = str(job["id"]) if len(group) == 1 else f"{group[0]['id']}-{group[-1]['id']}"
+        rows.append((ids, f"{job['name']}[{indexes}]", job))
+    return rows
+
+
 def queue_table(jobs: list[dict[str, Any]], now: float | None = None) -> Table:
     now = now or time.time()
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("ID", "NAME", "USER", "STATE", "GPUS", "MEM/GPU", "PEAK", "AGE", "TIME", "REASON / PROGRESS"):
+    columns = ("ID", "NAME", "USER", "STATE", "GPUS", "MEM/GPU", "PEAK", "AGE", "TIME", "PRIORITY", "REASON / PROGRESS")
+    for column in columns:
         table.add_column(column, no_wrap=column not in ("REASON / PROGRESS", "NAME"))
-    for job in jobs:
+    for ids, name, job in _rows(jobs):
         started, ended = job.get("started_at"), job.get("ended_at")
         run_time = (ended or now) - started if started else None
         peak = sum(job.get("peak_bytes", {}).values())
-        extra = _progress(job) or _why(job)
+        extra = _progress(job) or (_why(job) + _estimate(job, now))
         if job["state"] in ("RUNNING",) and _progress(job) and job.get("mem_warning"):
             extra += f"; {job['mem_warning']}"
         table.add_row(
-            str(job["id"]),
-            job["name"],
+            ids,
+            name,
             job["user"],
             job["state"],
             _gpus(job),
@@ -77,6 +126,7 @@ def queue_table(jobs: list[dict[str, Any]], now: float | None = None) -> Table:
             format_size(peak) if peak else "-",
             duration(now - job["submitted_at"]),
             duration(run_time),
+            _priority(job),
             extra,
         )
     return table
@@ -93,7 +143,7 @@ def gpus_table(nodes: list[dict[str, Any]]) -> Table:
         for gpu in node["gpus"]:
             state = "ok" if gpu["healthy"] else f"unhealthy: {gpu['error']}"
             if node.get("draining"):
-                state = "draining"
+                state = "draining" + (f" ({node['drain_reason']})" if node.get("drain_reason") else "")
             table.add_row(
                 node["name"],
                 str(gpu["index"]),
@@ -109,6 +159,25 @@ def gpus_table(nodes: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _policy_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
+    """Constraints, dependencies, array membership and the expected start, where they apply."""
+    spec, rows = job["spec"], []
+    wants = [f"node {spec['node']}"] if spec.get("node") else []
+    wants += [f"GPU model '{spec['gpu_model']}'"] if spec.get("gpu_model") else []
+    wants += ["exclusive GPUs"] if spec.get("exclusive") else []
+    if wants:
+        rows.append(("Constraints", ", ".join(wants)))
+    deps = [f"after {d}" for d in spec.get("after_ok") or []] + [f"after-any {d}" for d in spec.get("after_any") or []]
+    if deps:
+        rows.append(("Depends on", ", ".join(deps)))
+    if job.get("array_id") is not None:
+        rows.append(("Array", f"{job['array_id']} ({spec.get('array')}), task {job.get('array_index')}"))
+    estimate = _estimate(job, time.time()).removeprefix("; ")
+    if estimate:
+        rows.append(("Expected", estimate))
+    return rows
+
+
 def show_job(console: Console, job: dict[str, Any]) -> None:
     spec = job["spec"]
     rows = [
@@ -122,6 +191,7 @@ def show_job(console: Console, job: dict[str, Any]) -> None:
             f"{spec['gpus']} GPU(s) x {_mem(job)}"
             + (f", time limit {duration(spec['time_limit_s'])}" if spec.get("time_limit_s") else ""),
         ),
+        *_policy_rows(job),
         ("Placed", _gpus(job) if job["gpus"] else "-"),
         ("Attempt", str(job["attempt"])),
         ("Exit code", "-" if job.get("exit_code") is None else str(job["exit_code"])),

@@ -92,3 +92,83 @@ if redis.call('HGET', KEYS[1], 'state') == 'PENDING' then
   redis.call('XADD', KEYS[2], '*', 'state', 'PENDING', 'reason', ARGV[1], 'detail', ARGV[2], 'at', ARGV[3])
 end
 """
+
+SUBMIT_BATCH = """
+-- KEYS: pending, wake, events
+-- ARGV: 1 now, 2 key prefix, 3 JSON list of job field objects (string values), each with its
+--       'id' (reserved beforehand with INCRBY, so the caller knows every id). All or nothing:
+--       an array's tasks appear together.
+local jobs = cjson.decode(ARGV[3])
+for _, fields in ipairs(jobs) do
+  local id = fields['id']
+  local job_key = ARGV[2] .. ':job:' .. id
+  local args = {}
+  for k, v in pairs(fields) do
+    table.insert(args, k)
+    table.insert(args, v)
+  end
+  redis.call('HSET', job_key, unpack(args))
+  redis.call('ZADD', KEYS[1], id, id)
+  redis.call('XADD', job_key .. ':events', '*', 'state', fields['state'],
+             'reason', fields['reason'] or '', 'detail', 'submitted by ' .. fields['user'], 'at', ARGV[1])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'job', id, 'state', fields['state'], 'at', ARGV[1])
+end
+redis.call('LPUSH', KEYS[2], 'submit')
+redis.call('LTRIM', KEYS[2], 0, 99)
+return #jobs
+"""
+
+SET_PENDING_INFO = """
+-- KEYS: job, job_events; ARGV: reason, detail, expected start ('' = none), now.
+-- Like SET_PENDING_REASON, but the expected start (which moves as jobs end) is written
+-- without an event: the history records only changes of reason or detail.
+if redis.call('HGET', KEYS[1], 'state') ~= 'PENDING' then return 0 end
+local old = redis.call('HMGET', KEYS[1], 'reason', 'detail')
+redis.call('HSET', KEYS[1], 'reason', ARGV[1], 'detail', ARGV[2])
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], 'est_start_at')
+else redis.call('HSET', KEYS[1], 'est_start_at', ARGV[3]) end
+if (old[1] or '') ~= ARGV[1] or (old[2] or '') ~= ARGV[2] then
+  redis.call('XADD', KEYS[2], '*', 'state', 'PENDING', 'reason', ARGV[1], 'detail', ARGV[2], 'at', ARGV[4])
+end
+return 1
+"""
+
+PENDING_FIELDS = """
+-- KEYS: pending (zset, score = job id)
+-- ARGV: 1 key prefix, 2 read jobs with id > this, 3 at most this many, 4 n = number of
+--       fields, 5..4+n field names.
+-- Returns one JSON array: per job, its id then its n values (false where missing). Pages by
+-- id, so jobs added or removed between pages are neither skipped nor read twice; one string
+-- per page, decoded by the client's C JSON parser, instead of a command and n replies per job.
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[2], '+inf', 'LIMIT', 0, tonumber(ARGV[3]))
+local n = tonumber(ARGV[4])
+local fields = {}
+for i = 1, n do fields[i] = ARGV[4 + i] end
+local out = {}
+for _, id in ipairs(ids) do
+  out[#out + 1] = id
+  local values = redis.call('HMGET', ARGV[1] .. ':job:' .. id, unpack(fields))
+  for j = 1, n do out[#out + 1] = values[j] end
+end
+if #out == 0 then return '[]' end
+return cjson.encode(out)
+"""
+
+ACTIVE_FIELDS = """
+-- KEYS: none (single-instance Redis: job and lease keys are named from the ids)
+-- ARGV: 1 key prefix, 2 n = number of fields, 3..2+n field names, then job ids.
+-- Returns one JSON array: per job, its n values (false where missing) then whether its
+-- lease exists (1/0). The scheduler reads every active job each pass (reaper, fair share,
+-- reservations): one call instead of three commands per job.
+local n = tonumber(ARGV[2])
+local fields = {}
+for i = 1, n do fields[i] = ARGV[2 + i] end
+local out = {}
+for i = 3 + n, #ARGV do
+  local values = redis.call('HMGET', ARGV[1] .. ':job:' .. ARGV[i], unpack(fields))
+  for j = 1, n do out[#out + 1] = values[j] end
+  out[#out + 1] = redis.call('EXISTS', ARGV[1] .. ':lease:' .. ARGV[i])
+end
+if #out == 0 then return '[]' end
+return cjson.encode(out)
+"""

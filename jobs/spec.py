@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from jobs.arrays import parse_array
 from jobs.sizes import format_size, parse_size
 
 MAX_GPUS_PER_JOB = 16
@@ -18,6 +19,8 @@ MAX_ENV_BYTES = 256 * 1024
 MAX_NAME = 128
 MAX_PRIORITY = 10_000
 MAX_TIME_LIMIT_S = 365 * 86400
+MAX_DEPENDENCIES = 100
+MAX_JOB_ID = 2**53
 KINDS = ("command", "training")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@=-]*$")
 _TIME_RE = re.compile(r"^(?:(?P<days>\d+)-)?(?:(?P<h>\d+):)?(?P<m>\d+)(?::(?P<s>\d+))?$")
@@ -45,11 +48,24 @@ class JobSpec:
     requeue: bool = False
     hold: bool = False
     kind: str = "command"
+    after_ok: tuple[int, ...] = ()  # --after: start once these COMPLETED
+    after_any: tuple[int, ...] = ()  # --after-any: start once these ended, however
+    array: str = ""  # --array 0-31%4
+    exclusive: bool = False  # whole GPUs, whatever --mem says
+    node: str = ""  # --node: only this node
+    gpu_model: str = ""  # --gpu-model: GPU name contains this (case-insensitive)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["command"] = list(self.command)
+        data["after_ok"] = list(self.after_ok)
+        data["after_any"] = list(self.after_any)
         return data
+
+    @property
+    def whole_gpu(self) -> bool:
+        """Takes whole GPUs: no --mem given, or --exclusive."""
+        return self.mem_bytes is None or self.exclusive
 
     @classmethod
     def from_json(cls, data: Any) -> JobSpec:
@@ -80,6 +96,12 @@ class JobSpec:
             requeue=_typed(data, "requeue", bool, False),
             hold=_typed(data, "hold", bool, False),
             kind=_typed(data, "kind", str, "command"),
+            after_ok=_id_list(data, "after_ok"),
+            after_any=_id_list(data, "after_any"),
+            array=_typed(data, "array", str, ""),
+            exclusive=_typed(data, "exclusive", bool, False),
+            node=_typed(data, "node", str, ""),
+            gpu_model=_typed(data, "gpu_model", str, ""),
         )
         validate_spec(spec)
         return spec
@@ -100,6 +122,13 @@ def _typed(data: dict[str, Any], key: str, kind: type, default: Any) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise SpecError(key, f"must be of type {kind.__name__}")
     return value
+
+
+def _id_list(data: dict[str, Any], key: str) -> tuple[int, ...]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise SpecError(key, "must be a list of job ids")
+    return tuple(value)
 
 
 def _number_or_none(data: dict[str, Any], key: str) -> float | None:
@@ -138,6 +167,24 @@ def validate_spec(spec: JobSpec) -> None:
         raise SpecError("--priority", f"must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
     if spec.kind not in KINDS:
         raise SpecError("kind", f"must be one of {', '.join(KINDS)}")
+    _validate_policy_fields(spec)
+
+
+def _validate_policy_fields(spec: JobSpec) -> None:
+    for flag, ids in (("--after", spec.after_ok), ("--after-any", spec.after_any)):
+        if len(ids) > MAX_DEPENDENCIES:
+            raise SpecError(flag, f"at most {MAX_DEPENDENCIES} jobs")
+        if any(not 1 <= i <= MAX_JOB_ID for i in ids):
+            raise SpecError(flag, "job ids are whole numbers, 1 or more")
+    if spec.array:
+        try:
+            parse_array(spec.array)
+        except ValueError as exc:
+            raise SpecError("--array", str(exc)) from None
+    if spec.node and (len(spec.node) > MAX_NAME or not _NAME_RE.match(spec.node)):
+        raise SpecError("--node", "must be a node name (letters, digits and ._:+@=-)")
+    if len(spec.gpu_model) > MAX_NAME or not all(c.isprintable() for c in spec.gpu_model):
+        raise SpecError("--gpu-model", f"use up to {MAX_NAME} printable characters, e.g. A100 or 'RTX 4090'")
 
 
 def parse_mem(text: str) -> int:

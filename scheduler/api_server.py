@@ -28,6 +28,7 @@ from scheduler.service import Caller, SchedulerService
 
 log = logging.getLogger("gpulab.api")
 _JOB_RE = re.compile(rf"^{API_PREFIX}/jobs/(\d{{1,12}})(?:/([a-z]+))?$")
+_NODE_RE = re.compile(rf"^{API_PREFIX}/nodes/([A-Za-z0-9][A-Za-z0-9._:+@=-]{{0,127}})/(drain|resume)$")
 
 
 def peer_caller(sock: socket.socket) -> Caller:
@@ -101,6 +102,10 @@ class _Handler(BaseHTTPRequestHandler):
             return svc.list_jobs(caller, all_jobs=query.get("all") == "1")
         if path == f"{API_PREFIX}/gpus" and method == "GET":
             return svc.gpus(caller)
+        node_match = _NODE_RE.match(path)
+        if node_match and method == "POST":
+            why = body.get("reason", "") if isinstance(body, dict) else ""
+            return svc.drain(caller, node_match[1], str(why), resume=node_match[2] == "resume")
         match = _JOB_RE.match(path)
         if not match:
             raise ApiError(404, f"no such API path: {method} {url.path}")
@@ -136,6 +141,7 @@ def _float_param(query: dict[str, str], name: str, default: float) -> float:
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # listen backlog; the default 5 refuses bursts of clients (EAGAIN)
 
     def __init__(self, socket_path: Path, service: SchedulerService) -> None:
         self.service = service

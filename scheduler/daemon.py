@@ -1,4 +1,5 @@
-"""The scheduler loop: reap -> read node snapshots -> place (pure) -> dispatch -> reasons.
+"""The scheduler loop: reap -> read nodes, jobs and usage -> dependencies -> place (pure)
+-> dispatch -> reasons.
 
 Event-driven: it blocks on the wake list (pushed by submit, finish, cancel, node up) with a
 short timeout for housekeeping, so a submit on an idle cluster starts within milliseconds.
@@ -8,6 +9,7 @@ and restarted at any moment.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -22,9 +24,14 @@ from jobs.record import JobRecord
 from jobs.states import JobState, Reason
 from jobs.store import JobStore, Transition, TransitionRefused
 from scheduler.accounting import AccountingPolicy, build_accounts
+from scheduler.active import Active, ActiveReader
 from scheduler.cluster import read_heartbeats, read_ledger
+from scheduler.dependencies import DependencyReader, evaluate
 from scheduler.dispatch import Dispatcher
-from scheduler.placement import PendingJob, place
+from scheduler.pass_inputs import pending_job, running_job
+from scheduler.pending import PendingReader
+from scheduler.placement import PendingJob, Waiting, place
+from scheduler.usage import UsageTracker
 
 log = logging.getLogger("gpulab.scheduler")
 
@@ -35,11 +42,18 @@ class PassStats:
     placed: int
     reaped: int
     duration_s: float
+    reservations: int = 0
+    place_s: float = 0.0  # the pure placement alone
 
 
 def accounting_policy(config: Config) -> AccountingPolicy:
     s = config.scheduler
     return AccountingPolicy(s.headroom_bytes, s.spike_buffer_bytes, s.idle_gpu_max_used_bytes)
+
+
+def read_drained(client: redis.Redis) -> dict[str, str]:
+    """Nodes an admin drained (`gpulab node drain`): no new jobs there, running ones finish."""
+    return {k.decode(): v.decode() for k, v in client.hgetall(keys.DRAINED).items()}
 
 
 class Scheduler:
@@ -49,6 +63,12 @@ class Scheduler:
         self.store = JobStore(client)
         self.policy = accounting_policy(config)
         self.dispatcher = Dispatcher(client, self.store, config.scheduler.assign_timeout_s)
+        self.pending = PendingReader(client)
+        self.active = ActiveReader(client)
+        self.dependencies = DependencyReader(client)
+        self.usage = UsageTracker(client, config.policy.fairshare_half_life_s)
+        self._set_info = client.register_script(scripts.SET_PENDING_INFO)
+        self._jobs: dict[int, PendingJob] = {}  # derived from what never changes: spec, user, submit time
 
     def run_forever(self, stop: threading.Event) -> None:
         interval = self.config.scheduler.housekeeping_interval_s
@@ -63,62 +83,113 @@ class Scheduler:
 
     def run_pass(self) -> PassStats:
         started = time.perf_counter()
-        reaped = self.reap()
+        now = time.time()
+        current = self.active.read()
+        reaped = self.reap(current)
+        if reaped:
+            current = self.active.read()
+        active = [a.record for a in current]
         beats, _down = read_heartbeats(self.redis)
-        ledger = read_ledger(self.redis)
-        waiting = self.store.waiting()
-        pending = [r for r in waiting if r.state == JobState.PENDING]
-        accounts = build_accounts(beats, ledger, self.policy)
-        draining = frozenset(b.node for b in beats if b.draining)
-        jobs = [PendingJob(r.id, r.spec.gpus, r.spec.mem_bytes, r.spec.priority, r.user) for r in pending]
-        result = place(jobs, accounts, self.policy, unavailable_nodes=draining)
+        ledger = {r.job_id: r for r in read_ledger(self.redis)}
+        waiting = self.pending.read()
+        accounts = build_accounts(beats, list(ledger.values()), self.policy)
+        unavailable = frozenset(b.node for b in beats if b.draining) | frozenset(read_drained(self.redis))
+        whole_gpu_bytes = max((g.total for gpus in accounts.values() for g in gpus), default=0)
+        usage = self.usage.update(now, active, ledger, whole_gpu_bytes)
+        eligible, reasons = self._dependencies(waiting)
+        running = [running_job(r, ledger.get(r.id)) for r in active]
+        jobs = {r.id: self._jobs.get(r.id) or pending_job(r) for r in eligible}
+        self._jobs = jobs
+        place_started = time.perf_counter()
+        result = place(
+            list(jobs.values()),
+            accounts,
+            self.policy,
+            config=self.config.policy,
+            running=running,
+            usage=usage,
+            now=now,
+            unavailable_nodes=unavailable,
+        )
+        place_s = time.perf_counter() - place_started
         placed = self.dispatcher.dispatch(result.assignments)
         if len(placed) != len(result.assignments):
             self.store.wake_scheduler()  # something changed under us: look again at once
-        self._write_reasons(pending, result.waiting)
+        reasons.update(result.waiting)
+        self._write_reasons([r for r in waiting if r.state == JobState.PENDING], reasons)
         duration = time.perf_counter() - started
         self.redis.hset(
             keys.SCHEDULER_STATUS,
-            mapping={"pid": os.getpid(), "last_pass_at": time.time(), "last_pass_ms": round(duration * 1000, 3)},
+            mapping={
+                "pid": os.getpid(),
+                "last_pass_at": time.time(),
+                "last_pass_ms": round(duration * 1000, 3),
+                "last_place_ms": round(place_s * 1000, 3),
+                "pending": len(eligible),
+                "reservations": len(result.reservations),
+            },
         )
-        return PassStats(len(pending), len(placed), reaped, duration)
+        pending = sum(1 for r in waiting if r.state == JobState.PENDING)
+        return PassStats(pending, len(placed), reaped, duration, len(result.reservations), place_s)
 
-    def _write_reasons(self, pending: list[JobRecord], waiting: dict) -> None:
+    def _dependencies(self, waiting: list[JobRecord]) -> tuple[list[JobRecord], dict[int, Waiting]]:
+        """PENDING jobs free to run; reason Dependency for the others; cancel the hopeless."""
+        with_deps = [r for r in waiting if r.spec.after_ok or r.spec.after_any]
+        states = self.dependencies.states(with_deps) if with_deps else {}
+        blocked: dict[int, Waiting] = {}
+        for record in with_deps:
+            verdict = evaluate(record.spec, states)
+            if verdict.never:
+                self._cancel_never_satisfied(record, verdict.detail)
+                blocked[record.id] = Waiting(Reason.DEPENDENCY_NEVER_SATISFIED, verdict.detail)
+            elif not verdict.ready:
+                blocked[record.id] = Waiting(Reason.DEPENDENCY, verdict.detail)
+        eligible = [r for r in waiting if r.state == JobState.PENDING and r.id not in blocked]
+        return eligible, {k: v for k, v in blocked.items() if v.reason == Reason.DEPENDENCY}
+
+    def _cancel_never_satisfied(self, record: JobRecord, detail: str) -> None:
+        # If it moved meanwhile (cancelled, released), the next pass looks again.
+        with contextlib.suppress(TransitionRefused):
+            self.store.transition(
+                Transition(
+                    record.id,
+                    JobState.CANCELLED,
+                    {"reason": Reason.DEPENDENCY_NEVER_SATISFIED.value, "detail": detail, "ended_at": time.time()},
+                    expect=frozenset({JobState.PENDING, JobState.HELD}),
+                    detail=detail,
+                )
+            )
+
+    def _write_reasons(self, pending: list[JobRecord], waiting: dict[int, Waiting]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         changed = False
+        now = repr(time.time())
         for record in pending:
             why = waiting.get(record.id)
-            if why is not None and (record.reason, record.detail) != (why.reason.value, why.detail):
+            if why is None:
+                continue
+            if (record.reason, record.detail, record.est_start_at) != (why.reason.value, why.detail, why.est_start):
                 # Only while still PENDING: a blind HSET could overwrite a newer state's reason.
-                pipe.eval(
-                    scripts.SET_PENDING_REASON,
-                    2,
-                    keys.job(record.id),
-                    keys.job_events(record.id),
-                    why.reason.value,
-                    why.detail,
-                    repr(time.time()),
+                est = "" if why.est_start is None else repr(why.est_start)
+                self._set_info(
+                    keys=[keys.job(record.id), keys.job_events(record.id)],
+                    args=[why.reason.value, why.detail, est, now],
+                    client=pipe,
                 )
                 changed = True
         if changed:
             pipe.execute()
 
-    def reap(self) -> int:
+    def reap(self, active: list[Active] | None = None) -> int:
         """Jobs whose lease expired: their worker is gone (or never took them)."""
-        active = self.store.active()
-        if not active:
-            return 0
-        pipe = self.redis.pipeline(transaction=False)
-        for record in active:
-            pipe.exists(keys.lease(record.id))
-            pipe.hget(keys.job(record.id), "cancel_requested")
-        answers = pipe.execute()
+        if active is None:
+            active = self.active.read()
         reaped = 0
-        for i, record in enumerate(active):
-            if answers[2 * i]:
+        for job in active:
+            if job.has_lease:
                 continue
             try:
-                self.store.transition(self._lost_transition(record, bool(answers[2 * i + 1])))
+                self.store.transition(self._lost_transition(job.record, job.cancel_requested))
                 reaped += 1
             except TransitionRefused:
                 pass  # it finished or moved in the meantime: nothing to do

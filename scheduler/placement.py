@@ -1,55 +1,97 @@
-"""The placement policy: a pure function from (pending jobs, GPU accounts, policy) to
-assignments plus a reason for every job left waiting. No I/O, so it is property-tested,
-benchmarked at scale and replayed over traces.
+"""The placement policy: a pure function from (pending jobs, GPU accounts, running jobs,
+fair-share usage, now, policy) to assignments plus a reason for every job left waiting.
+No I/O, so it is property-tested, benchmarked at scale and replayed over traces.
 
-Order: priority (high first), then submission order. A job that does not fit does not
-block smaller ones behind it (backfill). Within a node, GPUs are chosen best-fit (the
-smallest hole that holds the job) to keep large holes whole; across nodes, the node whose
-chosen GPUs leave the least over.
+Order: priority = weight_priority * --priority + weight_fairshare * F(user) + weight_age *
+A(waited) (see scheduler/fairshare.py), ties by submission. Jobs are placed in that order;
+one that does not fit does not block smaller ones behind it (backfill), except that a job
+blocked longer than `reserve_after_s` holds the GPUs where it will fit first
+(scheduler/reservations.py). GPUs are chosen best-fit - the smallest hole that holds the
+job, on one node for multi-GPU jobs - to keep large holes whole.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+import math
+from collections.abc import Mapping
 
+from jobs.config import PolicyConfig
 from jobs.sizes import format_size
 from jobs.states import Reason
 from scheduler.accounting import AccountingPolicy, GpuAccount
+from scheduler.cluster_state import IGNORE_HOLDS, INF, ClusterState, clone
+from scheduler.fairshare import PriorityParts, fairshare_factors, priority_parts
+from scheduler.feasibility import Feasibility, Shape
+from scheduler.limits import UserLimits
+from scheduler.placement_types import (
+    Assignment,
+    PendingJob,
+    PlacementResult,
+    ReservationPlan,
+    RunningJob,
+    Waiting,
+)
+from scheduler.reservations import reserve
+
+__all__ = ["Assignment", "PendingJob", "PlacementResult", "RunningJob", "Waiting", "order_jobs", "place"]
+
+_DEFAULT_POLICY = PolicyConfig()
 
 
-@dataclass(frozen=True)
-class PendingJob:
-    id: int
-    gpus: int
-    mem_bytes: int | None  # per GPU; None = a whole idle GPU
-    priority: int = 0
-    user: str = ""
+def rank(
+    jobs: list[PendingJob], usage: Mapping[str, float], running_users: set[str], now: float, config: PolicyConfig
+) -> list[PendingJob]:
+    """Jobs in scheduling order: highest priority first (the sum `priority_parts` breaks
+    down), then oldest, then lowest id. Inlined: this runs for every pending job each pass."""
+    factors = fairshare_factors(usage, running_users | {j.user for j in jobs})
+    wp, wf, wa, max_age = config.weight_priority, config.weight_fairshare, config.weight_age, config.max_age_s
+    if max_age <= 0:
+        max_age, now = 1.0, math.inf  # every job counts as fully aged
+    decorated = []
+    for j in jobs:
+        waited = now - j.submitted_at
+        age = 0.0 if waited <= 0 else (1.0 if waited >= max_age else waited / max_age)
+        decorated.append((-(wp * j.priority + wf * factors[j.user] + wa * age), j.submitted_at, j.id, j))
+    decorated.sort(key=lambda d: d[:3])
+    return [d[3] for d in decorated]
 
 
-@dataclass(frozen=True)
-class Assignment:
-    job_id: int
-    node: str
-    gpus: tuple[GpuAccount, ...]
-    reserved_bytes: dict[str, int]  # uuid -> bytes
-    whole_gpu: bool
-
-
-@dataclass(frozen=True)
-class Waiting:
-    reason: Reason
-    detail: str
-
-
-@dataclass
-class PlacementResult:
-    assignments: list[Assignment] = field(default_factory=list)
-    waiting: dict[int, Waiting] = field(default_factory=dict)
+def job_priority(
+    job: PendingJob, usage: Mapping[str, float], users: set[str], now: float, config: PolicyConfig
+) -> PriorityParts:
+    """One job's priority in parts, as `rank` orders by it (for tests and displays)."""
+    factor = fairshare_factors(usage, users | {job.user})[job.user]
+    return priority_parts(job.priority, factor, now - job.submitted_at, config)
 
 
 def order_jobs(jobs: list[PendingJob]) -> list[PendingJob]:
-    return sorted(jobs, key=lambda j: (-j.priority, j.id))
+    """Order by --priority alone (no usage, no aging): what `place` does with default weights at t=0."""
+    return rank(jobs, {}, set(), 0.0, _DEFAULT_POLICY)
+
+
+class _Front:
+    """Shapes that failed this pass. Placing only takes room away and holds only add
+    restrictions, so a job at least as large - more GPUs, more memory, ending no earlier,
+    same constraints - fails too and is answered without a search. Covered shapes stay
+    covered for the rest of the pass, so those answers are remembered."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[bool, str, str], list[tuple[int, int, float]]] = {}
+        self._covered: set[tuple[tuple[bool, str, str], int, int, float]] = set()
+
+    def covers(self, key: tuple[bool, str, str], gpus: int, mem: int, end: float) -> bool:
+        shape = (key, gpus, mem, end)
+        if shape in self._covered:
+            return True
+        if any(g <= gpus and m <= mem and e <= end for g, m, e in self._by_key.get(key, ())):
+            self._covered.add(shape)
+            return True
+        return False
+
+    def add(self, key: tuple[bool, str, str], gpus: int, mem: int, end: float) -> None:
+        entries = self._by_key.setdefault(key, [])
+        entries[:] = [x for x in entries if not (gpus <= x[0] and mem <= x[1] and end <= x[2])]
+        entries.append((gpus, mem, end))
 
 
 def place(
@@ -57,78 +99,142 @@ def place(
     accounts: dict[str, list[GpuAccount]],
     policy: AccountingPolicy,
     *,
+    config: PolicyConfig = _DEFAULT_POLICY,
+    running: list[RunningJob] | tuple[RunningJob, ...] = (),
+    usage: Mapping[str, float] | None = None,
+    now: float = 0.0,
     unavailable_nodes: frozenset[str] = frozenset(),
 ) -> PlacementResult:
-    """Decide which pending jobs start now and where. `accounts` is not modified."""
-    work = {node: copy.deepcopy(gpus) for node, gpus in accounts.items() if node not in unavailable_nodes}
-    result = PlacementResult()
-    # A shape (gpus, mem) that did not fit cannot fit later in this pass either (placing only
-    # takes memory away), so larger-or-equal shapes are answered from this set at once.
-    failed_shapes: list[tuple[int, int]] = []
-    for job in order_jobs(jobs):
-        need = job.mem_bytes
-        shape = (job.gpus, need if need is not None else 2**62)
-        if any(job.gpus >= g and shape[1] >= m for g, m in failed_shapes):
-            result.waiting[job.id] = _why_waiting(job, accounts, policy)
+    """Decide which pending jobs start now and where. Nothing passed in is modified."""
+    running = list(running)
+    cluster = ClusterState(accounts, policy, unavailable_nodes, running)
+    feasible = Feasibility(accounts, policy.headroom_bytes)
+    limits = UserLimits(config, running)
+    ordered = rank(jobs, usage or {}, {r.user for r in running}, now, config)
+    result = PlacementResult(order=[j.id for j in ordered])
+    hard, soft = _Front(), _Front()  # fails even ignoring holds / fails because of holds
+    # Shapes known to fail even ignoring holds, with their one explanation: most of a long
+    # queue is answered from here, without a search (the pass's cost floor per waiting job).
+    blocked: dict[tuple[bool, str, str, int, int], Waiting] = {}
+    waiting = result.waiting
+    any_cap, reserve_after, max_reservations = limits.any_cap, config.reserve_after_s, config.max_reservations
+    for job in ordered:
+        if any_cap:
+            why = limits.blocked(job)
+            if why is not None:
+                waiting[job.id] = Waiting(Reason.USER_LIMIT, why)
+                continue
+        if job.array_throttle:
+            why = limits.throttled(job)
+            if why is not None:
+                waiting[job.id] = Waiting(Reason.ARRAY_TASK_LIMIT, why)
+                continue
+        whole = job.mem_bytes is None or job.exclusive
+        mem = job.mem_bytes or 0
+        signature = (whole, job.node, job.gpu_model, job.gpus, mem)
+        known = blocked.get(signature)
+        if known is not None and (
+            len(result.reservations) >= max_reservations or now - job.submitted_at < reserve_after
+        ):
+            waiting[job.id] = known
             continue
-        choice = _best_node(job, work, policy)
+        end = now + job.time_limit_s if job.time_limit_s else INF
+        key = (whole, job.node, job.gpu_model)
+        if hard.covers(key, job.gpus, mem, 0.0):
+            choice, fits_without_holds = None, False
+        elif soft.covers(key, job.gpus, mem, end):
+            choice, fits_without_holds = None, True
+        else:
+            choice = cluster.find(job, end)
+            fits_without_holds = choice is None and bool(cluster.held) and cluster.find(job, IGNORE_HOLDS) is not None
+            if choice is None:
+                if fits_without_holds:
+                    soft.add(key, job.gpus, mem, end)
+                else:
+                    hard.add(key, job.gpus, mem, 0.0)
         if choice is None:
-            failed_shapes.append(shape)
-            result.waiting[job.id] = _why_waiting(job, accounts, policy)
+            plan = _try_reserve(job, cluster, result, config, now)
+            if plan is not None:
+                result.waiting[job.id] = _reserved(job, plan)
+            elif fits_without_holds:
+                result.waiting[job.id] = _held_back(job, cluster)
+            else:
+                if signature not in blocked:
+                    blocked[signature] = _blocked(job, cluster, feasible, accounts, unavailable_nodes)
+                result.waiting[job.id] = blocked[signature]
             continue
-        node, chosen = choice
-        reserved: dict[str, int] = {}
-        for gpu in chosen:
-            amount = gpu.total if need is None else need
-            gpu.reserve(amount, whole=need is None)
-            reserved[gpu.uuid] = amount
-        result.assignments.append(Assignment(job.id, node, tuple(copy.copy(g) for g in chosen), reserved, need is None))
+        node, slots = choice
+        amounts = [s.acct.total if whole else mem for s in slots]
+        if whole:
+            why = limits.over_memory(job.user, sum(amounts))
+            if why is not None:
+                result.waiting[job.id] = Waiting(Reason.USER_LIMIT, why)
+                continue
+        chosen = tuple(s.acct for s in slots)
+        cluster.take(slots, amounts, whole, end)
+        reserved = {s.acct.uuid: a for s, a in zip(slots, amounts, strict=True)}
+        result.assignments.append(Assignment(job.id, node, tuple(clone(g) for g in chosen), reserved, whole))
+        limits.add(job.user, job.gpus, sum(amounts), job.array_id)
     return result
 
 
-def _best_node(
-    job: PendingJob, work: dict[str, list[GpuAccount]], policy: AccountingPolicy
-) -> tuple[str, list[GpuAccount]] | None:
-    best: tuple[int, str, list[GpuAccount]] | None = None
-    for node, gpus in work.items():
-        if job.mem_bytes is None:
-            fitting = [g for g in gpus if g.idle(policy) and not g.whole_gpu_taken]
-            fitting.sort(key=lambda g: g.index)
-            leftover_of = {g.uuid: 0 for g in fitting}
-        else:
-            avail = {g.uuid: g.available(policy) for g in gpus}
-            fitting = [g for g in gpus if avail[g.uuid] >= job.mem_bytes]
-            fitting.sort(key=lambda g: (avail[g.uuid], g.index))
-            leftover_of = {g.uuid: avail[g.uuid] - job.mem_bytes for g in fitting}
-        if len(fitting) < job.gpus:
-            continue
-        chosen = fitting[: job.gpus]
-        leftover = sum(leftover_of[g.uuid] for g in chosen)
-        if best is None or leftover < best[0]:
-            best = (leftover, node, chosen)
-    return None if best is None else (best[1], best[2])
+def _try_reserve(
+    job: PendingJob, cluster: ClusterState, result: PlacementResult, config: PolicyConfig, now: float
+) -> ReservationPlan | None:
+    if len(result.reservations) >= config.max_reservations or now - job.submitted_at < config.reserve_after_s:
+        return None
+    plan = reserve(cluster, job, now)
+    if plan is not None:
+        result.reservations.append(plan)
+    return plan
 
 
-def _why_waiting(job: PendingJob, accounts: dict[str, list[GpuAccount]], policy: AccountingPolicy) -> Waiting:
+def _need(job: PendingJob) -> str:
+    if job.mem_bytes is None:
+        return f"needs {job.gpus} whole idle GPU(s)"
+    if job.exclusive:
+        return f"needs {job.gpus} whole idle GPU(s) of at least {format_size(job.mem_bytes)}"
+    return f"needs {job.gpus}x{format_size(job.mem_bytes)}" + (" on one node" if job.gpus > 1 else "")
+
+
+def _constraints(job: PendingJob) -> str:
+    parts = [f"on node {job.node}"] if job.node else []
+    if job.gpu_model:
+        parts.append(f"of model '{job.gpu_model}'")
+    return (" " + " ".join(parts)) if parts else ""
+
+
+def _reserved(job: PendingJob, plan: ReservationPlan) -> Waiting:
+    gpus = ",".join(str(i) for i in plan.gpu_indexes)
+    when = "" if plan.est_start < INF else "; start unknown: jobs there have no time limit"
+    return Waiting(
+        Reason.RESOURCES,
+        f"{_need(job)}{_constraints(job)}; reserved {plan.node} GPU {gpus}{when}",
+        plan.est_start if plan.est_start < INF else None,
+    )
+
+
+def _held_back(job: PendingJob, cluster: ClusterState) -> Waiting:
+    holders = sorted({s.hold.job_id for s in cluster.held if s.hold is not None})
+    return Waiting(Reason.PRIORITY, f"fits, but the memory is held for job {', '.join(map(str, holders))}")
+
+
+def _blocked(
+    job: PendingJob,
+    cluster: ClusterState,
+    feasible: Feasibility,
+    accounts: dict[str, list[GpuAccount]],
+    unavailable: frozenset[str],
+) -> Waiting:
     if not accounts:
         return Waiting(Reason.RESOURCES, "no worker is online")
-    largest_node = max(len(gpus) for gpus in accounts.values())
-    if job.gpus > largest_node:
-        return Waiting(Reason.INFEASIBLE, f"needs {job.gpus} GPUs on one node; the largest node has {largest_node}")
-    if job.mem_bytes is not None:
-        capacity = max(g.total - policy.headroom_bytes for gpus in accounts.values() for g in gpus)
-        if job.mem_bytes > capacity:
-            return Waiting(
-                Reason.INFEASIBLE,
-                f"needs {format_size(job.mem_bytes)} per GPU; the largest GPU offers {format_size(capacity)}",
-            )
-        best = max(
-            ((g.available(policy), node, g.index) for node, gpus in accounts.items() for g in gpus),
-            default=(0, "", 0),
-        )
-        return Waiting(
-            Reason.RESOURCES,
-            f"needs {job.gpus}x{format_size(job.mem_bytes)}; "
-            f"most available: {format_size(best[0])} on {best[1]} GPU{best[2]}",
-        )
-    return Waiting(Reason.RESOURCES, f"needs {job.gpus} whole idle GPU(s)")
+    if job.node and job.node not in accounts:
+        return Waiting(Reason.NODE_NOT_AVAIL, f"node {job.node} is not online")
+    never = feasible.why_never(Shape(job.gpus, job.mem_bytes, job.exclusive, job.node, job.gpu_model))
+    if never is not None:
+        return Waiting(Reason.INFEASIBLE, never)
+    if job.node and job.node in unavailable:
+        return Waiting(Reason.NODE_NOT_AVAIL, f"node {job.node} is draining")
+    if not cluster.nodes:
+        return Waiting(Reason.RESOURCES, "every online node is draining")
+    return Waiting(Reason.RESOURCES, _need(job) + _constraints(job))

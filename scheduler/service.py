@@ -14,12 +14,13 @@ from jobs import keys
 from jobs.api import MAX_WAIT_S, ApiError
 from jobs.config import Config
 from jobs.record import JobRecord
-from jobs.spec import JobSpec, SpecError
 from jobs.states import JobState, Reason
 from jobs.store import JobStore, Transition, TransitionRefused
 from scheduler.accounting import build_accounts
 from scheduler.cluster import read_heartbeats, read_ledger
-from scheduler.daemon import accounting_policy
+from scheduler.daemon import accounting_policy, read_drained
+from scheduler.queue_view import priority_views
+from scheduler.submission import Submitter, is_admin
 
 MAX_LOG_CHUNK = 256 * 1024
 
@@ -37,22 +38,24 @@ class SchedulerService:
         self.redis = client
         self.store = JobStore(client)
         self.policy = accounting_policy(config)
+        self.submitter = Submitter(config, client, self.store, self.policy)
 
     # ---- jobs -------------------------------------------------------------------------------
     def submit(self, caller: Caller, body: Any) -> dict[str, Any]:
-        try:
-            spec = JobSpec.from_json(body)
-        except SpecError as exc:
-            raise ApiError(400, str(exc)) from None
-        job_id = self.store.submit(spec, user=caller.user, uid=caller.uid)
-        return {"id": job_id}
+        return self.submitter.submit(caller.uid, caller.user, body)
 
     def list_jobs(self, caller: Caller, *, all_jobs: bool) -> dict[str, Any]:
         records = self.store.waiting() + self.store.active()
         if all_jobs:
             records += self.store.finished(limit=1000)
         records.sort(key=lambda r: r.id)
-        return {"jobs": [self._view(caller, r) for r in records], "now": time.time()}
+        now = time.time()
+        views = [self._view(caller, r) for r in records]
+        parts = priority_views(self.redis, self.config.policy, records, now)
+        for view in views:
+            if view["id"] in parts:
+                view["priority"] = parts[view["id"]]
+        return {"jobs": views, "now": now}
 
     def show(self, caller: Caller, job_id: int) -> dict[str, Any]:
         record = self._get(job_id)
@@ -129,6 +132,7 @@ class SchedulerService:
     # ---- GPUs ---------------------------------------------------------------------------------
     def gpus(self, caller: Caller) -> dict[str, Any]:
         beats, down = read_heartbeats(self.redis)
+        drained = read_drained(self.redis)
         accounts = build_accounts(beats, read_ledger(self.redis), self.policy)
         nodes = []
         for beat in beats:
@@ -157,13 +161,32 @@ class SchedulerService:
                 {
                     "name": beat.node,
                     "online": True,
-                    "draining": beat.draining,
+                    "draining": beat.draining or beat.node in drained,
+                    "drain_reason": drained.get(beat.node, ""),
                     "heartbeat_at": beat.sent_at,
                     "gpus": gpus,
                 }
             )
-        nodes += [{"name": name, "online": False, "draining": False, "gpus": []} for name in down]
+        nodes += [
+            {"name": n, "online": False, "draining": n in drained, "drain_reason": drained.get(n, ""), "gpus": []}
+            for n in down
+        ]
         return {"nodes": nodes}
+
+    def drain(self, caller: Caller, node: str, why: str, *, resume: bool = False) -> dict[str, Any]:
+        """`gpulab node drain NAME`: no new jobs there; running ones finish. Admins only."""
+        if not is_admin(self.config, caller.uid, caller.user):
+            raise ApiError(403, "only admins (root or [policy] admin_users) may drain or resume nodes")
+        if not self.redis.sismember(keys.NODES, node):
+            raise ApiError(404, f"no node named '{node}'")
+        pipe = self.redis.pipeline(transaction=True)
+        if resume:
+            pipe.hdel(keys.DRAINED, node)
+        else:
+            pipe.hset(keys.DRAINED, node, f"{why or 'drained'} (by {caller.user})"[:500])
+        pipe.lpush(keys.WAKE, "drain")
+        pipe.execute()
+        return {"node": node, "draining": not resume}
 
     # ---- helpers ------------------------------------------------------------------------------
     def _get(self, job_id: int) -> JobRecord:

@@ -51,18 +51,25 @@ def test_job_assigned_to_a_worker_that_never_starts_it_is_requeued(
 
 
 def _check_invariants(client: redis.Redis, total: int) -> None:
-    """Every job in exactly one index matching its state; the ledger is the active jobs."""
-    pending = {int(i) for i in client.zrange(keys.PENDING, 0, -1)}
-    active = {int(i) for i in client.smembers(keys.ACTIVE)}
-    finished = {int(i) for i in client.zrange(keys.FINISHED, 0, -1)}
+    """Every job in exactly one index matching its state; the ledger is the active jobs.
+    Read as one MULTI snapshot: the worker keeps finishing jobs meanwhile."""
+    pipe = client.pipeline(transaction=True)
+    pipe.zrange(keys.PENDING, 0, -1)
+    pipe.smembers(keys.ACTIVE)
+    pipe.zrange(keys.FINISHED, 0, -1)
+    pipe.hkeys(keys.LEDGER)
+    for job_id in range(1, total + 1):
+        pipe.hget(keys.job(job_id), "state")
+    raw_pending, raw_active, raw_finished, raw_ledger, *states = pipe.execute()
+    pending, active, finished = ({int(i) for i in raw} for raw in (raw_pending, raw_active, raw_finished))
     assert pending | active | finished == set(range(1, total + 1))
     assert not (pending & active or pending & finished or active & finished)
-    for job_id in range(1, total + 1):
-        state = client.hget(keys.job(job_id), "state").decode()
+    for job_id, raw_state in zip(range(1, total + 1), states, strict=True):
+        state = raw_state.decode()
         index = "pending" if job_id in pending else "active" if job_id in active else "finished"
         expected = {"PENDING": "pending", "HELD": "pending", "ASSIGNED": "active", "RUNNING": "active"}
         assert expected.get(state, "finished") == index, (job_id, state, index)
-    assert {int(i) for i in client.hkeys(keys.LEDGER)} == active
+    assert {int(i) for i in raw_ledger} == active
 
 
 def test_scheduler_killed_mid_dispatch_loses_nothing(stack: Stack) -> None:

@@ -1,0 +1,1 @@
+"""gpulab benchmarks: submit->start latency, trace replay, daemon footprint (`python -m bench`)."""

@@ -1,0 +1,86 @@
+"""gpulab benchmarks (results in BENCHMARKS.md).
+
+    python -m bench [--quick]            all of them (--quick: the < 2 minute version)
+    python -m bench latency [--jobs 200] [--backlog 1000] [--profile DIR]
+    python -m bench replay [--trace openb|philly] [--quick] [--nodes N] ...
+    python -m bench footprint [--window 10] [--held 10000]
+
+Each writes what it printed to bench/results/ as markdown (replay also a .png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+from bench import footprint, latency
+from bench.replay import run as replay
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="every benchmark, in under two minutes")
+    sub = p.add_subparsers(dest="command")
+    latency.add_arguments(sub.add_parser("latency", help="submit -> start latency on a real stack"))
+    replay.add_arguments(sub.add_parser("replay", help="trace replay through place() and baselines"))
+    footprint.add_arguments(sub.add_parser("footprint", help="daemons' idle CPU/RSS; Redis bytes per job"))
+    return p
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        pass
+    import os
+
+    import psutil
+
+    ram = psutil.virtual_memory().total / 2**30
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), {ram:.0f} GiB RAM, Python {platform.python_version()}, {platform.platform()}"
+    )
+
+
+def save(name: str, text: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(f"Machine: {machine()}\n\n{text}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    print(f"machine: {machine()}")
+    started = time.perf_counter()
+    if args.command == "latency":
+        save("latency", latency.run(args))
+    elif args.command == "footprint":
+        save("footprint", footprint.run(args))
+    elif args.command == "replay":
+        replay.run(args)
+    else:
+        every = ["latency", "footprint", "replay"]
+        for name in every:
+            sub = parser().parse_args([name, *(["--quick"] if args.quick else [])])
+            if name == "latency":
+                save("latency_quick" if args.quick else "latency", latency.run(sub))
+            elif name == "footprint":
+                save("footprint_quick" if args.quick else "footprint", footprint.run(sub))
+            else:
+                for trace in ("openb", "philly"):
+                    sub.trace = trace
+                    replay.run(sub)
+    print(f"done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

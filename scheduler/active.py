@@ -1,0 +1,87 @@
+"""The active jobs (ASSIGNED and RUNNING) as each pass needs them, read cheaply.
+
+Like scheduler/pending.py: each record is parsed once (its spec and user never change)
+and then refreshed from the few fields the scheduler uses, read for every active job in
+one script call per page together with whether its lease still exists, instead of a full
+record and two more commands per job. A cache: rebuilt from Redis after a restart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+
+import redis
+
+from jobs import keys, scripts
+from jobs.record import GpuAssignment, JobRecord
+from jobs.states import JobState
+
+FIELDS = ("state", "attempt", "node", "gpus", "assigned_at", "started_at", "peak_bytes", "cancel_requested")
+PAGE = 2000
+
+
+@dataclass(frozen=True)
+class Active:
+    record: JobRecord
+    has_lease: bool
+    cancel_requested: bool
+
+
+class ActiveReader:
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._script = client.register_script(scripts.ACTIVE_FIELDS)
+        self._cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
+
+    def read(self) -> list[Active]:
+        ids = sorted(int(i) for i in self.redis.smembers(keys.ACTIVE))
+        width = len(FIELDS) + 1
+        values: dict[int, tuple[str | None, ...]] = {}
+        leases: dict[int, bool] = {}
+        for start in range(0, len(ids), PAGE):
+            page = ids[start : start + PAGE]
+            flat = json.loads(self._script(args=[keys.PREFIX, len(FIELDS), *FIELDS, *page]))
+            for n, job_id in enumerate(page):
+                row = flat[n * width : (n + 1) * width]
+                if row[0]:  # a job whose hash is gone has no state: skip it
+                    values[job_id] = tuple(v or None for v in row[:-1])
+                    leases[job_id] = bool(row[-1])
+        new = [i for i in values if i not in self._cache]
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in new:
+            pipe.hgetall(keys.job(job_id))
+        parsed = {int(raw[b"id"]): JobRecord.from_hash(raw) for raw in pipe.execute() if raw} if new else {}
+        cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
+        out = []
+        for job_id, row in values.items():
+            if job_id in self._cache:
+                seen, record = self._cache[job_id]
+                if row != seen:
+                    record = _refreshed(record, row)
+            elif job_id in parsed:
+                record = _refreshed(parsed[job_id], row)
+            else:
+                continue
+            cache[job_id] = (row, record)
+            out.append(Active(record, leases[job_id], row[-1] == "1"))
+        self._cache = cache
+        return out
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+def _refreshed(record: JobRecord, row: tuple[str | None, ...]) -> JobRecord:
+    state, attempt, node, gpus, assigned_at, started_at, peak, _cancel = row
+    return replace(
+        record,
+        state=JobState(state or record.state.value),
+        attempt=int(attempt or 0),
+        node=node or "",
+        gpus=tuple(GpuAssignment(int(g["index"]), str(g["uuid"])) for g in json.loads(gpus or "[]")),
+        assigned_at=_float(assigned_at),
+        started_at=_float(started_at),
+        peak_bytes={k: int(v) for k, v in json.loads(peak or "{}").items()},
+    )

@@ -1,0 +1,137 @@
+"""Submit: validate, refuse what can never run, and store one job or a whole array atomically.
+
+Admins (uid 0 or a name in [policy] admin_users) may submit on behalf of another user, like
+`sbatch --uid` for root: the job is then that user's for fair share, caps and the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import pwd
+import re
+import time
+from dataclasses import replace
+from typing import Any
+
+import redis
+
+from jobs import keys, scripts
+from jobs.api import ApiError
+from jobs.arrays import parse_array
+from jobs.config import Config
+from jobs.spec import JobSpec, SpecError, validate_spec
+from jobs.states import JobState, Reason
+from jobs.store import JobStore
+from scheduler.accounting import AccountingPolicy, build_accounts
+from scheduler.cluster import read_heartbeats
+from scheduler.feasibility import Feasibility, Shape
+
+_USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+
+
+def is_admin(config: Config, uid: int, user: str) -> bool:
+    return uid == 0 or user in config.policy.admin_users
+
+
+class Submitter:
+    def __init__(self, config: Config, client: redis.Redis, store: JobStore, policy: AccountingPolicy) -> None:
+        self.config = config
+        self.redis = client
+        self.store = store
+        self.policy = policy
+        self._batch = client.register_script(scripts.SUBMIT_BATCH)
+
+    def submit(self, uid: int, user: str, body: Any) -> dict[str, Any]:
+        on_behalf = None
+        if isinstance(body, dict) and "user" in body:
+            body = dict(body)
+            on_behalf = body.pop("user")
+        try:
+            spec = JobSpec.from_json(body)
+        except SpecError as exc:
+            raise ApiError(400, str(exc)) from None
+        if on_behalf is not None:
+            user, uid = self._on_behalf(uid, user, on_behalf)
+        self._check_dependencies(spec)
+        self._check_feasible(spec)
+        if spec.array:
+            ids = self._submit_array(spec, user, uid)
+            return {"id": ids[0], "array_id": ids[0], "ids": ids}
+        return {"id": self.store.submit(spec, user=user, uid=uid)}
+
+    def _on_behalf(self, uid: int, user: str, name: Any) -> tuple[str, int]:
+        if not is_admin(self.config, uid, user):
+            raise ApiError(403, "--user: only admins (root or [policy] admin_users) may submit for another user")
+        if not isinstance(name, str) or not _USER_RE.match(name):
+            raise ApiError(400, "--user: must be a user name (letters, digits, _.-; up to 32)")
+        try:
+            return name, pwd.getpwnam(name).pw_uid  # the job runs as this user
+        except KeyError:
+            raise ApiError(400, f"--user: no user '{name}' on the scheduler's host") from None
+
+    def _check_dependencies(self, spec: JobSpec) -> None:
+        deps = sorted(set(spec.after_ok) | set(spec.after_any))
+        if not deps:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for dep in deps:
+            pipe.exists(keys.job(dep))
+        for dep, exists in zip(deps, pipe.execute(), strict=True):
+            if not exists:
+                flag = "--after" if dep in spec.after_ok else "--after-any"
+                raise ApiError(400, f"{flag}: no job {dep}")
+
+    def _check_feasible(self, spec: JobSpec) -> None:
+        """Refuse what no online node could ever run. With no node online, accept: one may come."""
+        if spec.node and not self.redis.sismember(keys.NODES, spec.node):
+            known = sorted(n.decode() for n in self.redis.smembers(keys.NODES))
+            raise ApiError(400, f"--node: no node named '{spec.node}' (known: {', '.join(known) or 'none yet'})")
+        beats, _down = read_heartbeats(self.redis)
+        if not beats:
+            return
+        accounts = build_accounts(beats, [], self.policy)
+        shape = Shape(spec.gpus, spec.mem_bytes, spec.exclusive, spec.node, spec.gpu_model)
+        why = Feasibility(accounts, self.policy.headroom_bytes).why_never(shape)
+        if why is not None:
+            raise ApiError(400, f"{Reason.INFEASIBLE.value}: {why}")
+
+    def _submit_array(self, spec: JobSpec, user: str, uid: int) -> list[int]:
+        indexes = parse_array(spec.array).indexes
+        limit = self.config.policy.max_array_size
+        if len(indexes) > limit:
+            raise ApiError(400, f"--array: {len(indexes)} tasks; at most {limit} ([policy] max_array_size)")
+        last = int(self.redis.incrby(keys.NEXT_JOB_ID, len(indexes)))
+        first = last - len(indexes) + 1
+        now = time.time()
+        state = JobState.HELD if spec.hold else JobState.PENDING
+        tasks = []
+        for offset, index in enumerate(indexes):
+            env = {
+                **spec.env,
+                "GPULAB_ARRAY_JOB_ID": str(first),
+                "GPULAB_ARRAY_INDEX": str(index),
+                "GPULAB_ARRAY_TASK_COUNT": str(len(indexes)),
+            }
+            task = replace(spec, env=env)
+            if offset == 0:
+                try:
+                    validate_spec(task)
+                except SpecError as exc:
+                    raise ApiError(400, str(exc)) from None
+            tasks.append(
+                {
+                    "id": str(first + offset),
+                    "spec": json.dumps(task.to_json()),
+                    "state": state.value,
+                    "reason": Reason.HELD.value if spec.hold else "",
+                    "user": user,
+                    "uid": str(uid),
+                    "submitted_at": repr(now),
+                    "attempt": "0",
+                    "array_id": str(first),
+                    "array_index": str(index),
+                    "array_size": str(len(indexes)),
+                }
+            )
+        self._batch(keys=[keys.PENDING, keys.WAKE, keys.EVENTS], args=[repr(now), keys.PREFIX, json.dumps(tasks)])
+        return list(range(first, last + 1))

@@ -1,0 +1,122 @@
+"""Fair-share usage in Redis: a hash of per-user decayed usage (byte-seconds) and the time it
+was charged up to (`_at`). Each pass charges every job for the part of its run inside
+(`_at`, now]: active jobs up to now, jobs that finished in the window up to their end.
+So each second of each job is charged exactly once, whichever pass sees it, and a restarted
+scheduler carries on from `_at`. The arithmetic is in scheduler/fairshare.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import redis
+
+from jobs import keys
+from jobs.record import JobRecord
+from scheduler.accounting import Reservation
+from scheduler.fairshare import charge, overlap_s
+
+AT = "_at"
+WRITE_EVERY_S = 1.0  # the table is rewritten at most this often; every pass computes it fresh
+
+
+def charge_bytes(record: JobRecord, reservation: Reservation | None, whole_gpu_bytes: int) -> int:
+    """What a job holds, for fair share: per GPU, its reservation (or request) or its peak."""
+    peak = record.peak_bytes
+    if reservation is not None:
+        return sum(max(held, peak.get(uuid, 0)) for uuid, held in reservation.gpus.items())
+    spec = record.spec
+    per_gpu = whole_gpu_bytes if spec.whole_gpu else (spec.mem_bytes or 0)
+    return max(spec.gpus * per_gpu, sum(peak.values()))
+
+
+def _ended_charge(values: list[bytes | None], whole_gpu_bytes: int) -> tuple[str, float | None, float | None, int]:
+    user, assigned, started, ended, peak, spec_json = (v.decode() if v is not None else "" for v in values)
+    spec = json.loads(spec_json) if spec_json else {}
+    gpus = int(spec.get("gpus", 1))
+    whole = spec.get("mem_bytes") is None or bool(spec.get("exclusive"))
+    per_gpu = whole_gpu_bytes if whole else int(spec["mem_bytes"])
+    peak_total = sum(int(v) for v in json.loads(peak).values()) if peak else 0
+    start = float(assigned) if assigned else (float(started) if started else None)
+    return user, start, float(ended) if ended else None, max(gpus * per_gpu, peak_total)
+
+
+def run_start(record: JobRecord) -> float | None:
+    """When the job took its GPUs: assignment (memory is promised from then on)."""
+    return record.assigned_at if record.assigned_at is not None else record.started_at
+
+
+class UsageTracker:
+    def __init__(self, client: redis.Redis, half_life_s: float) -> None:
+        self.redis = client
+        self.half_life_s = half_life_s
+        self._ended_window: float | None = None
+        self._ended: dict[int, tuple[str, float | None, float | None, int]] = {}
+
+    def read(self) -> tuple[dict[str, float], float | None]:
+        raw = {k.decode(): float(v) for k, v in self.redis.hgetall(keys.FAIRSHARE).items()}
+        last_at = raw.pop(AT, None)
+        return raw, last_at
+
+    def update(
+        self,
+        now: float,
+        active: list[JobRecord],
+        ledger: dict[int, Reservation],
+        whole_gpu_bytes: int,
+        *,
+        store: bool = True,
+    ) -> dict[str, float]:
+        """Usage as of `now` (for this pass's priorities); stored when a second or more has
+        passed. `store=False` only computes it (the API's view of what the scheduler sees)."""
+        usage, last_at = self.read()
+        if last_at is None:
+            if store:
+                self.redis.hset(keys.FAIRSHARE, AT, repr(now))
+            return usage
+        if now <= last_at:
+            return usage
+        charges: dict[str, float] = defaultdict(float)
+        for record in active:
+            seconds = overlap_s(run_start(record), now, last_at, now)
+            if seconds > 0:
+                charges[record.user] += seconds * charge_bytes(record, ledger.get(record.id), whole_gpu_bytes)
+        for user, start, end, held in self._ended_since(last_at, whole_gpu_bytes):
+            seconds = overlap_s(start, end or now, last_at, now)
+            if seconds > 0:
+                charges[user] += seconds * held
+        updated = charge(usage, last_at, now, charges, self.half_life_s)
+        if store and now - last_at >= WRITE_EVERY_S:
+            self._store(updated, last_at, now)
+        return updated
+
+    def _ended_since(self, last_at: float, whole_gpu_bytes: int) -> list[tuple[str, float | None, float | None, int]]:
+        """(user, start, end, bytes) of the jobs that ended after `last_at`. A finished job's
+        record no longer changes, so each is read once while its window is open."""
+        if self._ended_window != last_at:
+            self._ended_window, self._ended = last_at, {}
+        ids = [int(i) for i in self.redis.zrangebyscore(keys.FINISHED, f"({last_at!r}", "+inf")]
+        new = [i for i in ids if i not in self._ended]
+        if new:
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in new:
+                pipe.hmget(keys.job(job_id), "user", "assigned_at", "started_at", "ended_at", "peak_bytes", "spec")
+            for job_id, values in zip(new, pipe.execute(), strict=True):
+                if values[0] is not None:
+                    self._ended[job_id] = _ended_charge(values, whole_gpu_bytes)
+        return [self._ended[i] for i in ids if i in self._ended]
+
+    def _store(self, usage: dict[str, float], last_at: float, now: float) -> None:
+        with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(keys.FAIRSHARE)
+                current = pipe.hget(keys.FAIRSHARE, AT)
+                if current is None or float(current) != last_at:
+                    return  # another scheduler charged this window meanwhile
+                pipe.multi()
+                pipe.delete(keys.FAIRSHARE)
+                pipe.hset(keys.FAIRSHARE, mapping={**{u: repr(v) for u, v in usage.items()}, AT: repr(now)})
+                pipe.execute()
+            except redis.WatchError:
+                pass

@@ -1,0 +1,58 @@
+"""Fair-share usage in Redis: each second of each job is charged once, across passes."""
+
+from __future__ import annotations
+
+import redis
+
+from jobs import keys
+from jobs.spec import JobSpec
+from jobs.states import JobState
+from jobs.store import JobStore, Transition
+from scheduler.accounting import Reservation
+from scheduler.usage import UsageTracker
+
+GIB = 2**30
+T0 = 1_700_000_000.0
+
+
+def _job(store: JobStore, user: str, assigned_at: float) -> int:
+    job_id = store.submit(JobSpec(command=("true",), cwd="/", mem_bytes=10 * GIB), user=user, uid=0)
+    store.transition(
+        Transition(job_id, JobState.ASSIGNED, {"assigned_at": assigned_at, "node": "n1"},
+                   reservation={"node": "n1", "gpus": {"GPU-0": 10 * GIB}})
+    )  # fmt: skip
+    store.transition(Transition(job_id, JobState.RUNNING, {"started_at": assigned_at + 1}))
+    return job_id
+
+
+def test_usage_is_charged_once_per_second_across_passes(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    tracker = UsageTracker(redis_client, half_life_s=0)  # no decay: exact arithmetic
+    assert tracker.update(T0 - 10, [], {}, 0) == {}  # the first pass only starts the clock
+    done = _job(store, "ann", T0)
+    store.transition(Transition(done, JobState.COMPLETED, {"ended_at": T0 + 100}))
+    usage = tracker.update(T0 + 200, [], {}, 0)
+    assert usage == {"ann": 10 * GIB * 100}  # assigned to ended, though it ended between passes
+    assert tracker.update(T0 + 300, [], {}, 0) == {"ann": 10 * GIB * 100}  # not charged twice
+
+    running = _job(store, "bob", T0 + 350)
+    record = store.get(running)
+    assert record is not None
+    ledger = {running: Reservation(running, "n1", {"GPU-0": 10 * GIB})}
+    preview = tracker.update(T0 + 400, [record], ledger, 0, store=False)
+    assert preview["bob"] == 10 * GIB * 50  # a running job counts up to now...
+    assert tracker.update(T0 + 400, [record], ledger, 0)["bob"] == 10 * GIB * 50
+    assert float(redis_client.hget(keys.FAIRSHARE, "_at")) == T0 + 400  # ...and is stored
+    assert tracker.update(T0 + 500, [record], ledger, 0)["bob"] == 10 * GIB * 150  # then from there on
+
+
+def test_usage_decays_with_the_half_life(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    day = 86400.0
+    tracker = UsageTracker(redis_client, half_life_s=day)
+    tracker.update(T0 - 1, [], {}, 0)
+    done = _job(store, "ann", T0)
+    store.transition(Transition(done, JobState.COMPLETED, {"ended_at": T0 + 1}))
+    first = tracker.update(T0 + 2, [], {}, 0)["ann"]
+    later = tracker.update(T0 + 2 + day, [], {}, 0)["ann"]
+    assert abs(later - first / 2) < first * 1e-6
