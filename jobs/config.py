@@ -64,7 +64,7 @@ class WorkerConfig:
     simulate_gpus: tuple[str, ...] = ()
     heartbeat_interval_s: float = 1.0
     lease_ttl_s: float = 10.0
-    kill_grace_s: float = 10.0
+    kill_grace_s: float = 30.0  # training jobs checkpoint on SIGTERM before exiting
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ class Stack:
             GPULAB_STATE_DIR=str(self.state_dir),
             GPULAB_REDIS_URL=redis_url,
             GPULAB_CONFIG=str(config_path),
-            PYTHONPATH=str(ROOT),
+            PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
         )
         self.redis = client
         self.store = JobStore(client)

@@ -16,6 +16,7 @@ def test_repository_config_toml_documents_exactly_the_defaults(monkeypatch: pyte
     defaults = Config()
     assert from_file.scheduler == defaults.scheduler
     assert from_file.worker == defaults.worker
+    assert from_file.policy == defaults.policy
     assert (from_file.redis_url, from_file.state_dir) == (defaults.redis_url, defaults.state_dir)
 
 

@@ -155,9 +155,10 @@ def test_one_pass_never_overcommits_and_respects_every_limit(
         assert plan.job_id in result.waiting and result.waiting[plan.job_id].reason.value == "Resources"
 
 
-def _feasible(gpus: list[Gpu], jobs: list[PendingJob]) -> bool:
+def _feasible(gpus: list[Gpu], jobs: list[PendingJob]) -> list[PendingJob]:
+    """The jobs some node could ever run (the others are refused at submit)."""
     feasible = Feasibility(Sim(gpus, PolicyConfig()).accounts(), 0)
-    return all(feasible.why_never(Shape(j.gpus, j.mem_bytes, j.exclusive)) is None for j in jobs)
+    return [j for j in jobs if feasible.why_never(Shape(j.gpus, j.mem_bytes, j.exclusive)) is None]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -165,8 +166,9 @@ def _feasible(gpus: list[Gpu], jobs: list[PendingJob]) -> bool:
 def test_the_reserved_head_job_starts_no_later_than_without_backfill(
     gpus: list[Gpu], jobs: list[PendingJob], max_reservations: int
 ) -> None:
-    assume(_feasible(gpus, jobs))
-    jobs = [j.__class__(**{**j.__dict__, "submitted_at": 0.0}) for j in jobs]
+    # Drop what could never run rather than discard the example: far less filtering.
+    jobs = [j.__class__(**{**j.__dict__, "submitted_at": 0.0}) for j in _feasible(gpus, jobs)]
+    assume(jobs)
     # Order by --priority alone (fair share and age would reorder as the schedules differ).
     config = PolicyConfig(weight_fairshare=0, weight_age=0, reserve_after_s=0, max_reservations=max_reservations)
     with_backfill = simulate(gpus, jobs, config)
