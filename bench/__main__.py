@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import footprint, latency
+from bench import footprint, latency, training_overhead
 from bench.replay import run as replay
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
     latency.add_arguments(sub.add_parser("latency", help="submit -> start latency on a real stack"))
     replay.add_arguments(sub.add_parser("replay", help="trace replay through place() and baselines"))
     footprint.add_arguments(sub.add_parser("footprint", help="daemons' idle CPU/RSS; Redis bytes per job"))
+    training_overhead.add_arguments(sub.add_parser("training", help="training loop under gpulab vs bare"))
     return p
 
 
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         save("latency", latency.run(args))
     elif args.command == "footprint":
         save("footprint", footprint.run(args))
+    elif args.command == "training":
+        save("training_overhead", training_overhead.run(args))
     elif args.command == "replay":
         replay.run(args)
     else:

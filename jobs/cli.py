@@ -21,6 +21,7 @@ from jobs.api import ApiError
 from jobs.cli_policy import node_group, policy_options, spec_fields
 from jobs.client import ApiClient, DaemonUnreachable
 from jobs.config import Config, ConfigError, load_config
+from jobs.env_capture import captured_env
 from jobs.spec import JobSpec, SpecError, parse_mem, parse_time_limit, validate_spec
 
 EXIT_USAGE = 2
@@ -60,7 +61,9 @@ class Context:
         except DaemonUnreachable as exc:
             fail(str(exc), 1)
         except ApiError as exc:
-            fail(exc.message, EXIT_USAGE if exc.status in (400, 404, 409, 413) else 1)
+            # Bad input or a refused request (including a per-user limit, 429): exit 2.
+            # Permission denied (403: not the job's owner nor an admin) and daemon trouble: exit 1.
+            fail(exc.message, EXIT_USAGE if exc.status in (400, 404, 409, 413, 429) else 1)
 
 
 pass_ctx = click.make_pass_decorator(Context, ensure=True)
@@ -78,15 +81,17 @@ def main() -> None:
 def build_spec(
     command: tuple[str, ...], gpus: int, mem: str | None, name: str | None, priority: int,
     time_limit: str | None, hold: bool, requeue: bool, kind: str, policy: dict[str, Any] | None = None,
+    export: str | None = None, env_file: str | None = None,
 ) -> JobSpec:  # fmt: skip
     try:
+        env = captured_env(os.environ, NOT_CAPTURED, export=export, env_file=env_file)
         spec = JobSpec(
             command=command,
             cwd=os.getcwd(),
             gpus=gpus,
             mem_bytes=parse_mem(mem) if mem is not None else None,
             name=name or "",
-            env={k: v for k, v in os.environ.items() if k not in NOT_CAPTURED},
+            env=env,
             time_limit_s=parse_time_limit(time_limit) if time_limit is not None else None,
             priority=priority,
             requeue=requeue,
@@ -132,18 +137,23 @@ def _submit(ctx: Context, spec: JobSpec, as_json: bool, as_user: str | None = No
 @policy_options
 @click.option("--requeue/--no-requeue", default=None, help="Run again after a node loss (default: on for --train).")
 @click.option("--train", "factory", help="Run the built-in training loop with this factory (module:func or file.py).")
+@click.option("--export", help="Pass only these variables (NAME,NAME; plus PATH/HOME/USER/LANG), or ALL, or NONE.")
+@click.option("--env-file", help="Add KEY=VALUE lines from this file to the job's environment (values never shown).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
 def submit(
     ctx: Context, command: tuple[str, ...], gpus: int, mem: str | None, name: str | None, priority: int,
-    time_limit: str | None, hold: bool, as_json: bool, requeue: bool | None, factory: str | None, **policy: Any,
+    time_limit: str | None, hold: bool, as_json: bool, requeue: bool | None, factory: str | None,
+    export: str | None, env_file: str | None, **policy: Any,
 ) -> None:  # fmt: skip
     """Queue a job: gpulab submit [OPTIONS] -- PROGRAM ARGS..."""
     kind = "command"
     if factory:
         command = (sys.executable, "-m", "worker.training", factory, "--", *command)
         kind = "training"
-    spec = build_spec(command, gpus, mem, name, priority, time_limit, hold, _requeue(requeue, kind), kind, policy)
+    spec = build_spec(
+        command, gpus, mem, name, priority, time_limit, hold, _requeue(requeue, kind), kind, policy, export, env_file
+    )
     _submit(ctx, spec, as_json, policy.get("as_user"))
 
 
@@ -153,6 +163,7 @@ def _requeue(flag: bool | None, kind: str) -> bool:
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @submit_options
+@policy_options
 @click.option("--epochs", type=int, help="Epochs to train.")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), help="Mixed precision.")
@@ -164,7 +175,7 @@ def _requeue(flag: bool | None, kind: str) -> bool:
 def train(
     ctx: Context, factory: str, factory_args: tuple[str, ...], gpus: int, mem: str | None, name: str | None,
     priority: int, time_limit: str | None, hold: bool, as_json: bool, epochs: int | None, seed: int | None,
-    amp: str | None, requeue: bool, checkpoint_steps: int | None,
+    amp: str | None, requeue: bool, checkpoint_steps: int | None, **policy: Any,
 ) -> None:  # fmt: skip
     """Train with the built-in loop: gpulab train examples/digits.py --mem 4GiB --epochs 20"""
     loop_args: list[str] = []
@@ -178,10 +189,9 @@ def train(
             fail(f"train: no such file: {path}", EXIT_USAGE)
         factory = str(Path(path).resolve()) + (f":{func}" if func else "")
     command = (sys.executable, "-m", "worker.training", factory, *loop_args, "--", *factory_args)
-    spec = build_spec(
-        command, gpus, mem, name or Path(factory.split(":")[0]).stem, priority, time_limit, hold, requeue, "training"
-    )
-    _submit(ctx, spec, as_json)
+    stem = Path(factory.split(":")[0]).stem
+    spec = build_spec(command, gpus, mem, name or stem, priority, time_limit, hold, requeue, "training", policy)
+    _submit(ctx, spec, as_json, policy.get("as_user"))
 
 
 @main.command(name="queue")
@@ -334,7 +344,7 @@ def scheduler(ctx: Context, verbose: bool) -> None:
     _daemon_logging(verbose)
     try:
         sys.exit(run_scheduler(ctx.config))
-    except RedisUnavailable as exc:
+    except (RedisUnavailable, ConfigError) as exc:
         fail(str(exc))
 
 
@@ -352,7 +362,7 @@ def worker(ctx: Context, name: str | None, sim_gpus: str | None, verbose: bool) 
     _daemon_logging(verbose)
     try:
         sys.exit(run_worker(ctx.config, name, _sim_gpus(sim_gpus)))
-    except (RedisUnavailable, NodeNameTaken) as exc:
+    except (RedisUnavailable, NodeNameTaken, ConfigError) as exc:
         fail(str(exc))
 
 
@@ -366,6 +376,11 @@ def up(ctx: Context, sim_gpus: str | None, name: str | None) -> None:
 
     _sim_gpus(sim_gpus)  # validate before starting anything
     sys.exit(run_stack(ctx.config, sim_gpus=sim_gpus, name=name))
+
+
+from jobs.cli_ops import register as _register_ops  # noqa: E402
+
+_register_ops(main, Context)
 
 
 def run() -> None:

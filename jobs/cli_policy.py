@@ -10,7 +10,7 @@ import click
 from jobs.api import node_path
 from jobs.spec import SpecError
 
-POLICY_OPTIONS = ("after", "after_any", "array", "exclusive", "node", "gpu_model", "as_user")
+POLICY_OPTIONS = ("after", "after_any", "array", "exclusive", "node", "gpu_model", "as_user", "oom_retry")
 
 
 def _ids(flag: str, values: tuple[str, ...]) -> tuple[int, ...]:
@@ -32,6 +32,13 @@ def policy_options(fn: Any) -> Any:
         click.option("--node", metavar="NAME", help="Run only on this node."),
         click.option("--gpu-model", metavar="MODEL", help="GPU name must contain MODEL (A100, 'RTX 4090')."),
         click.option("--user", "as_user", metavar="NAME", help="Admins: submit on behalf of NAME."),
+        click.option(
+            "--oom-retry",
+            type=int,
+            default=0,
+            metavar="N",
+            help="After a CUDA OOM: rerun with 1.25x its peak, up to N times.",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -47,6 +54,7 @@ def spec_fields(policy: dict[str, Any]) -> dict[str, Any]:
         "exclusive": bool(policy.get("exclusive")),
         "node": policy.get("node") or "",
         "gpu_model": policy.get("gpu_model") or "",
+        "oom_retry": int(policy.get("oom_retry") or 0),
     }
 
 

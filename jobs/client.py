@@ -81,3 +81,7 @@ class ApiClient:
 
     def gpus(self) -> dict[str, Any]:
         return dict(self.request("GET", api.gpus_path()))
+
+    def history(self, **query: Any) -> list[dict[str, Any]]:
+        params = urlencode({k: v for k, v in query.items() if v not in (None, "")})
+        return list(self.request("GET", f"{api.API_PREFIX}/history" + (f"?{params}" if params else ""))["jobs"])

@@ -31,6 +31,8 @@ class SchedulerConfig:
     assign_timeout_s: float = 30.0
     max_pending_per_user: int = 10_000
     max_requeues: int = 5
+    metrics_port: int = 0  # Prometheus /metrics + status page on this TCP port; 0 = off
+    metrics_bind: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class WorkerConfig:
 @dataclass(frozen=True)
 class Config:
     redis_url: str = ""  # "" -> embedded redis on a unix socket in the state dir
+    redis_password_file: str = ""  # a file holding the Redis password (never on a command line)
     state_dir: Path = field(default_factory=lambda: default_state_dir())
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -83,6 +86,19 @@ class Config:
     @property
     def effective_redis_url(self) -> str:
         return self.redis_url or f"unix://{self.state_dir / 'redis.sock'}"
+
+    def redis_password(self) -> str | None:
+        """$GPULAB_REDIS_PASSWORD, else the contents of [redis] password_file, else none."""
+        if os.environ.get("GPULAB_REDIS_PASSWORD"):
+            return os.environ["GPULAB_REDIS_PASSWORD"]
+        if not self.redis_password_file:
+            return None
+        try:
+            return Path(self.redis_password_file).read_text().strip() or None
+        except OSError as exc:
+            raise ConfigError(
+                f"[redis] password_file: cannot read {self.redis_password_file}: {exc.strerror}"
+            ) from None
 
     @property
     def log_dir(self) -> Path:
@@ -149,6 +165,8 @@ def load_config(path: Path | None = None) -> Config:
         config = replace(config, redis_url=os.environ["GPULAB_REDIS_URL"])
     if os.environ.get("GPULAB_STATE_DIR"):
         config = replace(config, state_dir=Path(os.environ["GPULAB_STATE_DIR"]))
+    if os.environ.get("GPULAB_REDIS_PASSWORD_FILE"):
+        config = replace(config, redis_password_file=os.environ["GPULAB_REDIS_PASSWORD_FILE"])
     return config
 
 
@@ -157,9 +175,11 @@ def _from_toml(data: dict[str, Any], where: str) -> Config:
     if unknown:
         raise ConfigError(f"{where}: unknown section [{sorted(unknown)[0]}]")
     redis_url = str(data.get("redis", {}).get("url", ""))
+    password_file = str(data.get("redis", {}).get("password_file", ""))
     state_dir = str(data.get("paths", {}).get("state_dir", ""))
     return Config(
         redis_url=redis_url,
+        redis_password_file=str(Path(password_file).expanduser()) if password_file else "",
         state_dir=Path(state_dir).expanduser() if state_dir else default_state_dir(),
         scheduler=_section(SchedulerConfig, data.get("scheduler", {}), f"{where} [scheduler]"),
         worker=_section(WorkerConfig, data.get("worker", {}), f"{where} [worker]"),

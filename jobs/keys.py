@@ -29,6 +29,11 @@ def job_events(job_id: int | str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
 
 
+def waiting(user: str) -> str:
+    """Set of the user's PENDING/HELD job ids (kept by the Lua scripts; max_pending_per_user)."""
+    return f"{PREFIX}:waiting:{user}"
+
+
 def lease(job_id: int | str) -> str:
     return f"{PREFIX}:lease:{job_id}"
 

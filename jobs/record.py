@@ -32,6 +32,7 @@ class JobRecord:
     node: str = ""
     gpus: tuple[GpuAssignment, ...] = ()
     attempt: int = 0
+    oom_retries: int = 0
     exit_code: int | None = None
     pid: int | None = None
     peak_bytes: dict[str, int] = field(default_factory=dict)
@@ -73,6 +74,7 @@ class JobRecord:
             node=h.get("node", ""),
             gpus=gpus,
             attempt=int(h.get("attempt", "0")),
+            oom_retries=int(h.get("oom_retries", "0")),
             exit_code=_int(h.get("exit_code")),
             pid=_int(h.get("pid")),
             peak_bytes={k: int(v) for k, v in json.loads(h.get("peak_bytes") or "{}").items()},
@@ -108,6 +110,7 @@ class JobRecord:
             "node": self.node,
             "gpus": [{"index": g.index, "uuid": g.uuid} for g in self.gpus],
             "attempt": self.attempt,
+            "oom_retries": self.oom_retries,
             "exit_code": self.exit_code,
             "pid": self.pid,
             "peak_bytes": self.peak_bytes,

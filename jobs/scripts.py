@@ -8,11 +8,15 @@ scheduler - all or nothing.
 
 SUBMIT = """
 -- KEYS: next_id, pending, wake, events
--- ARGV: job fields JSON (without id), now, key prefix
+-- ARGV: job fields JSON (without id), now, key prefix, [4 max waiting jobs of this user]
 -- The job's own keys are named here from the new id (single-instance Redis, not Cluster).
-local id = redis.call('INCR', KEYS[1])
+-- Returns the new id, or -1 (nothing stored) when the user already has ARGV[4] waiting jobs.
 local fields = cjson.decode(ARGV[1])
+local waiting = ARGV[3] .. ':waiting:' .. fields['user']
+if ARGV[4] and ARGV[4] ~= '' and redis.call('SCARD', waiting) >= tonumber(ARGV[4]) then return -1 end
+local id = redis.call('INCR', KEYS[1])
 local job_key = ARGV[3] .. ':job:' .. id
+redis.call('SADD', waiting, id)
 redis.call('HSET', job_key, 'id', id)
 for k, v in pairs(fields) do redis.call('HSET', job_key, k, v) end
 redis.call('ZADD', KEYS[2], id, id)
@@ -39,6 +43,10 @@ if ARGV[10] ~= '' and redis.call('HGET', KEYS[1], ARGV[10]) ~= ARGV[11] then ret
 local target = ARGV[3]
 local id = ARGV[1]
 redis.call('HSET', KEYS[1], 'state', target)
+-- Per-user set of waiting (PENDING/HELD) job ids: what [scheduler] max_pending_per_user counts.
+local waiting = string.match(KEYS[1], '^(.*):job:[^:]*$') .. ':waiting:' .. (redis.call('HGET', KEYS[1], 'user') or '')
+if target == 'PENDING' or target == 'HELD' then redis.call('SADD', waiting, id)
+else redis.call('SREM', waiting, id) end
 local fields = cjson.decode(ARGV[5])
 for k, v in pairs(fields) do
   if v == '' then redis.call('HDEL', KEYS[1], k) else redis.call('HSET', KEYS[1], k, v) end
@@ -97,10 +105,16 @@ SUBMIT_BATCH = """
 -- KEYS: pending, wake, events
 -- ARGV: 1 now, 2 key prefix, 3 JSON list of job field objects (string values), each with its
 --       'id' (reserved beforehand with INCRBY, so the caller knows every id). All or nothing:
---       an array's tasks appear together.
+--       an array's tasks appear together. 4 (optional) max waiting jobs per user: returns -1
+--       and stores nothing when the tasks would take their user past it.
 local jobs = cjson.decode(ARGV[3])
+if #jobs > 0 and ARGV[4] and ARGV[4] ~= '' then
+  local waiting = ARGV[2] .. ':waiting:' .. jobs[1]['user']
+  if redis.call('SCARD', waiting) + #jobs > tonumber(ARGV[4]) then return -1 end
+end
 for _, fields in ipairs(jobs) do
   local id = fields['id']
+  redis.call('SADD', ARGV[2] .. ':waiting:' .. fields['user'], id)
   local job_key = ARGV[2] .. ':job:' .. id
   local args = {}
   for k, v in pairs(fields) do

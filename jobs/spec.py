@@ -19,6 +19,7 @@ MAX_ENV_BYTES = 256 * 1024
 MAX_NAME = 128
 MAX_PRIORITY = 10_000
 MAX_TIME_LIMIT_S = 365 * 86400
+MAX_OOM_RETRY = 10
 MAX_DEPENDENCIES = 100
 MAX_JOB_ID = 2**53
 KINDS = ("command", "training")
@@ -54,6 +55,7 @@ class JobSpec:
     exclusive: bool = False  # whole GPUs, whatever --mem says
     node: str = ""  # --node: only this node
     gpu_model: str = ""  # --gpu-model: GPU name contains this (case-insensitive)
+    oom_retry: int = 0  # --oom-retry N: after a CUDA OOM, run again with more memory, N times
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -102,6 +104,7 @@ class JobSpec:
             exclusive=_typed(data, "exclusive", bool, False),
             node=_typed(data, "node", str, ""),
             gpu_model=_typed(data, "gpu_model", str, ""),
+            oom_retry=_typed(data, "oom_retry", int, 0),
         )
         validate_spec(spec)
         return spec
@@ -142,6 +145,8 @@ def _number_or_none(data: dict[str, Any], key: str) -> float | None:
 
 def validate_spec(spec: JobSpec) -> None:
     """Raise SpecError for the first mistake; return None when the spec is acceptable."""
+    if not 0 <= spec.oom_retry <= MAX_OOM_RETRY:
+        raise SpecError("--oom-retry", f"must be between 0 and {MAX_OOM_RETRY}")
     if not spec.command or not spec.command[0]:
         raise SpecError("command", "is empty; give the program after '--', e.g. gpulab submit -- python train.py")
     if sum(len(a.encode()) + 1 for a in spec.command) > MAX_ARGV_BYTES:

@@ -30,6 +30,10 @@ class TransitionRefused(RuntimeError):
         self.current = current
 
 
+class TooManyWaiting(RuntimeError):
+    """The user already has `max_pending_per_user` PENDING/HELD jobs; nothing was stored."""
+
+
 @dataclass(frozen=True)
 class Transition:
     """One requested state change; see `JobStore.transition_args`."""
@@ -56,7 +60,7 @@ class JobStore:
         self._renew = client.register_script(scripts.RENEW_LEASES)
 
     # ---- writes -------------------------------------------------------------------------
-    def submit(self, spec: JobSpec, *, user: str, uid: int) -> int:
+    def submit(self, spec: JobSpec, *, user: str, uid: int, max_waiting: int | None = None) -> int:
         now = time.time()
         state = JobState.HELD if spec.hold else JobState.PENDING
         fields = {
@@ -70,8 +74,10 @@ class JobStore:
         }
         job_id = self._submit(
             keys=[keys.NEXT_JOB_ID, keys.PENDING, keys.WAKE, keys.EVENTS],
-            args=[json.dumps(fields), repr(now), keys.PREFIX],
+            args=[json.dumps(fields), repr(now), keys.PREFIX, "" if max_waiting is None else str(max_waiting)],
         )
+        if int(job_id) < 0:
+            raise TooManyWaiting(user)
         return int(job_id)
 
     def transition_args(self, t: Transition) -> tuple[list[str], list[str]]:

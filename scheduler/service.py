@@ -64,13 +64,15 @@ class SchedulerService:
         return view
 
     def cancel(self, caller: Caller, job_id: int) -> dict[str, Any]:
-        record = self._get(job_id)
+        record = self._owned(caller, job_id, "cancel it")
         if record.is_final:
             return {"id": job_id, "state": record.state.value, "note": "already finished"}
         if record.state == JobState.RUNNING:
             # The worker owns the process: ask it to stop the whole tree; it records CANCELLED.
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(keys.job(job_id), "cancel_requested", "1")
+            event = {"state": record.state.value, "reason": "", "detail": f"cancel requested by {caller.user}"}
+            pipe.xadd(keys.job_events(job_id), {**event, "at": repr(time.time())})
             pipe.rpush(keys.node_control(record.node), f"cancel {job_id} {record.attempt}")
             pipe.execute()
             return {"id": job_id, "state": "CANCELLING"}
@@ -90,10 +92,12 @@ class SchedulerService:
 
     def hold(self, caller: Caller, job_id: int) -> dict[str, Any]:
         fields = {"reason": Reason.HELD.value, "detail": f"held by {caller.user}"}
+        self._owned(caller, job_id, "hold it")
         return self._move(job_id, JobState.HELD, frozenset({JobState.PENDING}), fields, "hold")
 
     def release(self, caller: Caller, job_id: int) -> dict[str, Any]:
         fields = {"reason": "", "detail": f"released by {caller.user}"}
+        self._owned(caller, job_id, "release it")
         return self._move(job_id, JobState.PENDING, frozenset({JobState.HELD}), fields, "release")
 
     def _move(self, job_id: int, target: JobState, expect: frozenset[JobState], fields: dict, verb: str) -> dict:
@@ -105,7 +109,7 @@ class SchedulerService:
         return {"id": job_id, "state": target.value}
 
     def log(self, caller: Caller, job_id: int, offset: int) -> dict[str, Any]:
-        record = self._get(job_id)
+        record = self._owned(caller, job_id, "read its log")
         data = b""
         if record.log_path:
             try:
@@ -195,5 +199,15 @@ class SchedulerService:
             raise ApiError(404, f"no job {job_id}")
         return record
 
+    def _may(self, caller: Caller, record: JobRecord) -> bool:
+        """The job's owner and admins may act on it and see its command, environment and log."""
+        return caller.uid == record.uid or is_admin(self.config, caller.uid, caller.user)
+
+    def _owned(self, caller: Caller, job_id: int, verb: str) -> JobRecord:
+        record = self._get(job_id)
+        if not self._may(caller, record):
+            raise ApiError(403, f"job {job_id} belongs to {record.user}; only its owner or an admin may {verb}")
+        return record
+
     def _view(self, caller: Caller, record: JobRecord) -> dict[str, Any]:
-        return record.to_json(private=caller.uid in (0, record.uid))
+        return record.to_json(private=self._may(caller, record))

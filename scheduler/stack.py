@@ -8,6 +8,7 @@ reverse order on Ctrl-C / SIGTERM.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,6 +20,17 @@ from jobs.config import Config
 from scheduler.redis_server import RedisServer, RedisServerError, is_local, reachable
 
 READY_TIMEOUT_S = 60.0
+
+
+def embedded_password(state_dir: Path) -> Path:
+    """The embedded Redis' password in `<state_dir>/redis.password` (0600), made once."""
+    path = state_dir / "redis.password"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    path.chmod(0o600)
+    return path
 
 
 def _nvml_has_gpus() -> bool:
@@ -69,11 +81,19 @@ def run_stack(config: Config, *, sim_gpus: str | None, name: str | None) -> int:
                 return 1
             unix_socket = Path(url.removeprefix("unix://")) if url.startswith("unix://") else None
             port = 0 if unix_socket else int(url.rsplit(":", 1)[1].split("/")[0])
-            redis_server = RedisServer(config.state_dir / "redis", unix_socket=unix_socket, port=port)
+            password_file = embedded_password(config.state_dir)
+            config = replace(config, redis_password_file=str(password_file))
+            redis_server = RedisServer(
+                config.state_dir / "redis", unix_socket=unix_socket, port=port, password=config.redis_password()
+            )
             redis_server.start()
             print(f"gpulab: started redis-server ({redis_server.url}, AOF everysec, noeviction)", flush=True)
         config = replace(config, redis_url=url)
         env = dict(os.environ, GPULAB_REDIS_URL=url, GPULAB_STATE_DIR=str(config.state_dir))
+        if config.redis_password_file:  # the daemons read the password from the file, not argv
+            env["GPULAB_REDIS_PASSWORD_FILE"] = config.redis_password_file
+        elif (config.state_dir / "redis.password").exists() and is_local(url):
+            env["GPULAB_REDIS_PASSWORD_FILE"] = str(config.state_dir / "redis.password")
         if sim_gpus is None and not config.worker.simulate_gpus and not _nvml_has_gpus():
             sim_gpus = "2x24GiB"
             print("gpulab: no NVIDIA GPU found; simulating 2x24GiB", flush=True)

@@ -21,7 +21,7 @@ from jobs.arrays import parse_array
 from jobs.config import Config
 from jobs.spec import JobSpec, SpecError, validate_spec
 from jobs.states import JobState, Reason
-from jobs.store import JobStore
+from jobs.store import JobStore, TooManyWaiting
 from scheduler.accounting import AccountingPolicy, build_accounts
 from scheduler.cluster import read_heartbeats
 from scheduler.feasibility import Feasibility, Shape
@@ -57,7 +57,19 @@ class Submitter:
         if spec.array:
             ids = self._submit_array(spec, user, uid)
             return {"id": ids[0], "array_id": ids[0], "ids": ids}
-        return {"id": self.store.submit(spec, user=user, uid=uid)}
+        limit = self.config.scheduler.max_pending_per_user
+        try:
+            return {"id": self.store.submit(spec, user=user, uid=uid, max_waiting=limit)}
+        except TooManyWaiting:
+            raise self._too_many(user, 1) from None
+
+    def _too_many(self, user: str, adding: int) -> ApiError:
+        limit = self.config.scheduler.max_pending_per_user
+        return ApiError(
+            429,
+            f"{user} already has {int(self.redis.scard(keys.waiting(user)))} waiting jobs; adding {adding} would pass "
+            f"the limit of {limit} ([scheduler] max_pending_per_user); wait for some to start or cancel some",
+        )
 
     def _on_behalf(self, uid: int, user: str, name: Any) -> tuple[str, int]:
         if not is_admin(self.config, uid, user):
@@ -133,5 +145,10 @@ class Submitter:
                     "array_size": str(len(indexes)),
                 }
             )
-        self._batch(keys=[keys.PENDING, keys.WAKE, keys.EVENTS], args=[repr(now), keys.PREFIX, json.dumps(tasks)])
+        limit = self.config.scheduler.max_pending_per_user
+        stored = self._batch(
+            keys=[keys.PENDING, keys.WAKE, keys.EVENTS], args=[repr(now), keys.PREFIX, json.dumps(tasks), str(limit)]
+        )
+        if int(stored) < 0:
+            raise self._too_many(user, len(tasks))
         return list(range(first, last + 1))

@@ -36,7 +36,7 @@ def run_worker(config: Config, name: str | None = None, sim_gpus: list[int] | No
         from worker.sim_probe import parse_sim_gpus
 
         sim_gpus = parse_sim_gpus(list(config.worker.simulate_gpus))
-    client = connect_redis(config.effective_redis_url, f"worker {node}")
+    client = connect_redis(config.effective_redis_url, f"worker {node}", config.redis_password())
     probe, simulated = make_probe(config, node, sim_gpus)
     daemon = WorkerDaemon(config, client, probe, node, simulated=simulated)
     daemon.start()

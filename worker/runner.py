@@ -19,7 +19,7 @@ from typing import Any
 
 from jobs.config import Config
 from jobs.record import JobRecord
-from jobs.sizes import format_size
+from jobs.sizes import MiB, format_size
 from jobs.states import FINAL_STATES, JobState, Reason
 from jobs.store import JobStore, Transition, TransitionRefused
 from worker.identity import IdentityError, resolve_run_as
@@ -28,6 +28,7 @@ from worker.process_tree import kill_group, signal_tree
 
 log = logging.getLogger("gpulab.worker")
 LOG_TAIL_BYTES = 64 * 1024
+OOM_RETRY_GROWTH = 1.25
 
 
 class LaunchError(RuntimeError):
@@ -260,7 +261,12 @@ class JobRunner:
         }
         if status is not None:
             fields["status"] = status
-        target, outcome = self._requeue_or_final(outcome)
+        retry = self._oom_retry(outcome, status)
+        if retry is not None:
+            target, outcome = JobState.PENDING, retry[0]
+            fields.update(retry[1])
+        else:
+            target, outcome = self._requeue_or_final(outcome)
         fields.update({"reason": outcome.reason.value, "detail": outcome.detail})
         if target in (JobState.PENDING, JobState.HELD):
             fields.update({"node": "", "gpus": "", "pid": ""})
@@ -290,6 +296,20 @@ class JobRunner:
             self.store.transition(replace(late, detail=f"{ending.detail} (finished as its lease lapsed)"))
         except TransitionRefused as exc:
             log.warning("worker: job %s finished after it was dispatched again (%s)", self.job_id, exc)
+
+    def _oom_retry(self, outcome: Outcome, status: dict[str, Any] | None) -> tuple[Outcome, dict[str, Any]] | None:
+        """`--oom-retry N`: after a CUDA OOM, queue the job again asking for 1.25x the most it
+        was seen to hold (NVML by process tree, or torch's own peak), up to N times."""
+        spec = self.record.spec
+        if outcome.reason != Reason.OOM or spec.mem_bytes is None or self.record.oom_retries >= spec.oom_retry:
+            return None  # (a whole-GPU job already had all there is)
+        seen = max([*self.peak.values(), int((status or {}).get("peak_bytes") or 0), spec.mem_bytes or 0])
+        raised = -(-int(seen * OOM_RETRY_GROWTH) // MiB) * MiB  # round up to whole MiB
+        retries = self.record.oom_retries + 1
+        detail = f"CUDA out of memory; retry {retries}/{spec.oom_retry} with --mem {format_size(raised)}"
+        new_spec = replace(spec, mem_bytes=raised)
+        fields = {"spec": new_spec.to_json(), "oom_retries": retries, "node": "", "gpus": "", "pid": ""}
+        return Outcome(JobState.PENDING, Reason.REQUEUED, detail, outcome.exit_code), fields
 
     def _requeue_or_final(self, outcome: Outcome) -> tuple[JobState, Outcome]:
         """A job that died of a signal, or whose node or GPU went away, runs again if it asked to."""

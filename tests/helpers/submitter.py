@@ -1,6 +1,6 @@
 """Submit N jobs through the API as fast as possible; print their ids, one per line.
 
-    python -m tests.helpers.submitter SOCKET N
+python -m tests.helpers.submitter SOCKET N
 """
 
 from __future__ import annotations

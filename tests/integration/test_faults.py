@@ -165,3 +165,38 @@ def test_job_that_finished_as_its_lease_expired_is_not_run_again(stack: Stack) -
     assert (done.attempt, done.exit_code, done.node) == (1, 0, "n1")
     assert "lease lapsed" in stack.store.history(job_id)[-1]["detail"]
     assert [e["state"] for e in stack.store.history(job_id)].count("RUNNING") == 1
+
+
+@pytest.mark.slow
+def test_job_that_kills_its_worker_every_time_is_held_after_the_requeue_limit(
+    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    config = TEST_CONFIG.replace("[scheduler]\n", "[scheduler]\nmax_requeues = 2\n")
+    stack = Stack(tmp_path, redis_server.url, redis_client, config)
+    try:
+        stack.start_scheduler()
+        killer = "import os, signal; os.kill(os.getppid(), signal.SIGKILL)"  # its parent is the worker
+        job_id = stack.submit("--requeue", "--mem", "1GiB", "--", sys.executable, "-c", killer)
+        for attempt in (1, 2, 3):
+            worker = stack.start_worker()
+            assert worker.proc.wait(timeout=60) == -signal.SIGKILL  # the job took it down
+            stack.daemons.remove(worker)
+            record = stack.wait_for(job_id, lambda r: r.state in (JobState.PENDING, JobState.HELD))
+            assert record.attempt == attempt
+        assert record.state == JobState.HELD and "held after 3 attempts" in record.detail
+    finally:
+        stack.stop()
+
+
+def test_job_using_more_than_its_request_is_flagged_at_once(stack: Stack) -> None:
+    stack.start_scheduler()
+    stack.start_worker()
+    fifo = stack.fifo("greedy")
+    job_id = stack.submit("--mem", "2GiB", *stack.hold_job_args("3GiB", fifo))
+    flagged = stack.wait_for(job_id, lambda r: r.state == JobState.RUNNING)
+    # The warning comes with the worker's next heartbeat (no event of its own): poll `show`.
+    shown = eventually(lambda: (j := json.loads(stack.cli("show", "--json", str(job_id)).stdout))["mem_warning"] and j)
+    assert "3.0GiB" in shown["mem_warning"] and "2.0GiB" in shown["mem_warning"]
+    assert flagged.spec.mem_bytes == 2 * 2**30
+    release(fifo)
+    stack.wait_state(job_id, JobState.COMPLETED)

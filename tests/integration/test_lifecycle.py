@@ -164,3 +164,27 @@ def test_lost_gpu_requeues_its_jobs_and_the_worker_keeps_serving_the_others(stac
     assert (again.gpus[0].index, again.attempt) == (1, 2)
     release(fifos[ids.index(victim)])
     stack.wait_state(victim, JobState.COMPLETED)
+
+
+def test_oom_retry_requeues_with_a_larger_request(stack: Stack) -> None:
+    stack.start_scheduler()
+    stack.start_worker("n1", "1x24GiB")
+    # A job that dies of "CUDA out of memory" the first time and succeeds the second.
+    script = (
+        "import os, sys; a = int(os.environ['GPULAB_ATTEMPT']); "
+        "print('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB') if a == 1 else None; "
+        "sys.exit(1 if a == 1 else 0)"
+    )
+    job_id = stack.submit("--mem", "4GiB", "--oom-retry", "2", "--", sys.executable, "-c", script)
+    done = stack.wait_state(job_id, JobState.COMPLETED)
+    assert (done.attempt, done.oom_retries, done.spec.mem_bytes) == (2, 1, 5 * 2**30)  # 1.25 x 4 GiB
+    assert any("retry 1/2 with --mem 5.0GiB" in e["detail"] for e in stack.store.history(job_id))
+
+
+def test_oom_without_retry_fails_with_reason_oom(stack: Stack) -> None:
+    stack.start_scheduler()
+    stack.start_worker("n1", "1x24GiB")
+    script = "print('RuntimeError: CUDA out of memory.'); raise SystemExit(1)"
+    job_id = stack.submit("--mem", "4GiB", "--", sys.executable, "-c", script)
+    done = stack.wait_state(job_id, JobState.FAILED)
+    assert (done.reason, done.exit_code) == ("OOM", 1)

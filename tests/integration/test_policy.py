@@ -6,45 +6,14 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from jobs.states import JobState
 from tests.conftest import TEST_CONFIG, Stack, release
+from tests.helpers.users import USERS, needs_users
 
 GIB = 2**30
-
-
-USERS = ("gpulab-alice", "gpulab-bob")
-needs_users = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("useradd") is None,
-    reason="two-user scenarios need root and useradd (jobs run as their real Unix users)",
-)
-
-
-@pytest.fixture(scope="module")
-def users() -> dict[str, pwd.struct_passwd]:
-    for name in USERS:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
-    return {name: pwd.getpwnam(name) for name in USERS}
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every user can reach (pytest's tmp dir is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="gpulab-policy-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def shared_fifo(folder: Path, name: str) -> Path:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 import redis
 
 from jobs.states import JobState
@@ -23,11 +24,19 @@ def test_up_starts_private_redis_runs_a_job_and_stops_everything(tmp_path: Path)
     try:
         up.wait_line("gpulab: up.")
         assert any("started redis-server" in line for line in up.lines)
-        client = redis.Redis(unix_socket_path=str(state / "redis.sock"))
+        secret = state / "redis.password"  # generated, owner-only, never on a command line
+        assert secret.stat().st_mode & 0o777 == 0o600
+        assert (state / "redis" / "redis.conf").stat().st_mode & 0o777 == 0o600
+        password = secret.read_text().strip()
+        anonymous = redis.Redis(unix_socket_path=str(state / "redis.sock"))
+        with anonymous, pytest.raises(redis.AuthenticationError):
+            anonymous.ping()
+        client = redis.Redis(unix_socket_path=str(state / "redis.sock"), password=password)
         assert client.config_get("appendonly") == {"appendonly": "yes"}
         assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
         children = psutil.Process(up.proc.pid).children(recursive=True)
+        assert not any(password in " ".join(c.cmdline()) for c in children)
         cli = [sys.executable, "-m", "jobs.cli"]
         submitted = psutil.subprocess.run(
             [*cli, "submit", "--mem", "1GiB", "--", "echo", "hello from gpulab"],

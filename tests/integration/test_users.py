@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,35 +13,14 @@ from typing import Any
 import pytest
 import redis
 
+from jobs.api import ApiError
 from jobs.client import ApiClient
 from jobs.states import JobState
 from scheduler.redis_server import RedisServer
 from tests.conftest import TEST_CONFIG, Stack
+from tests.helpers.users import as_user, needs_users
 
-USERS = ("gpulab-alice", "gpulab-bob")
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("useradd") is None,
-    reason="multi-user tests need root and useradd (to create two real Unix users)",
-)
-
-
-@pytest.fixture(scope="module")
-def users() -> dict[str, pwd.struct_passwd]:
-    for name in USERS:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
-    return {name: pwd.getpwnam(name) for name in USERS}
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every user can reach (pytest's own tmp dir is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="gpulab-users-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+pytestmark = needs_users
 
 
 @pytest.fixture
@@ -57,29 +33,6 @@ def multi_stack(
     stack.start_worker()
     yield stack
     stack.stop()
-
-
-def as_user(user: pwd.struct_passwd, action: Callable[[], Any]) -> Any:
-    """Run `action` in a forked child that has become `user`; return its JSON result.
-    (Forking keeps the already-loaded interpreter: the venv's python is not readable by others.)"""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(read_fd)
-        try:
-            os.setgroups([])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-            result: Any = {"ok": action()}
-        except Exception as exc:  # report, never return into pytest from the child
-            result = {"error": f"{type(exc).__name__}: {exc}"}
-        os.write(write_fd, json.dumps(result).encode())
-        os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
 
 
 def test_job_runs_as_its_submitter_and_its_files_are_theirs(
@@ -104,3 +57,59 @@ def test_root_job_still_runs_as_root(multi_stack: Stack) -> None:
     job_id = multi_stack.submit("--mem", "1GiB", "--", "id", "-u")
     done = multi_stack.wait_state(job_id, JobState.COMPLETED)
     assert Path(done.log_path).read_text().strip() == "0"
+
+
+def _try(action: Callable[[], Any]) -> Callable[[], Any]:
+    """Wrap an API call so a refusal comes back from `as_user` as its status and message."""
+
+    def run() -> Any:
+        try:
+            return action()
+        except ApiError as exc:
+            return {"status": exc.status, "message": exc.message}
+
+    return run
+
+
+def test_only_the_owner_or_an_admin_may_act_on_a_job_or_read_it(
+    multi_stack: Stack, users: dict[str, pwd.struct_passwd], shared_dir: Path
+) -> None:
+    alice, bob = users["gpulab-alice"], users["gpulab-bob"]
+    client = ApiClient(shared_dir / "gpulab.sock")
+    spec = {
+        "command": ["echo", "alice-private-arg"],
+        "cwd": str(shared_dir),
+        "mem_bytes": 2**30,
+        "hold": True,
+        "env": {"PATH": "/usr/bin:/bin", "ALICE_TOKEN": "s3cret"},
+    }
+    job_id = int(as_user(alice, lambda: client.submit(spec))["ok"])
+    second = int(as_user(alice, lambda: client.submit(spec))["ok"])
+
+    for verb in ("cancel", "hold", "release"):
+        refused = as_user(bob, _try(lambda v=verb: client.action(job_id, v)))["ok"]  # type: ignore[misc]
+        assert refused["status"] == 403
+        assert refused["message"] == (f"job {job_id} belongs to gpulab-alice; only its owner or an admin may {verb} it")
+    assert as_user(bob, _try(lambda: client.log(job_id, 0)))["ok"]["status"] == 403
+    assert multi_stack.store.get(job_id).state == JobState.HELD  # type: ignore[union-attr]
+    seen_by_bob = as_user(bob, lambda: client.job(job_id))["ok"]
+    assert seen_by_bob["spec"]["command"] == ["(hidden)"] and seen_by_bob["spec"]["env"] == []
+    queue = as_user(bob, lambda: client.jobs())["ok"]
+    assert [j["spec"]["command"] for j in queue if j["id"] == job_id] == [["(hidden)"]]
+    assert "s3cret" not in json.dumps(seen_by_bob) + json.dumps(queue)
+
+    seen_by_alice = as_user(alice, lambda: client.job(job_id))["ok"]
+    assert seen_by_alice["spec"]["command"] == ["echo", "alice-private-arg"]
+    assert seen_by_alice["spec"]["env"] == ["ALICE_TOKEN", "PATH"]  # names only, never values
+    assert as_user(alice, lambda: client.action(job_id, "release"))["ok"]["state"] == "PENDING"
+    multi_stack.wait_state(job_id, JobState.COMPLETED)
+    assert "alice-private-arg" in as_user(alice, lambda: client.log(job_id, 0))["ok"]["data"]
+    assert as_user(bob, _try(lambda: client.log(job_id, 0)))["ok"]["status"] == 403
+
+    # root is an admin: it may cancel anyone's job and read everything; the history says who.
+    assert client.job(second)["spec"]["command"] == ["echo", "alice-private-arg"]
+    assert client.action(second, "cancel")["state"] == "CANCELLED"
+    details = [e.get("detail", "") for e in multi_stack.store.history(second)]
+    assert "submitted by gpulab-alice" in details and "cancelled by root" in details
+    details = [e.get("detail", "") for e in multi_stack.store.history(job_id)]
+    assert "released by gpulab-alice" in details

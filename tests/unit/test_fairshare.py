@@ -30,9 +30,7 @@ def test_usage_halves_every_half_life() -> None:
     assert decay_factor(DAY, 0) == 1.0  # half-life 0: no decay at all
 
 
-@given(
-    st.floats(0, 10 * DAY), st.floats(0, 10 * DAY), st.floats(1, 30 * DAY), st.floats(1e9, 1e16, allow_nan=False)
-)
+@given(st.floats(0, 10 * DAY), st.floats(0, 10 * DAY), st.floats(1, 30 * DAY), st.floats(1e9, 1e16, allow_nan=False))
 def test_decay_in_two_steps_equals_one_step(a: float, b: float, half_life: float, usage: float) -> None:
     two = charge(charge({"u": usage}, 0, a, {}, half_life), a, a + b, {}, half_life)
     one = charge({"u": usage}, 0, a + b, {}, half_life)

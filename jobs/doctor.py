@@ -1,0 +1,142 @@
+"""`gpulab doctor`: one line per check (ok / WARN / FAIL) with what to fix; exit 1 on a FAIL.
+
+An admin tool: unlike the rest of the CLI it reads the configured Redis URL and talks to
+Redis directly, because half of what it checks is Redis itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import click
+import redis
+
+from jobs import keys
+from jobs.client import ApiClient, DaemonUnreachable
+from jobs.config import Config, ConfigError
+from jobs.redis_conn import redact
+
+SKEW_WARN_S = 1.0
+SKEW_FAIL_S = 30.0
+
+
+@dataclass(frozen=True)
+class Check:
+    level: str  # "ok", "WARN" or "FAIL"
+    name: str
+    message: str
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def check_persistence(client: redis.Redis) -> Iterator[Check]:
+    wanted = {"appendonly": ("yes",), "appendfsync": ("everysec", "always"), "maxmemory-policy": ("noeviction",)}
+    try:
+        raw = client.config_get("*")
+        config = {_text(k): _text(v) for k, v in raw.items()}
+    except redis.ResponseError as exc:
+        yield Check("WARN", "redis persistence", f"cannot read CONFIG ({exc}); make sure of {wanted}")
+        return
+    for key, good in wanted.items():
+        value = config.get(key, "?")
+        if value in good:
+            yield Check("ok", f"redis {key}", value)
+        else:
+            fix = f"set '{key} {good[0]}' in redis.conf (see contrib/systemd/redis-gpulab.conf)"
+            yield Check("FAIL" if key == "maxmemory-policy" else "WARN", f"redis {key}", f"is {value}: {fix}")
+
+
+def check_clocks(client: redis.Redis, config: Config) -> Iterator[Check]:
+    seconds, micros = client.time()
+    redis_now = seconds + micros / 1e6
+    skew = time.time() - redis_now
+    level = "FAIL" if abs(skew) > SKEW_FAIL_S else "WARN" if abs(skew) > SKEW_WARN_S else "ok"
+    fix = "; run chrony/ntp" if level != "ok" else ""
+    yield Check(level, "clock vs redis", f"this host is {skew:+.3f}s off Redis{fix}")
+    names = sorted(n.decode() for n in client.smembers(keys.NODES))
+    if not names:
+        yield Check("FAIL", "workers", "no worker has ever registered; start `gpulab worker` on each GPU host")
+        return
+    alive = 0
+    slack = max(SKEW_WARN_S, 2 * config.worker.heartbeat_interval_s)
+    for name, raw in zip(names, client.mget([keys.node(n) for n in names]), strict=True):
+        if raw is None:
+            yield Check("WARN", f"worker {name}", "no heartbeat (down or stopped); restart it or ignore a retired node")
+            continue
+        alive += 1
+        age = redis_now - float(json.loads(raw).get("sent_at", 0.0))
+        if -SKEW_WARN_S <= age <= slack:
+            yield Check("ok", f"worker {name}", f"heartbeat {age:.2f}s old")
+        else:
+            why = "its clock is ahead of Redis" if age < 0 else "heartbeats are late or its clock is behind"
+            message = f"heartbeat sent_at is {age:+.2f}s from Redis time: {why}; run chrony/ntp"
+            yield Check("WARN", f"worker {name}", message)
+    if not alive:
+        yield Check("FAIL", "workers", "no worker is heartbeating; start `gpulab worker` (systemd: gpulab-worker)")
+
+
+def check_redis(config: Config) -> Iterator[Check]:
+    url = config.effective_redis_url
+    try:
+        password = config.redis_password()
+    except ConfigError as exc:
+        yield Check("FAIL", "redis password", str(exc))
+        return
+    client = redis.Redis.from_url(url, password=password, socket_connect_timeout=3, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        yield Check("FAIL", "redis", f"{redact(url)} refused the credentials ({exc}); check [redis] password_file")
+        return
+    except redis.RedisError as exc:
+        yield Check("FAIL", "redis", f"cannot reach {redact(url)} ({exc}); start it (`gpulab up`, or redis-gpulab)")
+        return
+    try:
+        yield Check("ok", "redis", f"reachable at {redact(url)}")
+        yield from check_persistence(client)
+        yield from check_clocks(client, config)
+    finally:
+        client.close()
+
+
+def check_nvml(config: Config) -> Check:
+    if config.worker.simulate_gpus:
+        return Check("ok", "gpus", f"simulated from config: {', '.join(config.worker.simulate_gpus)}")
+    from worker.nvml_probe import nvml_available
+
+    if nvml_available():
+        return Check("ok", "gpus", "NVML readable")
+    return Check("WARN", "gpus", "NVML not readable here: fine on a head node; on a GPU host install the driver")
+
+
+def check_socket(config: Config) -> Iterator[Check]:
+    path = config.socket_path
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        yield Check("FAIL", "scheduler socket", f"{path} does not exist; start `gpulab scheduler` (or `gpulab up`)")
+        return
+    if mode & 0o666 != 0o666:
+        yield Check("WARN", "socket permissions", f"{path} is {mode:o}; users other than its owner cannot submit")
+    try:
+        ApiClient(path, timeout_s=5).request("GET", "/v1/health")
+    except DaemonUnreachable as exc:
+        yield Check("FAIL", "scheduler socket", str(exc))
+        return
+    yield Check("ok", "scheduler socket", f"{path} answers (mode {mode:o})")
+
+
+def run_doctor(config: Config) -> int:
+    checks = [*check_redis(config), check_nvml(config), *check_socket(config)]
+    for check in checks:
+        style = {"ok": "green", "WARN": "yellow", "FAIL": "red"}[check.level]
+        level = click.style(f"{check.level:<4}", fg=style) if not os.environ.get("NO_COLOR") else f"{check.level:<4}"
+        click.echo(f"{level}  {check.name}: {check.message}")
+    return 1 if any(c.level == "FAIL" for c in checks) else 0
