@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-from rich.console import Console
 
 from jobs import render
 from jobs.api import ApiError
@@ -204,7 +203,7 @@ def queue_cmd(ctx: Context, all_jobs: bool, as_json: bool) -> None:
     if as_json:
         emit_json({"jobs": data})
     else:
-        Console().print(render.queue_table(data))
+        render.table_console().print(render.queue_table(data))
 
 
 main.add_command(queue_cmd, name="q")
@@ -221,7 +220,7 @@ def show(ctx: Context, job_id: int, as_json: bool) -> None:
     if as_json:
         emit_json(data)
     else:
-        render.show_job(Console(), data)
+        render.show_job(render.table_console(), data)
 
 
 def _actions(verb: str, help_text: str) -> None:
@@ -312,7 +311,7 @@ def gpus(ctx: Context, as_json: bool) -> None:
     if as_json:
         emit_json(data)
     else:
-        Console().print(render.gpus_table(data["nodes"]))
+        render.table_console().print(render.gpus_table(data["nodes"]))
 
 
 # ---- daemons ----------------------------------------------------------------------------------

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 import time
 from datetime import datetime
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from jobs.render import duration
+from jobs.render import duration, table_console
 from jobs.sizes import format_size
 from jobs.spec import SpecError, parse_time_limit
 
@@ -112,8 +110,7 @@ def register(main: click.Group, context_class: type) -> None:
             writer.writerows(history_row(job) for job in jobs)
         else:
             # Piped output (grep, awk) keeps whole rows rather than rich's 80-column default.
-            wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
-            Console(width=250 if wide else None).print(history_table(jobs))
+            table_console().print(history_table(jobs))
 
     @main.command()
     @click.option("--once", is_flag=True, help="Print one frame and exit.")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from jobs.arrays import format_indexes, parse_array
@@ -206,15 +209,23 @@ def show_job(console: Console, job: dict[str, Any]) -> None:
                 (
                     "Metrics",
                     ", ".join(
-                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in status["metrics"].items()
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in status["metrics"].items()
+                        if not k.endswith("_at")  # timestamps are for tools (--json), not for reading
                     ),
                 )
             )
     for label, value in rows:
-        console.print(f"[bold]{label:>12}[/bold]  {value}", highlight=False, markup=True)
+        console.print(f"[bold]{label:>12}[/bold]  {escape(str(value))}", highlight=False, markup=True)
     if job.get("history"):
         console.print("[bold]     History[/bold]")
         for event in job["history"]:
             at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(event.get("at", 0))))
             text = " ".join(p for p in (event.get("state"), event.get("reason"), event.get("detail")) if p)
             console.print(f"              {at}  {text}", highlight=False, markup=False)
+
+
+def table_console() -> Console:
+    """A console for tables. Piped into a file or `grep`, rows are not cut at 80 columns."""
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(width=250 if wide else None)

@@ -142,7 +142,9 @@ def test_status_page_in_headless_chromium(web_stack: tuple[Stack, int]) -> None:
     stack.wait_state(job, JobState.COMPLETED)
     chromium = str(shutil.which("chromium"))
     dom = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", f"http://127.0.0.1:{port}/"],
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={stack.tmp_path / 'chromium'}",
+         "--dump-dom", f"http://127.0.0.1:{port}/"],
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     assert "net-1" in dom and "COMPLETED" in dom
