@@ -103,18 +103,13 @@ def pick_best_fit(nodes: list[Node], job: SimJob) -> tuple[int, tuple[int, ...]]
     return None if best is None else (best[1], best[2])
 
 
-class EasyBackfill:
+class EasyBackfill(FifoExclusive):
+    """Exclusive FIFO, then EASY backfill behind the head's reservation."""
+
     name = "easy-backfill"
-    by_request = True
-    exclusive = True
 
     def schedule(self, now: float, queue: Queue, nodes: list[Node], launch: Launch) -> None:
-        while len(queue):
-            head = queue.head()
-            where = pick_exclusive(nodes, head.gpus, _empty)
-            if where is None:
-                break
-            launch(Start(head, *where))
+        super().schedule(now, queue, nodes, launch)  # start heads in order while they fit
         if not len(queue):
             return
         free = {n.index: n.free_gpus() for n in nodes}
