@@ -32,7 +32,6 @@ def gpus_path() -> str:
 
 
 JOB_ACTIONS = ("cancel", "hold", "release")
-NODE_ACTIONS = ("drain", "resume")
 
 
 def node_path(name: str, action: str) -> str:

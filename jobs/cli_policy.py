@@ -10,8 +10,6 @@ import click
 from jobs.api import node_path
 from jobs.spec import SpecError
 
-POLICY_OPTIONS = ("after", "after_any", "array", "exclusive", "node", "gpu_model", "as_user", "oom_retry")
-
 
 def _ids(flag: str, values: tuple[str, ...]) -> tuple[int, ...]:
     ids: list[int] = []

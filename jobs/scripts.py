@@ -91,16 +91,6 @@ end
 return lost
 """
 
-SET_PENDING_REASON = """
--- KEYS: job, job_events; ARGV: reason, detail, now. Only while still PENDING: a blind
--- write could overwrite the reason of a state the job has moved on to. The change goes
--- into the history too, so `show` (and tests) can see why and since when a job waits.
-if redis.call('HGET', KEYS[1], 'state') == 'PENDING' then
-  redis.call('HSET', KEYS[1], 'reason', ARGV[1], 'detail', ARGV[2])
-  redis.call('XADD', KEYS[2], '*', 'state', 'PENDING', 'reason', ARGV[1], 'detail', ARGV[2], 'at', ARGV[3])
-end
-"""
-
 SUBMIT_BATCH = """
 -- KEYS: pending, wake, events
 -- ARGV: 1 now, 2 key prefix, 3 JSON list of job field objects (string values), each with its
@@ -134,8 +124,9 @@ return #jobs
 
 SET_PENDING_INFO = """
 -- KEYS: job, job_events; ARGV: reason, detail, expected start ('' = none), now.
--- Like SET_PENDING_REASON, but the expected start (which moves as jobs end) is written
--- without an event: the history records only changes of reason or detail.
+-- Set a job's reason and detail only while it is still PENDING (a blind write could
+-- overwrite the reason of a state it has moved on to), with a history event when they
+-- change. The expected start (which moves as jobs end) is written without an event.
 if redis.call('HGET', KEYS[1], 'state') ~= 'PENDING' then return 0 end
 local old = redis.call('HMGET', KEYS[1], 'reason', 'detail')
 redis.call('HSET', KEYS[1], 'reason', ARGV[1], 'detail', ARGV[2])

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from jobs.arrays import parse_array
-from jobs.sizes import format_size, parse_size
+from jobs.sizes import parse_size
 
 MAX_GPUS_PER_JOB = 16
 MAX_ARGV_BYTES = 128 * 1024
@@ -24,7 +24,6 @@ MAX_DEPENDENCIES = 100
 MAX_JOB_ID = 2**53
 KINDS = ("command", "training")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@=-]*$")
-_TIME_RE = re.compile(r"^(?:(?P<days>\d+)-)?(?:(?P<h>\d+):)?(?P<m>\d+)(?::(?P<s>\d+))?$")
 _TIME_UNIT_RE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>s|m|min|h|d)$")
 
 
@@ -112,9 +111,6 @@ class JobSpec:
     @property
     def display_name(self) -> str:
         return self.name or (self.command[0].rsplit("/", 1)[-1] if self.command else "job")
-
-    def describe_mem(self) -> str:
-        return "whole GPU" if self.mem_bytes is None else format_size(self.mem_bytes)
 
 
 def _typed(data: dict[str, Any], key: str, kind: type, default: Any) -> Any:

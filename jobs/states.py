@@ -40,7 +40,6 @@ class Reason(StrEnum):
 
 FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
 ACTIVE_STATES = frozenset({JobState.ASSIGNED, JobState.RUNNING})
-WAITING_STATES = frozenset({JobState.PENDING, JobState.HELD})
 
 # Every edge a job may take. Anything else is refused by the store (and by the Lua script
 # that writes it), so a late or duplicated message can never resurrect a finished job.

@@ -134,10 +134,6 @@ class JobStore:
         job_keys, args = self.transition_args(t)
         self._transition(keys=job_keys, args=args, client=pipe)
 
-    def update_fields(self, job_id: int, fields: Mapping[str, Any]) -> None:
-        """Write informational fields (progress, memory) without changing state."""
-        self.redis.hset(keys.job(job_id), mapping={k: _field(v) for k, v in fields.items()})
-
     def renew_leases(self, job_ids: Iterable[int], node: str, ttl_s: float) -> list[int]:
         """Renew this node's leases; return the jobs whose lease it no longer holds."""
         ids = list(job_ids)

@@ -20,7 +20,7 @@ from jobs.sizes import format_size
 from jobs.states import Reason
 from scheduler.accounting import AccountingPolicy, GpuAccount
 from scheduler.cluster_state import IGNORE_HOLDS, INF, ClusterState, clone
-from scheduler.fairshare import PriorityParts, fairshare_factors, priority_parts
+from scheduler.fairshare import fairshare_factors
 from scheduler.feasibility import Feasibility, Shape
 from scheduler.limits import UserLimits
 from scheduler.placement_types import (
@@ -54,14 +54,6 @@ def rank(
         decorated.append((-(wp * j.priority + wf * factors[j.user] + wa * age), j.submitted_at, j.id, j))
     decorated.sort(key=lambda d: d[:3])
     return [d[3] for d in decorated]
-
-
-def job_priority(
-    job: PendingJob, usage: Mapping[str, float], users: set[str], now: float, config: PolicyConfig
-) -> PriorityParts:
-    """One job's priority in parts, as `rank` orders by it (for tests and displays)."""
-    factor = fairshare_factors(usage, users | {job.user})[job.user]
-    return priority_parts(job.priority, factor, now - job.submitted_at, config)
 
 
 def order_jobs(jobs: list[PendingJob]) -> list[PendingJob]:
