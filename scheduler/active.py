@@ -16,6 +16,7 @@ import redis
 from jobs import keys, scripts
 from jobs.record import GpuAssignment, JobRecord
 from jobs.states import JobState
+from jobs.store import JobStore
 
 FIELDS = ("state", "attempt", "node", "gpus", "assigned_at", "started_at", "peak_bytes", "cancel_requested")
 PAGE = 2000
@@ -31,6 +32,7 @@ class Active:
 class ActiveReader:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self.store = JobStore(client)
         self._script = client.register_script(scripts.ACTIVE_FIELDS)
         self._cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
 
@@ -47,11 +49,7 @@ class ActiveReader:
                 if row[0]:  # a job whose hash is gone has no state: skip it
                     values[job_id] = tuple(v or None for v in row[:-1])
                     leases[job_id] = bool(row[-1])
-        new = [i for i in values if i not in self._cache]
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in new:
-            pipe.hgetall(keys.job(job_id))
-        parsed = {int(raw[b"id"]): JobRecord.from_hash(raw) for raw in pipe.execute() if raw} if new else {}
+        parsed = {r.id: r for r in self.store.get_many(i for i in values if i not in self._cache)}
         cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
         out = []
         for job_id, row in values.items():

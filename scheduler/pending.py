@@ -17,6 +17,7 @@ import redis
 from jobs import keys, scripts
 from jobs.record import JobRecord
 from jobs.states import JobState
+from jobs.store import JobStore
 
 MUTABLE = ("state", "reason", "detail", "attempt", "est_start_at")
 PAGE = 2000  # jobs per script call: keeps each call short for Redis's other clients
@@ -25,6 +26,7 @@ PAGE = 2000  # jobs per script call: keeps each call short for Redis's other cli
 class PendingReader:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self.store = JobStore(client)
         self._page = client.register_script(scripts.PENDING_FIELDS)
         self._cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
 
@@ -40,11 +42,7 @@ class PendingReader:
             if len(flat) < PAGE * width:
                 break
             after = int(flat[-width])
-        new = [i for i in current if i not in self._cache]
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in new:
-            pipe.hgetall(keys.job(job_id))
-        parsed = {int(raw[b"id"]): JobRecord.from_hash(raw) for raw in pipe.execute() if raw} if new else {}
+        parsed = {r.id: r for r in self.store.get_many(i for i in current if i not in self._cache)}
         cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
         for job_id, values in current.items():
             if job_id in self._cache:

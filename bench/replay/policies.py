@@ -37,21 +37,32 @@ def _empty(gpu: Gpu) -> bool:
     return gpu.jobs == 0
 
 
-class FifoExclusive:
-    name = "fifo-exclusive"
-    by_request = True
-    exclusive = True
+class InArrivalOrder:
+    """Start queue heads in arrival order while `pick` finds them a place; stop at the first
+    that does not fit (no backfill). Subclasses say how a place is picked."""
+
+    def pick(self, nodes: list[Node], job: SimJob) -> tuple[int, tuple[int, ...]] | None:
+        raise NotImplementedError
 
     def schedule(self, now: float, queue: Queue, nodes: list[Node], launch: Launch) -> None:
         while len(queue):
             job = queue.head()
-            where = pick_exclusive(nodes, job.gpus, _empty)
+            where = self.pick(nodes, job)
             if where is None:
                 return
             launch(Start(job, *where))
 
 
-class TaskSpooler:
+class FifoExclusive(InArrivalOrder):
+    name = "fifo-exclusive"
+    by_request = True
+    exclusive = True
+
+    def pick(self, nodes: list[Node], job: SimJob) -> tuple[int, tuple[int, ...]] | None:
+        return pick_exclusive(nodes, job.gpus, _empty)
+
+
+class TaskSpooler(InArrivalOrder):
     name = "task-spooler"
     by_request = False
     exclusive = False
@@ -62,27 +73,17 @@ class TaskSpooler:
     def _free(self, gpu: Gpu) -> bool:
         return gpu.cap - gpu.used > self.free_fraction * gpu.cap
 
-    def schedule(self, now: float, queue: Queue, nodes: list[Node], launch: Launch) -> None:
-        while len(queue):
-            job = queue.head()
-            where = pick_exclusive(nodes, job.gpus, self._free)
-            if where is None:
-                return
-            launch(Start(job, *where))
+    def pick(self, nodes: list[Node], job: SimJob) -> tuple[int, tuple[int, ...]] | None:
+        return pick_exclusive(nodes, job.gpus, self._free)
 
 
-class BestFit:
+class BestFit(InArrivalOrder):
     name = "best-fit"
     by_request = True
     exclusive = False
 
-    def schedule(self, now: float, queue: Queue, nodes: list[Node], launch: Launch) -> None:
-        while len(queue):
-            job = queue.head()
-            where = pick_best_fit(nodes, job)
-            if where is None:
-                return
-            launch(Start(job, *where))
+    def pick(self, nodes: list[Node], job: SimJob) -> tuple[int, tuple[int, ...]] | None:
+        return pick_best_fit(nodes, job)
 
 
 def pick_best_fit(nodes: list[Node], job: SimJob) -> tuple[int, tuple[int, ...]] | None:
