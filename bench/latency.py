@@ -1,9 +1,9 @@
 """`python -m bench latency`: submit -> start latency of a real stack on simulated GPUs.
 
 A private redis-server (free port, the production settings of scheduler/redis_server.py),
-`python -m jobs.cli scheduler` and one `python -m jobs.cli worker --sim-gpus 1x24GiB`, with
+`python -m cli scheduler` and one `python -m cli worker --sim-gpus 1x24GiB`, with
 the built-in default configuration. Jobs are submitted one at a time through the API client
-(`jobs.client.ApiClient`, HTTP over the scheduler's Unix socket: the CLI's own path minus
+(`cli.client.ApiClient`, HTTP over the scheduler's Unix socket: the CLI's own path minus
 the CLI's Python start-up), each waiting for the previous one to finish, so every job meets
 an idle GPU. Each job is a tiny static C program that prints CLOCK_REALTIME as its first
 act; the job record gives ASSIGNED (`assigned_at`, the scheduler's dispatch) and
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import redis
 
+from cli.client import ApiClient
 from jobs import keys
-from jobs.client import ApiClient
 from jobs.spec import JobSpec
 from jobs.store import JobStore
 from scheduler.redis_server import RedisServer
@@ -99,7 +99,7 @@ class BenchStack:
         self.redis_server.start()
         self.redis = redis.Redis.from_url(self.redis_server.url)
         self.store = JobStore(self.redis)
-        cli = [sys.executable, "-m", "jobs.cli"]
+        cli = [sys.executable, "-m", "cli"]
         self.scheduler = Daemon([*cli, "scheduler"], self.env, "scheduler ready")
         self.daemons.append(self.scheduler)
         self.worker = Daemon([*cli, "worker", "--name", "n1", "--sim-gpus", self.sim_gpus], self.env, "worker ready")

@@ -39,8 +39,8 @@ from jobs.gpus import GpuDevice, GpuSnapshot, NodeHeartbeat
 from jobs.spec import JobSpec
 from jobs.states import JobState
 from jobs.store import JobStore, Transition
-from scheduler.accounting import AccountingPolicy, GpuAccount
-from scheduler.placement import PendingJob, RunningJob, place
+from scheduler.policy.accounting import AccountingPolicy, GpuAccount
+from scheduler.policy.placement import PendingJob, RunningJob, place
 
 GIB = 2**30
 NODES, GPUS, GPU_BYTES = 64, 8, 80 * GIB

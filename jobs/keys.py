@@ -1,7 +1,8 @@
 """Every Redis key gpulab uses, built in one place, all under one prefix.
 
-RQ's own keys (`rq:queue:gpulab-node-<name>`, registries) are RQ's; gpulab only names the
-queue (`node_queue_name`).
+RQ's own keys (`rq:queue:gpulab-node-<name>`, `rq:job:<id>`, registries) are RQ's; gpulab
+names its queues (`node_queue_name`) and, so a transition can remove a launch entry in the same
+atomic step, the two RQ keys that hold one (`rq_queue`, `rq_job`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ EVENTS = f"{PREFIX}:events"  # global stream of transitions (capped)
 SCHEDULER_STATUS = f"{PREFIX}:scheduler"  # hash: last pass stats, pid, heartbeat
 FAIRSHARE = f"{PREFIX}:fairshare"  # hash: user -> decayed usage (byte-seconds), "_at" -> charged until
 DRAINED = f"{PREFIX}:drained"  # hash: node name -> why (admin `gpulab node drain`); no new jobs there
+WAITING_COUNT = f"{PREFIX}:waiting"  # hash: user -> number of PENDING/HELD jobs (max_pending_per_user)
+QUARANTINE = f"{PREFIX}:quarantine"  # stream: records a daemon refused (admin-visible, `gpulab doctor`)
 
 
 def job(job_id: int | str) -> str:
@@ -27,11 +30,6 @@ def job(job_id: int | str) -> str:
 
 def job_events(job_id: int | str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
-
-
-def waiting(user: str) -> str:
-    """Set of the user's PENDING/HELD job ids (kept by the Lua scripts; max_pending_per_user)."""
-    return f"{PREFIX}:waiting:{user}"
 
 
 def lease(job_id: int | str) -> str:
@@ -51,3 +49,27 @@ def node_control(name: str) -> str:
 def node_queue_name(name: str) -> str:
     """Name of the RQ queue that carries dispatches to one node (`rq info` shows it)."""
     return f"gpulab-node-{name}"
+
+
+def node_owner(name: str) -> str:
+    """The worker process holding the node name (host:pid), with the heartbeat's TTL."""
+    return f"{PREFIX}:node:{name}:owner"
+
+
+def node_epoch(name: str) -> str:
+    """The node's fencing token: the epoch of the worker that holds the name now. Every write a
+    worker makes checks it atomically, so a frozen worker that resumes after a replacement
+    took its name cannot renew, start or finish anything."""
+    return f"{PREFIX}:node:{name}:epoch"
+
+
+RQ_QUEUE_PREFIX = "rq:queue:"  # rq.Queue.redis_queue_namespace_prefix
+RQ_JOB_PREFIX = "rq:job:"  # rq.job.Job.redis_job_namespace_prefix
+
+
+def rq_queue(node_name: str) -> str:
+    return RQ_QUEUE_PREFIX + node_queue_name(node_name)
+
+
+def rq_job(rq_job_id: str) -> str:
+    return RQ_JOB_PREFIX + rq_job_id

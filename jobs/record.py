@@ -10,6 +10,11 @@ from jobs.spec import JobSpec
 from jobs.states import FINAL_STATES, JobState
 
 
+class InvalidRecord(ValueError):
+    """A stored record that does not parse or validate (written by an older version, or by a
+    path that missed validation). Daemons quarantine it; they never die of it."""
+
+
 @dataclass(frozen=True)
 class GpuAssignment:
     index: int
@@ -54,6 +59,14 @@ class JobRecord:
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes] | dict[str, str]) -> JobRecord:
+        """Parse a stored hash; raise InvalidRecord (one line: why) if it does not validate."""
+        try:
+            return cls._from_hash(raw)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise InvalidRecord(f"invalid job record: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+    @classmethod
+    def _from_hash(cls, raw: dict[bytes, bytes] | dict[str, str]) -> JobRecord:
         h = {
             (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in raw.items()
@@ -80,7 +93,7 @@ class JobRecord:
             peak_bytes={k: int(v) for k, v in json.loads(h.get("peak_bytes") or "{}").items()},
             current_bytes={k: int(v) for k, v in json.loads(h.get("current_bytes") or "{}").items()},
             mem_warning=h.get("mem_warning", ""),
-            status=json.loads(h["status"]) if h.get("status") else None,
+            status=_status(h.get("status")),
             log_path=h.get("log_path", ""),
             array_id=_int(h.get("array_id")),
             array_index=_int(h.get("array_index")),
@@ -122,6 +135,17 @@ class JobRecord:
             "array_index": self.array_index,
             "est_start_at": self.est_start_at if self.state == JobState.PENDING else None,
         }
+
+
+def _status(value: str | None) -> dict[str, Any] | None:
+    """The job's own status (job-written, stored as checked by the worker): a dict or nothing."""
+    if not value:
+        return None
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _float(value: str | None) -> float | None:

@@ -1,41 +1,57 @@
 """Lua scripts that make each state change one atomic step in Redis.
 
-A transition checks the job's current state (and optionally a guard field, such as the
-attempt number, so a stale worker cannot finish a newer attempt), writes the fields,
-maintains the indexes, the ledger and the lease, appends the history event and wakes the
-scheduler - all or nothing.
+Every key a script touches arrives in KEYS[] (built by `jobs.keys`, passed by `JobStore` and
+the readers); no script builds a key name. A transition checks the job's current state, an
+optional guard field (the attempt number, so a late worker cannot finish a newer attempt)
+and an optional fencing token (so a stale worker cannot write at all), then writes the
+fields, maintains the indexes, the per-user waiting count, the ledger, the lease and the RQ
+launch entry, appends the history event and wakes the scheduler - all or nothing.
 """
 
 SUBMIT = """
--- KEYS: next_id, pending, wake, events
--- ARGV: job fields JSON (without id), now, key prefix, [4 max waiting jobs of this user]
--- The job's own keys are named here from the new id (single-instance Redis, not Cluster).
--- Returns the new id, or -1 (nothing stored) when the user already has ARGV[4] waiting jobs.
-local fields = cjson.decode(ARGV[1])
-local waiting = ARGV[3] .. ':waiting:' .. fields['user']
-if ARGV[4] and ARGV[4] ~= '' and redis.call('SCARD', waiting) >= tonumber(ARGV[4]) then return -1 end
-local id = redis.call('INCR', KEYS[1])
-local job_key = ARGV[3] .. ':job:' .. id
-redis.call('SADD', waiting, id)
-redis.call('HSET', job_key, 'id', id)
-for k, v in pairs(fields) do redis.call('HSET', job_key, k, v) end
-redis.call('ZADD', KEYS[2], id, id)
-redis.call('XADD', job_key .. ':events', '*', 'state', fields['state'],
-           'reason', fields['reason'] or '', 'detail', 'submitted by ' .. fields['user'], 'at', ARGV[2])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'job', id, 'state', fields['state'], 'at', ARGV[2])
-redis.call('LPUSH', KEYS[3], id)
-redis.call('LTRIM', KEYS[3], 0, 99)
-return id
+-- KEYS: 1 pending, 2 wake, 3 events, 4 waiting counts (hash user -> n), then per job its
+--       hash key and its events key (2 keys a job, in the order of the JSON list).
+-- ARGV: 1 now, 2 JSON list of job field objects (string values, each with its 'id', reserved
+--       beforehand with INCRBY), 3 max waiting jobs of this user ('' = no limit).
+-- All or nothing: an array's tasks appear together. Returns -1 (nothing stored) when the
+-- jobs would take their user past ARGV[3] waiting jobs, else the number stored.
+local jobs = cjson.decode(ARGV[2])
+if #jobs == 0 then return 0 end
+local user = jobs[1]['user']
+local waiting = tonumber(redis.call('HGET', KEYS[4], user) or '0')
+if ARGV[3] ~= '' and waiting + #jobs > tonumber(ARGV[3]) then return -1 end
+for i, fields in ipairs(jobs) do
+  local id = fields['id']
+  local job_key, events_key = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
+  local args = {}
+  for k, v in pairs(fields) do
+    table.insert(args, k)
+    table.insert(args, v)
+  end
+  redis.call('HSET', job_key, unpack(args))
+  redis.call('ZADD', KEYS[1], id, id)
+  redis.call('XADD', events_key, '*', 'state', fields['state'],
+             'reason', fields['reason'] or '', 'detail', 'submitted by ' .. user, 'at', ARGV[1])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'job', id, 'state', fields['state'], 'at', ARGV[1])
+end
+redis.call('HINCRBY', KEYS[4], user, #jobs)
+redis.call('LPUSH', KEYS[2], 'submit')
+redis.call('LTRIM', KEYS[2], 0, 99)
+return #jobs
 """
 
 TRANSITION = """
--- KEYS: job, job_events, pending, active, finished, ledger, lease, wake, events
+-- KEYS: 1 job, 2 job_events, 3 pending, 4 active, 5 finished, 6 ledger, 7 lease, 8 wake,
+--       9 events, 10 waiting counts, 11 fence key, 12 RQ queue, 13 RQ job
 -- ARGV: 1 job id, 2 allowed source states (comma separated), 3 target state, 4 now,
---       5 fields JSON, 6 ledger op ('' keep | 'del' | reservation JSON),
---       7 lease op ('' keep | 'del' | ttl ms), 8 lease value, 9 wake ('1'/'0'),
---       10 guard field ('' none), 11 guard value, 12 event detail
+--       5 fields JSON ('' value = delete the field), 6 ledger op ('' keep | 'del' | reservation
+--       JSON), 7 lease op ('' keep | 'del' | ttl ms), 8 lease value, 9 wake ('1'/'0'),
+--       10 guard field ('' none), 11 guard value, 12 event detail, 13 fence token ('' none),
+--       14 RQ launch id to remove ('' none)
+-- Returns {1, previous state} or {0, current state | 'missing' | 'fenced'}.
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {0, 'missing'} end
+if ARGV[13] ~= '' and redis.call('GET', KEYS[11]) ~= ARGV[13] then return {0, 'fenced'} end
 local allowed = false
 for s in string.gmatch(ARGV[2], '[^,]+') do if s == state then allowed = true end end
 if not allowed then return {0, state} end
@@ -43,15 +59,19 @@ if ARGV[10] ~= '' and redis.call('HGET', KEYS[1], ARGV[10]) ~= ARGV[11] then ret
 local target = ARGV[3]
 local id = ARGV[1]
 redis.call('HSET', KEYS[1], 'state', target)
--- Per-user set of waiting (PENDING/HELD) job ids: what [scheduler] max_pending_per_user counts.
-local waiting = string.match(KEYS[1], '^(.*):job:[^:]*$') .. ':waiting:' .. (redis.call('HGET', KEYS[1], 'user') or '')
-if target == 'PENDING' or target == 'HELD' then redis.call('SADD', waiting, id)
-else redis.call('SREM', waiting, id) end
+-- The per-user count of waiting (PENDING/HELD) jobs: what [scheduler] max_pending_per_user caps.
+local was_waiting = state == 'PENDING' or state == 'HELD'
+local is_waiting = target == 'PENDING' or target == 'HELD'
+if was_waiting ~= is_waiting then
+  local user = redis.call('HGET', KEYS[1], 'user') or ''
+  local n = redis.call('HINCRBY', KEYS[10], user, is_waiting and 1 or -1)
+  if n <= 0 then redis.call('HDEL', KEYS[10], user) end
+end
 local fields = cjson.decode(ARGV[5])
 for k, v in pairs(fields) do
   if v == '' then redis.call('HDEL', KEYS[1], k) else redis.call('HSET', KEYS[1], k, v) end
 end
-if target == 'PENDING' or target == 'HELD' then
+if is_waiting then
   redis.call('ZADD', KEYS[3], id, id)
   redis.call('SREM', KEYS[4], id)
 elseif target == 'ASSIGNED' or target == 'RUNNING' then
@@ -66,6 +86,10 @@ if ARGV[6] == 'del' then redis.call('HDEL', KEYS[6], id)
 elseif ARGV[6] ~= '' then redis.call('HSET', KEYS[6], id, ARGV[6]) end
 if ARGV[7] == 'del' then redis.call('DEL', KEYS[7])
 elseif ARGV[7] ~= '' then redis.call('SET', KEYS[7], ARGV[8], 'PX', ARGV[7]) end
+if ARGV[14] ~= '' then
+  redis.call('LREM', KEYS[12], 0, ARGV[14])
+  redis.call('DEL', KEYS[13])
+end
 local reason = redis.call('HGET', KEYS[1], 'reason') or ''
 redis.call('XADD', KEYS[2], '*', 'state', target, 'from', state, 'reason', reason, 'detail', ARGV[12], 'at', ARGV[4])
 redis.call('XADD', KEYS[9], 'MAXLEN', '~', 10000, '*', 'job', id, 'state', target, 'at', ARGV[4])
@@ -77,49 +101,21 @@ return {1, state}
 """
 
 RENEW_LEASES = """
--- KEYS: lease keys; ARGV: ttl ms, node. Renews the leases this node still holds and
--- returns the 1-based positions of those it lost (expired or taken): the worker must stop
--- those jobs, since the scheduler may already have run them elsewhere.
+-- KEYS: 1 the worker's fence key, then the lease keys. ARGV: 1 ttl ms, 2 lease value (node),
+--       3 the worker's fencing token.
+-- Returns -1 when the token is stale (another worker took this node: renew nothing), else
+-- the 1-based positions (among the lease keys) of the leases this node no longer holds
+-- (expired or taken): the worker must stop those jobs, the scheduler may have run them elsewhere.
+if redis.call('GET', KEYS[1]) ~= ARGV[3] then return -1 end
 local lost = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[2] then
-    redis.call('PEXPIRE', key, ARGV[1])
+for i = 2, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[2] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
   else
-    table.insert(lost, i)
+    table.insert(lost, i - 1)
   end
 end
 return lost
-"""
-
-SUBMIT_BATCH = """
--- KEYS: pending, wake, events
--- ARGV: 1 now, 2 key prefix, 3 JSON list of job field objects (string values), each with its
---       'id' (reserved beforehand with INCRBY, so the caller knows every id). All or nothing:
---       an array's tasks appear together. 4 (optional) max waiting jobs per user: returns -1
---       and stores nothing when the tasks would take their user past it.
-local jobs = cjson.decode(ARGV[3])
-if #jobs > 0 and ARGV[4] and ARGV[4] ~= '' then
-  local waiting = ARGV[2] .. ':waiting:' .. jobs[1]['user']
-  if redis.call('SCARD', waiting) + #jobs > tonumber(ARGV[4]) then return -1 end
-end
-for _, fields in ipairs(jobs) do
-  local id = fields['id']
-  redis.call('SADD', ARGV[2] .. ':waiting:' .. fields['user'], id)
-  local job_key = ARGV[2] .. ':job:' .. id
-  local args = {}
-  for k, v in pairs(fields) do
-    table.insert(args, k)
-    table.insert(args, v)
-  end
-  redis.call('HSET', job_key, unpack(args))
-  redis.call('ZADD', KEYS[1], id, id)
-  redis.call('XADD', job_key .. ':events', '*', 'state', fields['state'],
-             'reason', fields['reason'] or '', 'detail', 'submitted by ' .. fields['user'], 'at', ARGV[1])
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'job', id, 'state', fields['state'], 'at', ARGV[1])
-end
-redis.call('LPUSH', KEYS[2], 'submit')
-redis.call('LTRIM', KEYS[2], 0, 99)
-return #jobs
 """
 
 SET_PENDING_INFO = """
@@ -138,42 +134,32 @@ end
 return 1
 """
 
-PENDING_FIELDS = """
--- KEYS: pending (zset, score = job id)
--- ARGV: 1 key prefix, 2 read jobs with id > this, 3 at most this many, 4 n = number of
---       fields, 5..4+n field names.
--- Returns one JSON array: per job, its id then its n values (false where missing). Pages by
--- id, so jobs added or removed between pages are neither skipped nor read twice; one string
--- per page, decoded by the client's C JSON parser, instead of a command and n replies per job.
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[2], '+inf', 'LIMIT', 0, tonumber(ARGV[3]))
-local n = tonumber(ARGV[4])
+JOB_FIELDS = """
+-- KEYS: job hashes. ARGV: 1 n = number of fields, 2..1+n field names.
+-- Returns one JSON array: per job, its n values (false where missing). The scheduler reads
+-- the pending and active jobs' changing fields every pass: one string per page, decoded by
+-- the client's C JSON parser, instead of a command and n replies per job.
+local n = tonumber(ARGV[1])
 local fields = {}
-for i = 1, n do fields[i] = ARGV[4 + i] end
+for i = 1, n do fields[i] = ARGV[1 + i] end
 local out = {}
-for _, id in ipairs(ids) do
-  out[#out + 1] = id
-  local values = redis.call('HMGET', ARGV[1] .. ':job:' .. id, unpack(fields))
+for _, key in ipairs(KEYS) do
+  local values = redis.call('HMGET', key, unpack(fields))
   for j = 1, n do out[#out + 1] = values[j] end
 end
 if #out == 0 then return '[]' end
 return cjson.encode(out)
 """
 
-ACTIVE_FIELDS = """
--- KEYS: none (single-instance Redis: job and lease keys are named from the ids)
--- ARGV: 1 key prefix, 2 n = number of fields, 3..2+n field names, then job ids.
--- Returns one JSON array: per job, its n values (false where missing) then whether its
--- lease exists (1/0). The scheduler reads every active job each pass (reaper, fair share,
--- reservations): one call instead of three commands per job.
-local n = tonumber(ARGV[2])
-local fields = {}
-for i = 1, n do fields[i] = ARGV[2 + i] end
-local out = {}
-for i = 3 + n, #ARGV do
-  local values = redis.call('HMGET', ARGV[1] .. ':job:' .. ARGV[i], unpack(fields))
-  for j = 1, n do out[#out + 1] = values[j] end
-  out[#out + 1] = redis.call('EXISTS', ARGV[1] .. ':lease:' .. ARGV[i])
-end
-if #out == 0 then return '[]' end
-return cjson.encode(out)
+OBSERVE = """
+-- KEYS: 1 job, 2 the worker's fence key. ARGV: 1 fencing token, 2 attempt, 3 fields JSON.
+-- What a worker measured about one running attempt (memory, the job's checked status):
+-- written only while that attempt is RUNNING and the worker's token is current, so a late
+-- heartbeat never decorates a finished or re-dispatched job. Returns 1 if written, 0 if not,
+-- -1 when the token is stale.
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+local h = redis.call('HMGET', KEYS[1], 'state', 'attempt')
+if h[1] ~= 'RUNNING' or h[2] ~= ARGV[2] then return 0 end
+for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, v) end
+return 1
 """

@@ -143,6 +143,9 @@ def validate_spec(spec: JobSpec) -> None:
     """Raise SpecError for the first mistake; return None when the spec is acceptable."""
     if not 0 <= spec.oom_retry <= MAX_OOM_RETRY:
         raise SpecError("--oom-retry", f"must be between 0 and {MAX_OOM_RETRY}")
+    for what, text in _strings(spec):
+        if not _encodable(text):
+            raise SpecError(what, "contains characters that cannot be passed to a program (lone surrogates)")
     if not spec.command or not spec.command[0]:
         raise SpecError("command", "is empty; give the program after '--', e.g. gpulab submit -- python train.py")
     if sum(len(a.encode()) + 1 for a in spec.command) > MAX_ARGV_BYTES:
@@ -169,6 +172,24 @@ def validate_spec(spec: JobSpec) -> None:
     if spec.kind not in KINDS:
         raise SpecError("kind", f"must be one of {', '.join(KINDS)}")
     _validate_policy_fields(spec)
+
+
+def _strings(spec: JobSpec) -> list[tuple[str, str]]:
+    return [
+        *(("command", a) for a in spec.command),
+        ("cwd", spec.cwd),
+        ("--name", spec.name),
+        *(("env", s) for kv in spec.env.items() for s in kv),
+    ]
+
+
+def _encodable(text: str) -> bool:
+    """Strings reach exec() as bytes: what Python cannot encode would fail only at launch."""
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _validate_policy_fields(spec: JobSpec) -> None:

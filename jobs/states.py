@@ -36,6 +36,7 @@ class Reason(StrEnum):
     CANCELLED = "Cancelled"
     LAUNCH_FAILED = "LaunchFailed"
     REQUEUED = "Requeued"
+    INVALID = "InvalidRecord"  # a stored record failed validation: quarantined, never fatal
 
 
 FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
@@ -49,7 +50,7 @@ ALLOWED_EDGES: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset(
         {JobState.ASSIGNED, JobState.CANCELLED, JobState.HELD, JobState.FAILED, JobState.COMPLETED}
     ),
-    JobState.HELD: frozenset({JobState.PENDING, JobState.CANCELLED}),
+    JobState.HELD: frozenset({JobState.PENDING, JobState.CANCELLED, JobState.FAILED}),  # FAILED: quarantine
     JobState.ASSIGNED: frozenset(
         {JobState.RUNNING, JobState.PENDING, JobState.CANCELLED, JobState.FAILED, JobState.HELD}
     ),

@@ -1,8 +1,10 @@
 """JobStore: every read and state change of job records in Redis.
 
-Writes go through the Lua scripts in `jobs.scripts`, so each change is atomic and leaves
-an event in the job's history; reads build `JobRecord`s. Daemons use this; the CLI never
-does (it talks to the scheduler's API).
+The only module that writes job records. Every write goes through a Lua script in
+`jobs.scripts` with its keys from `jobs.keys`, so each change is atomic and leaves an event in
+the job's history; what a change implies is decided in `jobs.lifecycle`. Reads build
+`JobRecord`s; a record that no longer parses is reported, never raised into a daemon's loop.
+Daemons use this; the CLI never does (it talks to the scheduler's API).
 """
 
 from __future__ import annotations
@@ -10,15 +12,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from jobs import keys, scripts
-from jobs.record import JobRecord
+from jobs.lifecycle import Fence, Transition
+from jobs.record import InvalidRecord, JobRecord
 from jobs.spec import JobSpec
-from jobs.states import FINAL_STATES, JobState, sources_of
+from jobs.states import JobState, Reason, sources_of
 
 
 class TransitionRefused(RuntimeError):
@@ -34,22 +36,8 @@ class TooManyWaiting(RuntimeError):
     """The user already has `max_pending_per_user` PENDING/HELD jobs; nothing was stored."""
 
 
-@dataclass(frozen=True)
-class Transition:
-    """One requested state change; see `JobStore.transition_args`."""
-
-    job_id: int
-    target: JobState
-    fields: Mapping[str, Any]
-    expect: frozenset[JobState] | None = None
-    reservation: dict[str, Any] | None = None  # set the ledger entry
-    release: bool = False  # delete the ledger entry (always done for final states)
-    lease_ttl_s: float | None = None
-    lease_node: str = ""
-    drop_lease: bool = False
-    wake: bool = True
-    guard: tuple[str, str] | None = None
-    detail: str = ""
+class Fenced(RuntimeError):
+    """This worker's fencing token is stale: another worker holds its node name now."""
 
 
 class JobStore:
@@ -58,41 +46,83 @@ class JobStore:
         self._submit = client.register_script(scripts.SUBMIT)
         self._transition = client.register_script(scripts.TRANSITION)
         self._renew = client.register_script(scripts.RENEW_LEASES)
+        self._fields = client.register_script(scripts.JOB_FIELDS)
+        self._observe = client.register_script(scripts.OBSERVE)
 
     # ---- writes -------------------------------------------------------------------------
+    def reserve_ids(self, count: int) -> int:
+        """Reserve `count` consecutive job ids; return the first (array tasks know their ids)."""
+        return int(self.redis.incrby(keys.NEXT_JOB_ID, count)) - count + 1
+
     def submit(self, spec: JobSpec, *, user: str, uid: int, max_waiting: int | None = None) -> int:
-        now = time.time()
-        state = JobState.HELD if spec.hold else JobState.PENDING
-        fields = {
-            "spec": json.dumps(spec.to_json()),
-            "state": state.value,
-            "reason": "Held" if spec.hold else "",
-            "user": user,
-            "uid": str(uid),
-            "submitted_at": repr(now),
-            "attempt": "0",
-        }
-        job_id = self._submit(
-            keys=[keys.NEXT_JOB_ID, keys.PENDING, keys.WAKE, keys.EVENTS],
-            args=[json.dumps(fields), repr(now), keys.PREFIX, "" if max_waiting is None else str(max_waiting)],
+        if max_waiting is not None and self.waiting_count(user) >= max_waiting:
+            raise TooManyWaiting(user)  # checked again atomically below; this spares an id
+        first = self.reserve_ids(1)
+        self.submit_reserved(first, [spec], user=user, uid=uid, max_waiting=max_waiting)
+        return first
+
+    def submit_reserved(
+        self,
+        first: int,
+        specs: list[JobSpec],
+        *,
+        user: str,
+        uid: int,
+        max_waiting: int | None = None,
+        array_indexes: list[int] | None = None,
+    ) -> list[int]:
+        """Store jobs `first`, `first + 1`, ... all at once (an array's tasks appear together).
+        Raise TooManyWaiting (nothing stored) past the user's `max_waiting` PENDING/HELD jobs."""
+        now = repr(time.time())
+        records = []
+        for offset, spec in enumerate(specs):
+            fields = {
+                "id": str(first + offset),
+                "spec": json.dumps(spec.to_json()),
+                "state": (JobState.HELD if spec.hold else JobState.PENDING).value,
+                "reason": Reason.HELD.value if spec.hold else "",
+                "user": user,
+                "uid": str(uid),
+                "submitted_at": now,
+                "attempt": "0",
+            }
+            if array_indexes is not None:
+                fields |= {
+                    "array_id": str(first),
+                    "array_index": str(array_indexes[offset]),
+                    "array_size": str(len(array_indexes)),
+                }
+            records.append(fields)
+        ids = [first + n for n in range(len(specs))]
+        job_keys = [k for job_id in ids for k in (keys.job(job_id), keys.job_events(job_id))]
+        stored = self._submit(
+            keys=[keys.PENDING, keys.WAKE, keys.EVENTS, keys.WAITING_COUNT, *job_keys],
+            args=[now, json.dumps(records), "" if max_waiting is None else str(max_waiting)],
         )
-        if int(job_id) < 0:
+        if int(stored) < 0:
             raise TooManyWaiting(user)
-        return int(job_id)
+        return ids
+
+    def waiting_count(self, user: str) -> int:
+        """The user's PENDING and HELD jobs (what max_pending_per_user caps)."""
+        return int(self.redis.hget(keys.WAITING_COUNT, user) or 0)
 
     def transition_args(self, t: Transition) -> tuple[list[str], list[str]]:
         """Keys and args of the TRANSITION script, so dispatch can queue it inside MULTI."""
         allowed = sources_of(t.target) if t.expect is None else (t.expect & sources_of(t.target))
         ledger_op = ""
-        if t.release or t.target in FINAL_STATES:
-            ledger_op = "del"
+        if t.leaves_node:
+            ledger_op = "del"  # requeue, hold and every end give the reservation back
         elif t.reservation is not None:
             ledger_op = json.dumps(t.reservation)
         lease_op = ""
-        if t.drop_lease or t.target in FINAL_STATES or t.target in (JobState.PENDING, JobState.HELD):
+        if t.leaves_node:
             lease_op = "del"
         elif t.lease_ttl_s is not None:
             lease_op = str(int(t.lease_ttl_s * 1000))
+        fence = t.fence or Fence(keys.job(t.job_id), "")  # unused key when there is no token
+        launch_queue = keys.rq_queue(t.launch_queue) if t.launch_queue else keys.job(t.job_id)
+        launch_job = keys.rq_job(t.launch_id) if t.launch_id else keys.job(t.job_id)
         job_keys = [
             keys.job(t.job_id),
             keys.job_events(t.job_id),
@@ -103,13 +133,17 @@ class JobStore:
             keys.lease(t.job_id),
             keys.WAKE,
             keys.EVENTS,
+            keys.WAITING_COUNT,
+            fence.key,
+            launch_queue,
+            launch_job,
         ]
         args = [
             str(t.job_id),
             ",".join(sorted(s.value for s in allowed)),
             t.target.value,
             repr(time.time()),
-            json.dumps({k: _field(v) for k, v in t.fields.items()}),
+            json.dumps({k: _field(v) for k, v in t.writes().items()}),
             ledger_op,
             lease_op,
             t.lease_node,
@@ -117,6 +151,8 @@ class JobStore:
             t.guard[0] if t.guard else "",
             t.guard[1] if t.guard else "",
             t.detail,
+            fence.token,
+            t.launch_id if t.launch_queue else "",
         ]
         return job_keys, args
 
@@ -126,6 +162,8 @@ class JobStore:
         ok, previous = self._transition(keys=job_keys, args=args, client=client)
         previous = previous.decode() if isinstance(previous, bytes) else str(previous)
         if not ok:
+            if previous == "fenced":
+                raise Fenced(f"job {t.job_id}: this worker's token for its node is stale")
             raise TransitionRefused(t.job_id, t.target, previous)
         return previous
 
@@ -134,13 +172,31 @@ class JobStore:
         job_keys, args = self.transition_args(t)
         self._transition(keys=job_keys, args=args, client=pipe)
 
-    def renew_leases(self, job_ids: Iterable[int], node: str, ttl_s: float) -> list[int]:
-        """Renew this node's leases; return the jobs whose lease it no longer holds."""
+    def renew_leases(self, job_ids: Iterable[int], node: str, ttl_s: float, fence: Fence) -> list[int]:
+        """Renew this node's leases; return the jobs whose lease it no longer holds. Raise
+        Fenced when the worker's token is stale (then it holds none of them)."""
         ids = list(job_ids)
-        if not ids:
-            return []
-        lost = self._renew(keys=[keys.lease(j) for j in ids], args=[str(int(ttl_s * 1000)), node])
+        lease_keys = [keys.lease(j) for j in ids]
+        lost = self._renew(keys=[fence.key, *lease_keys], args=[str(int(ttl_s * 1000)), node, fence.token])
+        if isinstance(lost, int) and lost < 0:
+            raise Fenced(f"node {node}: another worker holds this node name now")
         return [ids[int(i) - 1] for i in lost]
+
+    def request_cancel(self, job_id: int, node: str, attempt: int, by: str) -> None:
+        """Mark a running job for cancelling and tell its worker, which stops its whole tree."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.job(job_id), "cancel_requested", "1")
+        event = {"state": JobState.RUNNING.value, "reason": "", "detail": f"cancel requested by {by}"}
+        pipe.xadd(keys.job_events(job_id), {**event, "at": repr(time.time())})
+        pipe.rpush(keys.node_control(node), f"cancel {job_id} {attempt}")
+        pipe.execute()
+
+    def observe(
+        self, pipe: redis.client.Pipeline, job_id: int, attempt: int, fence: Fence, observed: Mapping[str, Any]
+    ) -> None:
+        """Queue what a worker measured about a running attempt (see scripts.OBSERVE)."""
+        fields = json.dumps({k: _field(v) for k, v in observed.items()})
+        self._observe(keys=[keys.job(job_id), fence.key], args=[fence.token, str(attempt), fields], client=pipe)
 
     def wake_scheduler(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -150,15 +206,42 @@ class JobStore:
 
     # ---- reads --------------------------------------------------------------------------
     def get(self, job_id: int) -> JobRecord | None:
+        """The job's record; None if there is none. Raises InvalidRecord if it does not parse."""
         raw = self.redis.hgetall(keys.job(job_id))
         return JobRecord.from_hash(raw) if raw else None
 
-    def get_many(self, job_ids: Iterable[int]) -> list[JobRecord]:
+    def get_many(self, job_ids: Iterable[int], invalid: dict[int, str] | None = None) -> list[JobRecord]:
+        """The records that exist and parse; those that do not parse go into `invalid`
+        (id -> why), for the scheduler to quarantine, instead of raising."""
         ids = list(job_ids)
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(keys.job(job_id))
-        return [JobRecord.from_hash(raw) for raw in pipe.execute() if raw]
+        records = []
+        for job_id, raw in zip(ids, pipe.execute(), strict=True):
+            if not raw:
+                continue
+            try:
+                records.append(JobRecord.from_hash(raw))
+            except InvalidRecord as exc:
+                if invalid is not None:
+                    invalid[job_id] = str(exc)
+        return records
+
+    def job_fields(self, job_ids: list[int], fields: tuple[str, ...]) -> list[list[str | None]]:
+        """The named fields of many jobs in one call (None where missing), in `job_ids` order."""
+        if not job_ids:
+            return []
+        flat = json.loads(self._fields(keys=[keys.job(j) for j in job_ids], args=[len(fields), *fields]))
+        width = len(fields)
+        return [[v or None for v in flat[n * width : (n + 1) * width]] for n in range(len(job_ids))]
+
+    def raw_state(self, job_id: int) -> JobState | None:
+        raw = self.redis.hget(keys.job(job_id), "state")
+        try:
+            return JobState(raw.decode()) if raw else None
+        except ValueError:
+            return None
 
     def waiting(self) -> list[JobRecord]:
         """PENDING and HELD jobs in submission order."""

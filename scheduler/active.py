@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import redis
 
-from jobs import keys, scripts
+from jobs import keys
 from jobs.record import GpuAssignment, JobRecord
 from jobs.states import JobState
 from jobs.store import JobStore
@@ -33,23 +33,23 @@ class ActiveReader:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self.store = JobStore(client)
-        self._script = client.register_script(scripts.ACTIVE_FIELDS)
         self._cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
 
-    def read(self) -> list[Active]:
+    def read(self, invalid: dict[int, str] | None = None) -> list[Active]:
         ids = sorted(int(i) for i in self.redis.smembers(keys.ACTIVE))
-        width = len(FIELDS) + 1
         values: dict[int, tuple[str | None, ...]] = {}
         leases: dict[int, bool] = {}
         for start in range(0, len(ids), PAGE):
             page = ids[start : start + PAGE]
-            flat = json.loads(self._script(args=[keys.PREFIX, len(FIELDS), *FIELDS, *page]))
-            for n, job_id in enumerate(page):
-                row = flat[n * width : (n + 1) * width]
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in page:
+                pipe.exists(keys.lease(job_id))
+            held = pipe.execute()
+            for job_id, row, has_lease in zip(page, self.store.job_fields(page, FIELDS), held, strict=True):
                 if row[0]:  # a job whose hash is gone has no state: skip it
-                    values[job_id] = tuple(v or None for v in row[:-1])
-                    leases[job_id] = bool(row[-1])
-        parsed = {r.id: r for r in self.store.get_many(i for i in values if i not in self._cache)}
+                    values[job_id] = tuple(row)
+                    leases[job_id] = bool(has_lease)
+        parsed = {r.id: r for r in self.store.get_many((i for i in values if i not in self._cache), invalid)}
         cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
         out = []
         for job_id, row in values.items():

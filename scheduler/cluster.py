@@ -8,7 +8,7 @@ import redis
 
 from jobs import keys
 from jobs.gpus import NodeHeartbeat
-from scheduler.accounting import Reservation
+from scheduler.policy.accounting import Reservation
 
 
 def read_heartbeats(client: redis.Redis) -> tuple[list[NodeHeartbeat], list[str]]:

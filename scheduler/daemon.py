@@ -18,19 +18,20 @@ from dataclasses import dataclass
 
 import redis
 
-from jobs import keys, scripts
+from jobs import keys, lifecycle, scripts
 from jobs.config import Config
 from jobs.record import JobRecord
 from jobs.states import JobState, Reason
-from jobs.store import JobStore, Transition, TransitionRefused
-from scheduler.accounting import AccountingPolicy, build_accounts
+from jobs.store import JobStore, TransitionRefused
 from scheduler.active import Active, ActiveReader
 from scheduler.cluster import read_heartbeats, read_ledger
-from scheduler.dependencies import DependencyReader, evaluate
+from scheduler.dependencies import DependencyReader
 from scheduler.dispatch import Dispatcher
-from scheduler.pass_inputs import pending_job, running_job
 from scheduler.pending import PendingReader
-from scheduler.placement import PendingJob, Waiting, place
+from scheduler.policy.accounting import AccountingPolicy, build_accounts
+from scheduler.policy.dependencies import evaluate
+from scheduler.policy.inputs import pending_job, running_job
+from scheduler.policy.placement import PendingJob, Waiting, place
 from scheduler.usage import UsageTracker
 
 log = logging.getLogger("gpulab.scheduler")
@@ -71,27 +72,42 @@ class Scheduler:
         self._jobs: dict[int, PendingJob] = {}  # derived from what never changes: spec, user, submit time
 
     def run_forever(self, stop: threading.Event) -> None:
+        """Pass after pass until `stop`. Nothing a user stored or Redis answered ends the loop:
+        an unreachable or read-only Redis (restart, failover, MISCONF) is waited out with
+        backoff, and any other error is logged and the pass retried."""
         interval = self.config.scheduler.housekeeping_interval_s
+        backoff = 0.1
         while not stop.is_set():
             try:
                 self.run_pass()
                 self.redis.blpop([keys.WAKE], timeout=interval)
                 self.redis.delete(keys.WAKE)  # coalesce: one pass answers every wake so far
+                backoff = 0.1
             except redis.ConnectionError as exc:
-                log.warning("redis unreachable (%s); retrying", exc)
-                stop.wait(min(interval, 1.0))
+                log.warning("redis unreachable (%s); retrying in %.1fs", exc, backoff)
+            except redis.ResponseError as exc:  # MISCONF, READONLY, OOM: writes refused for now
+                log.warning("redis refused a write (%s); retrying in %.1fs", exc, backoff)
+            except Exception:
+                log.exception("scheduler pass failed; retrying in %.1fs", backoff)
+            else:
+                continue
+            stop.wait(backoff)
+            backoff = min(backoff * 2, min(interval, 5.0))
 
     def run_pass(self) -> PassStats:
         started = time.perf_counter()
         now = time.time()
-        current = self.active.read()
+        invalid: dict[int, str] = {}
+        current = self.active.read(invalid)
         reaped = self.reap(current)
         if reaped:
-            current = self.active.read()
+            current = self.active.read(invalid)
         active = [a.record for a in current]
         beats, _down = read_heartbeats(self.redis)
         ledger = {r.job_id: r for r in read_ledger(self.redis)}
-        waiting = self.pending.read()
+        waiting = self.pending.read(invalid)
+        if invalid:
+            self.quarantine(invalid)
         accounts = build_accounts(beats, list(ledger.values()), self.policy)
         unavailable = frozenset(b.node for b in beats if b.draining) | frozenset(read_drained(self.redis))
         whole_gpu_bytes = max((g.total for gpus in accounts.values() for g in gpus), default=0)
@@ -151,14 +167,20 @@ class Scheduler:
         # If it moved meanwhile (cancelled, released), the next pass looks again.
         with contextlib.suppress(TransitionRefused):
             self.store.transition(
-                Transition(
-                    record.id,
-                    JobState.CANCELLED,
-                    {"reason": Reason.DEPENDENCY_NEVER_SATISFIED.value, "detail": detail, "ended_at": time.time()},
-                    expect=frozenset({JobState.PENDING, JobState.HELD}),
-                    detail=detail,
-                )
+                lifecycle.cancel(record.id, record.state, detail, time.time(), Reason.DEPENDENCY_NEVER_SATISFIED)
             )
+
+    def quarantine(self, invalid: dict[int, str]) -> None:
+        """Records that no longer parse end FAILED with the reason, and an admin-visible event
+        (`gpulab doctor`); the pass goes on without them."""
+        for job_id, why in invalid.items():
+            log.error("job %s: %s; quarantined (FAILED)", job_id, why)
+            self.redis.xadd(keys.QUARANTINE, {"job": job_id, "why": why, "at": repr(time.time())}, maxlen=1000)
+            state = self.store.raw_state(job_id)
+            if state is None or state.value not in {s.value for s in lifecycle.QUARANTINABLE}:
+                continue
+            with contextlib.suppress(TransitionRefused):
+                self.store.transition(lifecycle.quarantine(job_id, state, why, time.time()))
 
     def _write_reasons(self, pending: list[JobRecord], waiting: dict[int, Waiting]) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -188,60 +210,20 @@ class Scheduler:
         for job in active:
             if job.has_lease:
                 continue
+            record = job.record
+            verdict = lifecycle.lost(
+                record.id,
+                record.state,
+                record.attempt,
+                record.node,
+                record.spec,
+                job.cancel_requested,
+                self.config.scheduler.max_requeues,
+                time.time(),
+            )
             try:
-                self.store.transition(self._lost_transition(job.record, job.cancel_requested))
+                self.store.transition(verdict)
                 reaped += 1
             except TransitionRefused:
                 pass  # it finished or moved in the meantime: nothing to do
         return reaped
-
-    def _lost_transition(self, record: JobRecord, cancel_requested: bool) -> Transition:
-        guard = ("attempt", str(record.attempt))
-        expect = frozenset({record.state})
-        where = f"node {record.node} lost (lease expired)"
-        if cancel_requested:
-            return Transition(
-                record.id,
-                JobState.CANCELLED,
-                {"reason": Reason.CANCELLED.value, "ended_at": time.time()},
-                expect,
-                guard=guard,
-                detail=where,
-            )
-        if record.state == JobState.ASSIGNED:
-            detail = f"node {record.node} did not start it; requeued"
-            return Transition(
-                record.id,
-                JobState.PENDING,
-                {"reason": "", "detail": detail, "node": "", "gpus": ""},
-                expect,
-                guard=guard,
-                detail=detail,
-            )
-        if record.spec.requeue and record.attempt <= self.config.scheduler.max_requeues:
-            return Transition(
-                record.id,
-                JobState.PENDING,
-                {"reason": Reason.REQUEUED.value, "detail": where, "node": "", "gpus": "", "pid": ""},
-                expect,
-                guard=guard,
-                detail=where,
-            )
-        if record.spec.requeue:
-            detail = f"{where}; held after {record.attempt} attempts"
-            return Transition(
-                record.id,
-                JobState.HELD,
-                {"reason": Reason.HELD.value, "detail": detail, "node": "", "gpus": "", "pid": ""},
-                expect,
-                guard=guard,
-                detail=detail,
-            )
-        return Transition(
-            record.id,
-            JobState.FAILED,
-            {"reason": Reason.NODE_LOST.value, "detail": where, "ended_at": time.time()},
-            expect,
-            guard=guard,
-            detail=where,
-        )

@@ -15,10 +15,10 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from jobs import keys
+from jobs import keys, lifecycle
 from jobs.states import JobState
-from jobs.store import JobStore, Transition
-from scheduler.placement import Assignment
+from jobs.store import JobStore
+from scheduler.policy.placement import Assignment
 
 LAUNCH_FUNCTION = "worker.tasks.launch"
 # The RQ job only hands the launch to the worker; the training run itself is supervised by
@@ -66,34 +66,16 @@ class Dispatcher:
 
     def _queue_one(self, pipe: redis.client.Pipeline, a: Assignment, attempt: int) -> None:
         gpus = [{"index": g.index, "uuid": g.uuid} for g in a.gpus]
-        self.store.queue_transition(
-            pipe,
-            Transition(
-                job_id=a.job_id,
-                target=JobState.ASSIGNED,
-                expect=frozenset({JobState.PENDING}),
-                fields={
-                    "node": a.node,
-                    "gpus": gpus,
-                    "assigned_at": time.time(),
-                    "attempt": attempt,
-                    "reason": "",
-                    "detail": "",
-                },
-                reservation={"node": a.node, "gpus": a.reserved_bytes, "whole_gpu": a.whole_gpu},
-                lease_ttl_s=self.assign_timeout_s,
-                lease_node=a.node,
-                wake=False,
-                detail=f"on {a.node} GPU {','.join(str(g['index']) for g in gpus)} (attempt {attempt})",
-            ),
-        )
+        reservation = {"node": a.node, "gpus": a.reserved_bytes, "whole_gpu": a.whole_gpu}
+        assigned = lifecycle.assign(a.job_id, attempt, a.node, gpus, reservation, self.assign_timeout_s, time.time())
+        self.store.queue_transition(pipe, assigned)
         self.queue(a.node).enqueue_call(
             LAUNCH_FUNCTION,
             args=(a.job_id, attempt),
             timeout=LAUNCH_TIMEOUT_S,
             result_ttl=600,
             failure_ttl=7 * 86400,
-            job_id=f"gpulab-{a.job_id}-{attempt}",
+            job_id=lifecycle.launch_entry_id(a.job_id, attempt),
             description=json.dumps({"gpulab_job": a.job_id, "attempt": attempt}),
             pipeline=pipe,
         )

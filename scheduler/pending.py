@@ -2,19 +2,18 @@
 
 A job's spec, user and submission time never change after submit, so each record is parsed
 once and kept (a cache: rebuilt from Redis after a restart); later passes read only the
-fields that do change, for thousands of jobs per script call (jobs.scripts.READ_JOB_FIELDS),
+fields that do change, for thousands of jobs per script call (jobs.scripts.JOB_FIELDS),
 and build a new record only for a job whose fields changed. With 10k waiting jobs this is
 the difference between parsing 10k JSON specs per pass and reading one reply.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import redis
 
-from jobs import keys, scripts
+from jobs import keys
 from jobs.record import JobRecord
 from jobs.states import JobState
 from jobs.store import JobStore
@@ -27,22 +26,22 @@ class PendingReader:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self.store = JobStore(client)
-        self._page = client.register_script(scripts.PENDING_FIELDS)
         self._cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
 
-    def read(self) -> list[JobRecord]:
-        """Every PENDING and HELD job, in id (submission) order."""
+    def read(self, invalid: dict[int, str] | None = None) -> list[JobRecord]:
+        """Every PENDING and HELD job, in id (submission) order. Records that do not parse
+        go into `invalid` (id -> why) for the scheduler to quarantine."""
         current: dict[int, tuple[str | None, ...]] = {}
-        after, width = 0, len(MUTABLE) + 1
+        after = 0
         while True:
-            flat = json.loads(self._page(keys=[keys.PENDING], args=[keys.PREFIX, after, PAGE, len(MUTABLE), *MUTABLE]))
-            for i in range(0, len(flat), width):
-                if flat[i + 1]:  # a job whose hash is gone has no state: skip it
-                    current[int(flat[i])] = tuple(v or None for v in flat[i + 1 : i + width])
-            if len(flat) < PAGE * width:
+            ids = [int(i) for i in self.redis.zrangebyscore(keys.PENDING, f"({after}", "+inf", start=0, num=PAGE)]
+            for job_id, values in zip(ids, self.store.job_fields(ids, MUTABLE), strict=True):
+                if values[0]:  # a job whose hash is gone has no state: skip it
+                    current[job_id] = tuple(values)
+            if len(ids) < PAGE:
                 break
-            after = int(flat[-width])
-        parsed = {r.id: r for r in self.store.get_many(i for i in current if i not in self._cache)}
+            after = ids[-1]
+        parsed = {r.id: r for r in self.store.get_many((i for i in current if i not in self._cache), invalid)}
         cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
         for job_id, values in current.items():
             if job_id in self._cache:

@@ -14,7 +14,7 @@ from jobs.config import PolicyConfig
 from jobs.record import JobRecord
 from jobs.states import ACTIVE_STATES, JobState
 from scheduler.cluster import read_heartbeats, read_ledger
-from scheduler.fairshare import fairshare_factors, priority_parts
+from scheduler.policy.fairshare import fairshare_factors, priority_parts
 from scheduler.usage import UsageTracker
 
 GIB_HOUR = 2**30 * 3600.0

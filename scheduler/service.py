@@ -10,15 +10,15 @@ from typing import Any
 
 import redis
 
-from jobs import keys
+from jobs import keys, lifecycle
 from jobs.api import MAX_WAIT_S, ApiError
 from jobs.config import Config
-from jobs.record import JobRecord
-from jobs.states import JobState, Reason
-from jobs.store import JobStore, Transition, TransitionRefused
-from scheduler.accounting import build_accounts
+from jobs.record import InvalidRecord, JobRecord
+from jobs.states import JobState
+from jobs.store import JobStore, TransitionRefused
 from scheduler.cluster import read_heartbeats, read_ledger
 from scheduler.daemon import accounting_policy, read_drained
+from scheduler.policy.accounting import build_accounts
 from scheduler.queue_view import priority_views
 from scheduler.submission import Submitter, is_admin
 
@@ -69,44 +69,33 @@ class SchedulerService:
             return {"id": job_id, "state": record.state.value, "note": "already finished"}
         if record.state == JobState.RUNNING:
             # The worker owns the process: ask it to stop the whole tree; it records CANCELLED.
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(keys.job(job_id), "cancel_requested", "1")
-            event = {"state": record.state.value, "reason": "", "detail": f"cancel requested by {caller.user}"}
-            pipe.xadd(keys.job_events(job_id), {**event, "at": repr(time.time())})
-            pipe.rpush(keys.node_control(record.node), f"cancel {job_id} {record.attempt}")
-            pipe.execute()
+            self.store.request_cancel(job_id, record.node, record.attempt, caller.user)
             return {"id": job_id, "state": "CANCELLING"}
         try:
             self.store.transition(
-                Transition(
-                    job_id,
-                    JobState.CANCELLED,
-                    {"reason": Reason.CANCELLED.value, "detail": f"by {caller.user}", "ended_at": time.time()},
-                    expect=frozenset({record.state}),
-                    detail=f"cancelled by {caller.user}",
+                lifecycle.cancel(
+                    job_id, record.state, f"cancelled by {caller.user}", time.time(),
+                    node=record.node, attempt=record.attempt,
                 )
-            )
+            )  # fmt: skip
         except TransitionRefused:
             return self.cancel(caller, job_id)  # it moved (e.g. started) meanwhile: try again
         return {"id": job_id, "state": JobState.CANCELLED.value}
 
     def hold(self, caller: Caller, job_id: int) -> dict[str, Any]:
-        fields = {"reason": Reason.HELD.value, "detail": f"held by {caller.user}"}
         self._owned(caller, job_id, "hold it")
-        return self._move(job_id, JobState.HELD, frozenset({JobState.PENDING}), fields, "hold")
+        return self._move(lifecycle.hold(job_id, caller.user), "hold")
 
     def release(self, caller: Caller, job_id: int) -> dict[str, Any]:
-        fields = {"reason": "", "detail": f"released by {caller.user}"}
         self._owned(caller, job_id, "release it")
-        return self._move(job_id, JobState.PENDING, frozenset({JobState.HELD}), fields, "release")
+        return self._move(lifecycle.release(job_id, caller.user), "release")
 
-    def _move(self, job_id: int, target: JobState, expect: frozenset[JobState], fields: dict, verb: str) -> dict:
-        self._get(job_id)
+    def _move(self, transition: lifecycle.Transition, verb: str) -> dict[str, Any]:
         try:
-            self.store.transition(Transition(job_id, target, fields, expect=expect, detail=fields["detail"]))
+            self.store.transition(transition)
         except TransitionRefused as exc:
-            raise ApiError(409, f"cannot {verb} job {job_id}: it is {exc.current}") from None
-        return {"id": job_id, "state": target.value}
+            raise ApiError(409, f"cannot {verb} job {transition.job_id}: it is {exc.current}") from None
+        return {"id": transition.job_id, "state": transition.target.value}
 
     def log(self, caller: Caller, job_id: int, offset: int) -> dict[str, Any]:
         record = self._owned(caller, job_id, "read its log")
@@ -194,7 +183,10 @@ class SchedulerService:
 
     # ---- helpers ------------------------------------------------------------------------------
     def _get(self, job_id: int) -> JobRecord:
-        record = self.store.get(job_id)
+        try:
+            record = self.store.get(job_id)
+        except InvalidRecord as exc:
+            raise ApiError(409, f"job {job_id}: {exc}; the scheduler quarantines it") from None
         if record is None:
             raise ApiError(404, f"no job {job_id}")
         return record

@@ -9,8 +9,10 @@ import time
 from html import escape
 from typing import Any
 
-from jobs.render import _progress, _why, duration
 from jobs.sizes import format_size
+from jobs.text import duration
+from jobs.text import progress as _progress
+from jobs.text import why as _why
 from scheduler.service import Caller, SchedulerService
 
 READER = Caller(uid=-2, user="status-page", pid=0)

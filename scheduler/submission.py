@@ -6,25 +6,23 @@ Admins (uid 0 or a name in [policy] admin_users) may submit on behalf of another
 
 from __future__ import annotations
 
-import json
 import pwd
 import re
-import time
 from dataclasses import replace
 from typing import Any
 
 import redis
 
-from jobs import keys, scripts
+from jobs import keys
 from jobs.api import ApiError
 from jobs.arrays import parse_array
 from jobs.config import Config
 from jobs.spec import JobSpec, SpecError, validate_spec
-from jobs.states import JobState, Reason
+from jobs.states import Reason
 from jobs.store import JobStore, TooManyWaiting
-from scheduler.accounting import AccountingPolicy, build_accounts
 from scheduler.cluster import read_heartbeats
-from scheduler.feasibility import Feasibility, Shape
+from scheduler.policy.accounting import AccountingPolicy, build_accounts
+from scheduler.policy.feasibility import Feasibility, Shape
 
 _USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 
@@ -39,7 +37,6 @@ class Submitter:
         self.redis = client
         self.store = store
         self.policy = policy
-        self._batch = client.register_script(scripts.SUBMIT_BATCH)
 
     def submit(self, uid: int, user: str, body: Any) -> dict[str, Any]:
         on_behalf = None
@@ -67,7 +64,7 @@ class Submitter:
         limit = self.config.scheduler.max_pending_per_user
         return ApiError(
             429,
-            f"{user} already has {int(self.redis.scard(keys.waiting(user)))} waiting jobs; adding {adding} would pass "
+            f"{user} already has {self.store.waiting_count(user)} waiting jobs; adding {adding} would pass "
             f"the limit of {limit} ([scheduler] max_pending_per_user); wait for some to start or cancel some",
         )
 
@@ -108,16 +105,16 @@ class Submitter:
             raise ApiError(400, f"{Reason.INFEASIBLE.value}: {why}")
 
     def _submit_array(self, spec: JobSpec, user: str, uid: int) -> list[int]:
-        indexes = parse_array(spec.array).indexes
+        indexes = list(parse_array(spec.array).indexes)
         limit = self.config.policy.max_array_size
         if len(indexes) > limit:
             raise ApiError(400, f"--array: {len(indexes)} tasks; at most {limit} ([policy] max_array_size)")
-        last = int(self.redis.incrby(keys.NEXT_JOB_ID, len(indexes)))
-        first = last - len(indexes) + 1
-        now = time.time()
-        state = JobState.HELD if spec.hold else JobState.PENDING
+        waiting_limit = self.config.scheduler.max_pending_per_user
+        if self.store.waiting_count(user) + len(indexes) > waiting_limit:
+            raise self._too_many(user, len(indexes))  # before reserving ids: nothing to undo
+        first = self.store.reserve_ids(len(indexes))
         tasks = []
-        for offset, index in enumerate(indexes):
+        for index in indexes:
             env = {
                 **spec.env,
                 "GPULAB_ARRAY_JOB_ID": str(first),
@@ -125,30 +122,14 @@ class Submitter:
                 "GPULAB_ARRAY_TASK_COUNT": str(len(indexes)),
             }
             task = replace(spec, env=env)
-            if offset == 0:
-                try:
-                    validate_spec(task)
-                except SpecError as exc:
-                    raise ApiError(400, str(exc)) from None
-            tasks.append(
-                {
-                    "id": str(first + offset),
-                    "spec": json.dumps(task.to_json()),
-                    "state": state.value,
-                    "reason": Reason.HELD.value if spec.hold else "",
-                    "user": user,
-                    "uid": str(uid),
-                    "submitted_at": repr(now),
-                    "attempt": "0",
-                    "array_id": str(first),
-                    "array_index": str(index),
-                    "array_size": str(len(indexes)),
-                }
+            try:
+                validate_spec(task)  # every task: each has its own environment
+            except SpecError as exc:
+                raise ApiError(400, f"--array task {index}: {exc}") from None
+            tasks.append(task)
+        try:
+            return self.store.submit_reserved(
+                first, tasks, user=user, uid=uid, max_waiting=waiting_limit, array_indexes=indexes
             )
-        limit = self.config.scheduler.max_pending_per_user
-        stored = self._batch(
-            keys=[keys.PENDING, keys.WAKE, keys.EVENTS], args=[repr(now), keys.PREFIX, json.dumps(tasks), str(limit)]
-        )
-        if int(stored) < 0:
-            raise self._too_many(user, len(tasks))
-        return list(range(first, last + 1))
+        except TooManyWaiting:
+            raise self._too_many(user, len(tasks)) from None

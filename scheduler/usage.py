@@ -14,21 +14,12 @@ import redis
 
 from jobs import keys
 from jobs.record import JobRecord
-from scheduler.accounting import Reservation
-from scheduler.fairshare import charge, overlap_s
+from scheduler.policy.accounting import Reservation
+from scheduler.policy.fairshare import charge, overlap_s
+from scheduler.policy.inputs import charge_bytes, run_start
 
 AT = "_at"
 WRITE_EVERY_S = 1.0  # the table is rewritten at most this often; every pass computes it fresh
-
-
-def charge_bytes(record: JobRecord, reservation: Reservation | None, whole_gpu_bytes: int) -> int:
-    """What a job holds, for fair share: per GPU, its reservation (or request) or its peak."""
-    peak = record.peak_bytes
-    if reservation is not None:
-        return sum(max(held, peak.get(uuid, 0)) for uuid, held in reservation.gpus.items())
-    spec = record.spec
-    per_gpu = whole_gpu_bytes if spec.whole_gpu else (spec.mem_bytes or 0)
-    return max(spec.gpus * per_gpu, sum(peak.values()))
 
 
 def _ended_charge(values: list[bytes | None], whole_gpu_bytes: int) -> tuple[str, float | None, float | None, int]:
@@ -40,11 +31,6 @@ def _ended_charge(values: list[bytes | None], whole_gpu_bytes: int) -> tuple[str
     peak_total = sum(int(v) for v in json.loads(peak).values()) if peak else 0
     start = float(assigned) if assigned else (float(started) if started else None)
     return user, start, float(ended) if ended else None, max(gpus * per_gpu, peak_total)
-
-
-def run_start(record: JobRecord) -> float | None:
-    """When the job took its GPUs: assignment (memory is promised from then on)."""
-    return record.assigned_at if record.assigned_at is not None else record.started_at
 
 
 class UsageTracker:

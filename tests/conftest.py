@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from jobs.client import ApiClient
+from cli.client import ApiClient
 from jobs.record import JobRecord
 from jobs.states import JobState
 from jobs.store import JobStore
@@ -130,7 +130,7 @@ class Stack:
         return self.state_dir / "sim"
 
     def start_scheduler(self) -> Daemon:
-        self.scheduler = Daemon([sys.executable, "-m", "jobs.cli", "scheduler"], self.env)
+        self.scheduler = Daemon([sys.executable, "-m", "cli", "scheduler"], self.env)
         self.scheduler.wait_line("scheduler ready")
         self.daemons.append(self.scheduler)
         return self.scheduler
@@ -138,14 +138,14 @@ class Stack:
     def start_worker(self, name: str = "n1", sim_gpus: str | None = "1x24GiB") -> Daemon:
         """A worker on simulated GPUs, or on this host's real ones (through NVML) with sim_gpus=None."""
         sim = ["--sim-gpus", sim_gpus] if sim_gpus else []
-        worker = Daemon([sys.executable, "-m", "jobs.cli", "worker", "--name", name, *sim], self.env)
+        worker = Daemon([sys.executable, "-m", "cli", "worker", "--name", name, *sim], self.env)
         worker.wait_line("worker ready")
         self.daemons.append(worker)
         return worker
 
     def cli(self, *args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "jobs.cli", *args],
+            [sys.executable, "-m", "cli", *args],
             env=self.env,
             cwd=cwd or self.tmp_path,
             capture_output=True,

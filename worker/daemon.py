@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -23,8 +24,9 @@ import redis
 from jobs import keys
 from jobs.config import Config
 from jobs.gpus import JobGpuUsage, NodeHeartbeat
+from jobs.lifecycle import Fence
 from jobs.states import JobState
-from jobs.store import JobStore, TransitionRefused
+from jobs.store import Fenced, JobStore, TransitionRefused
 from worker.probe import GpuProbe
 from worker.process_tree import tree_pids
 from worker.runner import JobRunner, LaunchError
@@ -50,6 +52,8 @@ class WorkerDaemon:
         self._lock = threading.Lock()
         self._beat_lock = threading.Lock()
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.fence = Fence(keys.node_epoch(node), "")  # the real token comes with the name
+        self.fenced = threading.Event()
         self._threads: list[threading.Thread] = []
 
     # ---- life cycle ---------------------------------------------------------------------------
@@ -64,8 +68,14 @@ class WorkerDaemon:
 
     def _claim_name(self) -> None:
         """Two workers under one node name would take each other's launches: refuse, unless
-        the holder was an earlier worker on this very host that has died (a crash restart)."""
-        key = keys.node(self.node) + ":owner"
+        the holder was an earlier worker on this very host that has died (a crash restart),
+        or its claim lapsed (a frozen or cut-off worker). Taking the name bumps the node's
+        epoch: the new token fences every write of the previous holder."""
+        self._take_name()
+        self.fence = Fence(keys.node_epoch(self.node), str(self.redis.incr(keys.node_epoch(self.node))))
+
+    def _take_name(self) -> None:
+        key = keys.node_owner(self.node)
         ttl_ms = int(self.config.worker.lease_ttl_s * 1000)
         if self.redis.set(key, self.owner, nx=True, px=ttl_ms):
             return
@@ -98,7 +108,8 @@ class WorkerDaemon:
         for thread in self._threads:
             thread.join(timeout=5)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(keys.node(self.node), keys.node(self.node) + ":owner")
+        if not self.fenced.is_set():  # a fenced worker's node belongs to its successor
+            pipe.delete(keys.node(self.node), keys.node_owner(self.node))
         pipe.lpush(keys.WAKE, "node-down")
         pipe.execute()
         self.probe.close()
@@ -108,8 +119,17 @@ class WorkerDaemon:
         record = self.store.get(job_id)
         if record is None or record.state != JobState.ASSIGNED or record.attempt != attempt or record.node != self.node:
             return f"skipped: job {job_id} attempt {attempt} is no longer assigned here"
+        if self.fenced.is_set() or self.redis.get(self.fence.key) != self.fence.token.encode():
+            self._on_fenced()
+            return f"skipped: job {job_id}: this worker was fenced off node {self.node}"
         runner = JobRunner(
-            record, self.config, self.store, self.node, simulated=self.simulated, before_finish=self._before_finish
+            record,
+            self.config,
+            self.store,
+            self.node,
+            simulated=self.simulated,
+            before_finish=self._before_finish,
+            fence=self.fence,
         )
         with self._lock:
             self.runners[job_id] = runner
@@ -150,13 +170,19 @@ class WorkerDaemon:
             with self._lock:
                 runners = list(self.runners.values())
             running = [r for r in runners if r.pid is not None and not r.done.is_set()]
-            lost = self.store.renew_leases([r.job_id for r in running], self.node, self.config.worker.lease_ttl_s)
+            try:
+                lost = self.store.renew_leases(
+                    [r.job_id for r in running], self.node, self.config.worker.lease_ttl_s, self.fence
+                )
+            except Fenced:
+                self._on_fenced()
+                return
             self._stop_lost(lost)
             beat = self._measure(runners)
             ttl_ms = int(self.config.worker.lease_ttl_s * 1000)
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(keys.node(self.node), json.dumps(beat.to_json()), px=ttl_ms)
-            pipe.set(keys.node(self.node) + ":owner", self.owner, px=ttl_ms)
+            pipe.set(keys.node_owner(self.node), self.owner, px=ttl_ms)
             pipe.sadd(keys.NODES, self.node)
             for runner in running:
                 fields: dict[str, object] = {"current_bytes": runner.current, "peak_bytes": runner.peak}
@@ -165,11 +191,22 @@ class WorkerDaemon:
                 status = runner.read_status()
                 if status is not None:
                     fields["status"] = status
-                pipe.hset(
-                    keys.job(runner.job_id),
-                    mapping={k: json.dumps(v) if not isinstance(v, str) else v for k, v in fields.items()},
-                )
+                self.store.observe(pipe, runner.job_id, runner.attempt, self.fence, fields)
             pipe.execute()
+
+    def _on_fenced(self) -> None:
+        """Another worker took this node's name while this one was frozen or cut off: every
+        job here may already run there. Stop them all (their outcomes are refused: the
+        successor and the scheduler decide) and leave."""
+        if self.fenced.is_set():
+            return
+        self.fenced.set()
+        log.error("worker: node %s was taken over by another worker; stopping every job here and exiting", self.node)
+        with self._lock:
+            runners = list(self.runners.values())
+        for runner in runners:
+            runner.stop("fenced")
+        os.kill(os.getpid(), signal.SIGTERM)  # RQ's warm shutdown, then shutdown() below
 
     def _stop_lost(self, lost: list[int]) -> None:
         for job_id in lost:

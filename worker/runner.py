@@ -17,11 +17,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from jobs import lifecycle
 from jobs.config import Config
+from jobs.lifecycle import Attempt, Fence, Transition
 from jobs.record import JobRecord
 from jobs.sizes import MiB, format_size
-from jobs.states import FINAL_STATES, JobState, Reason
-from jobs.store import JobStore, Transition, TransitionRefused
+from jobs.states import JobState, Reason
+from jobs.store import JobStore, TransitionRefused
 from worker.identity import IdentityError, resolve_run_as
 from worker.outcome import Outcome, classify
 from worker.process_tree import kill_group, signal_tree
@@ -29,6 +31,13 @@ from worker.process_tree import kill_group, signal_tree
 log = logging.getLogger("gpulab.worker")
 LOG_TAIL_BYTES = 64 * 1024
 OOM_RETRY_GROWTH = 1.25
+
+
+STOP_WHY = {
+    "shutdown": "worker shut down",
+    "lease": "lease lost; stopped",
+    "fenced": "worker fenced (another worker took its node name)",
+}
 
 
 class LaunchError(RuntimeError):
@@ -45,10 +54,12 @@ class JobRunner:
         *,
         simulated: bool,
         before_finish: Callable[[JobRunner], None],
+        fence: Fence | None = None,
     ) -> None:
         self.record = record
         self.job_id = record.id
         self.attempt = record.attempt
+        self.writer = Attempt(record.id, record.attempt, node, fence)
         self.config = config
         self.store = store
         self.node = node
@@ -143,20 +154,10 @@ class JobRunner:
                 self._end_launch(JobState.ASSIGNED, message)
                 raise LaunchError(message) from None
         try:
-            self.store.transition(
-                Transition(
-                    self.job_id,
-                    JobState.RUNNING,
-                    {"started_at": time.time(), "pid": self.proc.pid, "log_path": str(self.log_path),
-                     "reason": "", "detail": ""},
-                    expect=frozenset({JobState.ASSIGNED}),
-                    guard=("attempt", str(self.attempt)),
-                    lease_ttl_s=self.config.worker.lease_ttl_s,
-                    lease_node=self.node,
-                    wake=False,
-                    detail=f"started on {self.node}, pid {self.proc.pid}",
-                )
-            )  # fmt: skip
+            started = lifecycle.start(
+                self.writer, self.proc.pid, str(self.log_path), self.config.worker.lease_ttl_s, time.time()
+            )
+            self.store.transition(started)
         except TransitionRefused:
             signal_tree(self.proc.pid, 9)
             self.proc.wait()
@@ -171,16 +172,7 @@ class JobRunner:
 
     def _end_launch(self, state: JobState, message: str) -> None:
         with contextlib.suppress(TransitionRefused):
-            self.store.transition(
-                Transition(
-                    self.job_id,
-                    JobState.FAILED,
-                    {"reason": Reason.LAUNCH_FAILED.value, "detail": message, "ended_at": time.time()},
-                    expect=frozenset({state}),
-                    guard=("attempt", str(self.attempt)),
-                    detail=message,
-                )
-            )
+            self.store.transition(lifecycle.launch_failed(self.writer, state, message, time.time()))
         self.done.set()
 
     # ---- stop ---------------------------------------------------------------------------------
@@ -267,33 +259,22 @@ class JobRunner:
             fields.update(retry[1])
         else:
             target, outcome = self._requeue_or_final(outcome)
-        fields.update({"reason": outcome.reason.value, "detail": outcome.detail})
-        if target in (JobState.PENDING, JobState.HELD):
-            fields.update({"node": "", "gpus": "", "pid": ""})
-        else:
-            fields["ended_at"] = time.time()
-        ending = Transition(
-            self.job_id,
-            target,
-            fields,
-            expect=frozenset({JobState.RUNNING}),
-            guard=("attempt", str(self.attempt)),
-            detail=outcome.detail or "exit code 0",
-        )
+        ending = lifecycle.finish(self.writer, target, outcome.reason, outcome.detail, fields, time.time())
         try:
             self.store.transition(ending)
         except TransitionRefused as exc:
-            if exc.current == JobState.PENDING.value and target in FINAL_STATES:
-                self._late_finish(ending, fields)
+            # Only a job that ended on its own has a result worth keeping over a requeue.
+            ended_on_its_own = not self._stop_reason and target in (JobState.COMPLETED, JobState.FAILED)
+            if exc.current == JobState.PENDING.value and ended_on_its_own:
+                self._late_finish(ending)
             else:
                 log.warning("worker: job %s ended but was already moved on (%s)", self.job_id, exc)
 
-    def _late_finish(self, ending: Transition, fields: dict[str, Any]) -> None:
+    def _late_finish(self, ending: Transition) -> None:
         """Our lease lapsed just as the job ended and the scheduler requeued this attempt:
         record the result anyway (same attempt, not yet dispatched again) so it is not re-run."""
-        late = replace(ending, expect=frozenset({JobState.PENDING}), fields={**fields, "node": self.node})
         try:
-            self.store.transition(replace(late, detail=f"{ending.detail} (finished as its lease lapsed)"))
+            self.store.transition(lifecycle.late_finish(ending, self.node))
         except TransitionRefused as exc:
             log.warning("worker: job %s finished after it was dispatched again (%s)", self.job_id, exc)
 
@@ -308,21 +289,20 @@ class JobRunner:
         retries = self.record.oom_retries + 1
         detail = f"CUDA out of memory; retry {retries}/{spec.oom_retry} with --mem {format_size(raised)}"
         new_spec = replace(spec, mem_bytes=raised)
-        fields = {"spec": new_spec.to_json(), "oom_retries": retries, "node": "", "gpus": "", "pid": ""}
+        fields = {"spec": new_spec.to_json(), "oom_retries": retries}
         return Outcome(JobState.PENDING, Reason.REQUEUED, detail, outcome.exit_code), fields
 
     def _requeue_or_final(self, outcome: Outcome) -> tuple[JobState, Outcome]:
         """A job that died of a signal, or whose node or GPU went away, runs again if it asked to."""
-        node_gone = self._stop_reason == "shutdown" or self._stop_reason.startswith("gpu lost")
-        why = "worker shut down" if self._stop_reason == "shutdown" else self._stop_reason or outcome.detail
-        if node_gone and not self.record.spec.requeue:
-            return JobState.FAILED, Outcome(JobState.FAILED, Reason.NODE_LOST, why, outcome.exit_code)
-        if not (self.record.spec.requeue and (node_gone or outcome.reason == Reason.SIGNAL)):
+        stop = self._stop_reason
+        node_gone = stop in ("shutdown", "lease", "fenced") or stop.startswith("gpu lost")
+        why = STOP_WHY.get(self._stop_reason, self._stop_reason) or outcome.detail
+        if outcome.state == JobState.COMPLETED or not (node_gone or (self.record.spec.requeue and outcome.reason == Reason.SIGNAL)):
             return outcome.state, outcome
-        if self.attempt > self.config.scheduler.max_requeues:
-            detail = f"{why}; held after {self.attempt} attempts"
-            return JobState.HELD, Outcome(JobState.HELD, Reason.HELD, detail, outcome.exit_code)
-        return JobState.PENDING, Outcome(JobState.PENDING, Reason.REQUEUED, why, outcome.exit_code)
+        target, reason, detail = lifecycle.after_node_loss(
+            self.record.spec, self.attempt, self.config.scheduler.max_requeues, why
+        )
+        return target, Outcome(target, reason, detail, outcome.exit_code)
 
     # ---- memory ---------------------------------------------------------------------------------
     def observe(self, uuid: str, used: int) -> None:

@@ -1,4 +1,4 @@
-"""gpulab's policy in the simulator: the real `scheduler.placement.place`, fed GpuAccounts
+"""gpulab's policy in the simulator: the real `scheduler.policy.placement.place`, fed GpuAccounts
 built from the simulated cluster as `build_accounts` builds them from heartbeats and the
 ledger (used = what jobs hold, committed = what they were promised), plus the running jobs
 and the simulated clock for aging and reservations. Jobs are placed in queue order (one
@@ -27,8 +27,8 @@ from dataclasses import fields
 from typing import Any
 
 from bench.replay.sim import Gpu, Node, Queue, SimJob, Start
-from scheduler.accounting import AccountingPolicy, GpuAccount
-from scheduler.placement import PendingJob, RunningJob, place
+from scheduler.policy.accounting import AccountingPolicy, GpuAccount
+from scheduler.policy.placement import PendingJob, RunningJob, place
 
 USER = "replay"  # the traces carry no users: one user, so fair share cannot reorder anything
 _PLACE_ARGS = set(inspect.signature(place).parameters)

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from jobs.client import ApiClient
+from cli.client import ApiClient
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ from jobs import keys
 from jobs.spec import JobSpec
 from jobs.states import JobState
 from jobs.store import JobStore, Transition
-from scheduler.accounting import Reservation
+from scheduler.policy.accounting import Reservation
 from scheduler.usage import UsageTracker
 
 GIB = 2**30

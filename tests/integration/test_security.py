@@ -51,19 +51,18 @@ def test_max_pending_per_user_refuses_past_the_limit_and_stores_nothing(limited:
     array = limited.cli("submit", "--array", "0-1", "--mem", "1GiB", "--", "true")
     assert array.returncode == 2 and "adding 2" in array.stderr  # all or nothing
     assert limited.redis.zcard(keys.PENDING) == 2
-    waiting = {int(i) for i in limited.redis.smembers(keys.waiting(limited.store.get(third).user))}  # type: ignore[union-attr]
-    assert waiting == {second, third}
+    assert limited.store.waiting_count(limited.store.get(third).user) == 2  # type: ignore[union-attr]
 
 
-def test_the_waiting_set_follows_every_transition(stack: Stack) -> None:
+def test_the_waiting_count_follows_every_transition(stack: Stack) -> None:
     stack.start_scheduler()
     stack.start_worker()
     job_id = stack.submit("--hold", "--mem", "1GiB", "--", "true")
-    user_set = keys.waiting(stack.store.get(job_id).user)  # type: ignore[union-attr]
-    assert stack.redis.smembers(user_set) == {str(job_id).encode()}
+    user = stack.store.get(job_id).user  # type: ignore[union-attr]
+    assert stack.store.waiting_count(user) == 1
     assert stack.cli("release", str(job_id)).returncode == 0
     stack.wait_state(job_id, JobState.COMPLETED)
-    assert stack.redis.smembers(user_set) == set()
+    assert stack.store.waiting_count(user) == 0
 
 
 # ---- hostile input to the API -------------------------------------------------------------------
@@ -190,7 +189,7 @@ def test_export_and_env_file_choose_the_environment_and_values_stay_private(stac
     env_file.write_text("# tokens\nexport API_TOKEN='tok-123-secret'\n\nOTHER=x=y\n")
     env_file.chmod(0o600)
     script = 'echo "$KEEP|$API_TOKEN|$OTHER|${DROP-unset}"'
-    argv = [sys.executable, "-m", "jobs.cli", "submit", "--export", "KEEP", "--env-file", str(env_file)]
+    argv = [sys.executable, "-m", "cli", "submit", "--export", "KEEP", "--env-file", str(env_file)]
     argv += ["--mem", "1GiB", "--", "sh", "-c", script]
     env = dict(stack.env, KEEP="kept", DROP="dropped")
     result = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -222,7 +221,7 @@ def test_a_redis_with_a_password_refuses_daemons_without_it(tmp_path: Path) -> N
         assert (tmp_path / "redis" / "redis.conf").stat().st_mode & 0o777 == 0o600
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPULAB_")}
         env.update(GPULAB_STATE_DIR=str(tmp_path / "state"), GPULAB_REDIS_URL=server.url, PYTHONPATH=str(ROOT))
-        argv = [sys.executable, "-m", "jobs.cli", "scheduler"]
+        argv = [sys.executable, "-m", "cli", "scheduler"]
         refused = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
         assert refused.returncode == 1
         assert len(refused.stderr.strip().splitlines()) == 1

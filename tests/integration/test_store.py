@@ -16,9 +16,9 @@ from jobs import keys
 from jobs.spec import JobSpec
 from jobs.states import JobState
 from jobs.store import JobStore, Transition, TransitionRefused
-from scheduler.accounting import GpuAccount
 from scheduler.dispatch import Dispatcher
-from scheduler.placement import Assignment
+from scheduler.policy.accounting import GpuAccount
+from scheduler.policy.placement import Assignment
 
 
 def _spec(**kw: object) -> JobSpec:

@@ -20,7 +20,7 @@ def test_up_starts_private_redis_runs_a_job_and_stops_everything(tmp_path: Path)
     state = tmp_path / "state"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPULAB_")}
     env.update(GPULAB_STATE_DIR=str(state), PYTHONPATH=str(ROOT))
-    up = Daemon([sys.executable, "-m", "jobs.cli", "up", "--sim-gpus", "1x24GiB", "--name", "solo"], env)
+    up = Daemon([sys.executable, "-m", "cli", "up", "--sim-gpus", "1x24GiB", "--name", "solo"], env)
     try:
         up.wait_line("gpulab: up.")
         assert any("started redis-server" in line for line in up.lines)
@@ -37,7 +37,7 @@ def test_up_starts_private_redis_runs_a_job_and_stops_everything(tmp_path: Path)
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
         children = psutil.Process(up.proc.pid).children(recursive=True)
         assert not any(password in " ".join(c.cmdline()) for c in children)
-        cli = [sys.executable, "-m", "jobs.cli"]
+        cli = [sys.executable, "-m", "cli"]
         submitted = psutil.subprocess.run(
             [*cli, "submit", "--mem", "1GiB", "--", "echo", "hello from gpulab"],
             env=env, capture_output=True, text=True, check=True, cwd=tmp_path,

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import redis
 
+from cli.client import ApiClient
 from jobs.api import ApiError
-from jobs.client import ApiClient
 from jobs.states import JobState
 from scheduler.redis_server import RedisServer
 from tests.conftest import TEST_CONFIG, Stack

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from jobs.config import PolicyConfig
-from scheduler.accounting import AccountingPolicy, GpuAccount
-from scheduler.placement import PendingJob, PlacementResult, RunningJob, place
+from scheduler.policy.accounting import AccountingPolicy, GpuAccount
+from scheduler.policy.placement import PendingJob, PlacementResult, RunningJob, place
 
 GIB = 2**30
 POLICY = AccountingPolicy(headroom_bytes=0, spike_buffer_bytes=0, idle_gpu_max_used_bytes=0)

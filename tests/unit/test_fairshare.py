@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jobs.config import PolicyConfig
-from scheduler.fairshare import (
+from scheduler.policy.fairshare import (
     NEGLIGIBLE_USAGE,
     charge,
     decay_factor,

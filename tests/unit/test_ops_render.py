@@ -8,8 +8,8 @@ import click
 import pytest
 from rich.console import Console
 
-from jobs.cli_ops import history_row, parse_since
-from jobs.top import memory_bar
+from cli.ops import history_row, parse_since
+from cli.top import memory_bar
 from scheduler.status_page import _job_cells, _table, gpu_rows
 
 

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 from jobs.config import PolicyConfig
 from jobs.states import Reason
-from scheduler.accounting import AccountingPolicy, GpuAccount
-from scheduler.placement import PendingJob, RunningJob, order_jobs, place
+from scheduler.policy.accounting import AccountingPolicy, GpuAccount
+from scheduler.policy.placement import PendingJob, RunningJob, order_jobs, place
 
 GIB = 2**30
 POLICY = AccountingPolicy(headroom_bytes=0, spike_buffer_bytes=0, idle_gpu_max_used_bytes=0)

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from jobs.config import PolicyConfig
-from scheduler.accounting import GpuAccount
-from scheduler.feasibility import Feasibility, Shape
-from scheduler.placement import PendingJob, PlacementResult, RunningJob, place
+from scheduler.policy.accounting import GpuAccount
+from scheduler.policy.feasibility import Feasibility, Shape
+from scheduler.policy.placement import PendingJob, PlacementResult, RunningJob, place
 from tests.unit.placement_sim import GIB, POLICY, Gpu, Running, Sim, simulate
 
 SIZES = [16, 24, 40, 80]

@@ -16,7 +16,7 @@ from bench.replay.policies import BestFit, EasyBackfill, FifoExclusive, TaskSpoo
 from bench.replay.sim import GiB, Gpu, Node, OverCommit, Policy, Queue, SimJob, Start, make_nodes, simulate
 from bench.replay.traces import LUCID_BANDS, TRACE_DIR, compress, load_openb, load_philly, lucid_mem
 from jobs.config import PolicyConfig
-from scheduler.accounting import AccountingPolicy
+from scheduler.policy.accounting import AccountingPolicy
 
 NO_HEADROOM = AccountingPolicy(headroom_bytes=0)
 ONE_GPU = [[16 * GiB]]

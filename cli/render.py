@@ -13,18 +13,9 @@ from rich.table import Table
 
 from jobs.arrays import format_indexes, parse_array
 from jobs.sizes import format_size
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None or seconds < 0:
-        return "-"
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"
-    return f"{hours:d}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:d}:{secs:02d}"
+from jobs.text import duration
+from jobs.text import progress as _progress
+from jobs.text import why as _why
 
 
 def _mem(job: dict[str, Any]) -> str:
@@ -36,27 +27,6 @@ def _gpus(job: dict[str, Any]) -> str:
     if job["gpus"]:
         return f"{job['node']}:" + ",".join(str(g["index"]) for g in job["gpus"])
     return str(job["spec"]["gpus"])
-
-
-def _progress(job: dict[str, Any]) -> str:
-    status = job.get("status") or {}
-    if status.get("kind") != "training":
-        return ""
-    text = f"ep {status.get('epoch')}/{status.get('epochs')} step {status.get('step')}"
-    if status.get("loss") is not None:
-        text += f" loss {status['loss']:.4g}"
-    if status.get("samples_per_s"):
-        text += f" {status['samples_per_s']:.0f}/s"
-    if status.get("eta_s") is not None and not status.get("final"):
-        text += f" eta {duration(status['eta_s'])}"
-    return text
-
-
-def _why(job: dict[str, Any]) -> str:
-    parts = [p for p in (job.get("reason"), job.get("detail"), job.get("mem_warning")) if p]
-    if job["state"] == "FAILED" and job.get("exit_code") is not None and job.get("reason") == "ExitCode":
-        parts = [f"ExitCode {job['exit_code']}"]
-    return "; ".join(parts)
 
 
 def _priority(job: dict[str, Any]) -> str:

@@ -9,8 +9,8 @@ unknown (infinite); the hold still stands, so the job starts as soon as they dra
 
 from __future__ import annotations
 
-from scheduler.cluster_state import INF, WHOLE, ClusterState, Hold, Slot
-from scheduler.placement_types import PendingJob, ReservationPlan
+from scheduler.policy.cluster_state import INF, WHOLE, ClusterState, Hold, Slot
+from scheduler.policy.types import PendingJob, ReservationPlan
 
 
 def plan_reservation(cluster: ClusterState, job: PendingJob, now: float) -> tuple[list[Slot], float] | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jobs.sizes import format_size
-from scheduler.accounting import GpuAccount
+from scheduler.policy.accounting import GpuAccount
 
 
 @dataclass(frozen=True)

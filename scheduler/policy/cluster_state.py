@@ -12,8 +12,8 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-from scheduler.accounting import AccountingPolicy, GpuAccount
-from scheduler.placement_types import PendingJob, RunningJob
+from scheduler.policy.accounting import AccountingPolicy, GpuAccount
+from scheduler.policy.types import PendingJob, RunningJob
 
 INF = math.inf
 IGNORE_HOLDS = -INF  # as a job's end: "as if it ended before every hold" (would it fit at all?)

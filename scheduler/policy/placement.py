@@ -18,12 +18,13 @@ from collections.abc import Mapping
 from jobs.config import PolicyConfig
 from jobs.sizes import format_size
 from jobs.states import Reason
-from scheduler.accounting import AccountingPolicy, GpuAccount
-from scheduler.cluster_state import IGNORE_HOLDS, INF, ClusterState, clone
-from scheduler.fairshare import fairshare_factors
-from scheduler.feasibility import Feasibility, Shape
-from scheduler.limits import UserLimits
-from scheduler.placement_types import (
+from scheduler.policy.accounting import AccountingPolicy, GpuAccount
+from scheduler.policy.cluster_state import IGNORE_HOLDS, INF, ClusterState, clone
+from scheduler.policy.fairshare import fairshare_factors
+from scheduler.policy.feasibility import Feasibility, Shape
+from scheduler.policy.limits import UserLimits
+from scheduler.policy.reservations import reserve
+from scheduler.policy.types import (
     Assignment,
     PendingJob,
     PlacementResult,
@@ -31,7 +32,6 @@ from scheduler.placement_types import (
     RunningJob,
     Waiting,
 )
-from scheduler.reservations import reserve
 
 __all__ = ["Assignment", "PendingJob", "PlacementResult", "RunningJob", "Waiting", "order_jobs", "place"]
 

@@ -15,8 +15,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from jobs.render import _progress, _why, duration
 from jobs.sizes import format_size
+from jobs.text import duration
+from jobs.text import progress as _progress
+from jobs.text import why as _why
 
 BAR_WIDTH = 30
 QUEUE_HEAD = 10

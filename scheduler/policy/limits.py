@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from jobs.config import PolicyConfig
 from jobs.sizes import format_size
-from scheduler.placement_types import PendingJob, RunningJob
+from scheduler.policy.types import PendingJob, RunningJob
 
 
 @dataclass

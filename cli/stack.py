@@ -97,7 +97,7 @@ def run_stack(config: Config, *, sim_gpus: str | None, name: str | None) -> int:
         if sim_gpus is None and not config.worker.simulate_gpus and not _nvml_has_gpus():
             sim_gpus = "2x24GiB"
             print("gpulab: no NVIDIA GPU found; simulating 2x24GiB", flush=True)
-        cli = [sys.executable, "-m", "jobs.cli"]
+        cli = [sys.executable, "-m", "cli"]
         children.append(_start_child("scheduler", [*cli, "scheduler"], env))
         worker_args = (
             cli + ["worker"] + (["--sim-gpus", sim_gpus] if sim_gpus else []) + (["--name", name] if name else [])

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from jobs.arrays import parse_array
 from jobs.record import JobRecord
-from scheduler.accounting import Reservation
-from scheduler.placement_types import PendingJob, RunningJob
-from scheduler.usage import run_start
+from scheduler.policy.accounting import Reservation
+from scheduler.policy.types import PendingJob, RunningJob
 
 
 def pending_job(record: JobRecord) -> PendingJob:
@@ -39,3 +38,18 @@ def running_job(record: JobRecord, reservation: Reservation | None) -> RunningJo
         ends_at=start + limit if (start is not None and limit) else None,
         array_id=record.array_id,
     )
+
+
+def run_start(record: JobRecord) -> float | None:
+    """When the job took its GPUs: assignment (memory is promised from then on)."""
+    return record.assigned_at if record.assigned_at is not None else record.started_at
+
+
+def charge_bytes(record: JobRecord, reservation: Reservation | None, whole_gpu_bytes: int) -> int:
+    """What a job holds, for fair share: per GPU, its reservation (or request) or its peak."""
+    peak = record.peak_bytes
+    if reservation is not None:
+        return sum(max(held, peak.get(uuid, 0)) for uuid, held in reservation.gpus.items())
+    spec = record.spec
+    per_gpu = whole_gpu_bytes if spec.whole_gpu else (spec.mem_bytes or 0)
+    return max(spec.gpus * per_gpu, sum(peak.values()))

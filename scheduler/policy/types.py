@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jobs.states import Reason
-from scheduler.accounting import GpuAccount
+from scheduler.policy.accounting import GpuAccount
 
 
 @dataclass(frozen=True)

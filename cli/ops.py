@@ -1,7 +1,7 @@
 """Admin and operations commands: `gpulab history`, `gpulab top`, `gpulab doctor`.
 
 Registered onto the CLI's group by `register(main, Context)` (jobs/cli.py), so this module
-never imports jobs.cli (which may be running as __main__).
+never imports cli.main (which may be running as __main__).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from jobs.render import duration, table_console
+from cli.render import duration, table_console
 from jobs.sizes import format_size
 from jobs.spec import SpecError, parse_time_limit
 
@@ -83,7 +83,7 @@ def history_table(jobs: list[dict[str, Any]]) -> Table:
 
 
 def register(main: click.Group, context_class: type) -> None:
-    """Add history, top and doctor to the CLI. `context_class` is jobs.cli.Context."""
+    """Add history, top and doctor to the CLI. `context_class` is cli.main.Context."""
 
     def ctx_obj() -> Any:
         return click.get_current_context().ensure_object(context_class)
@@ -117,7 +117,7 @@ def register(main: click.Group, context_class: type) -> None:
     @click.option("--interval", type=click.FloatRange(0.2, 60), default=1.5, show_default=True)
     def top(once: bool, interval: float) -> None:
         """Live view: GPUs (gpulab / others / free), running jobs, head of the queue. Ctrl-C quits."""
-        from jobs.top import run_top
+        from cli.top import run_top
 
         ctx = ctx_obj()
         run_top(lambda: ctx.call(lambda: (ctx.client().gpus(), ctx.client().jobs())), once=once, interval=interval)
@@ -125,6 +125,6 @@ def register(main: click.Group, context_class: type) -> None:
     @main.command()
     def doctor() -> None:
         """Check Redis, NVML, the scheduler socket, workers and clocks; exit 1 on any FAIL."""
-        from jobs.doctor import run_doctor
+        from cli.doctor import run_doctor
 
         sys.exit(run_doctor(ctx_obj().config))

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import click
 import redis
 
+from cli.client import ApiClient, DaemonUnreachable
 from jobs import keys
-from jobs.client import ApiClient, DaemonUnreachable
 from jobs.config import Config, ConfigError
 from jobs.redis_conn import redact
 

@@ -15,12 +15,12 @@ from typing import Any, NoReturn
 
 import click
 
-from jobs import render
+from cli import render
+from cli.client import ApiClient, DaemonUnreachable
+from cli.env_capture import captured_env
+from cli.policy_options import node_group, policy_options, spec_fields
 from jobs.api import ApiError
-from jobs.cli_policy import node_group, policy_options, spec_fields
-from jobs.client import ApiClient, DaemonUnreachable
 from jobs.config import Config, ConfigError, load_config
-from jobs.env_capture import captured_env
 from jobs.spec import JobSpec, SpecError, parse_mem, parse_time_limit, validate_spec
 
 EXIT_USAGE = 2
@@ -371,13 +371,13 @@ def worker(ctx: Context, name: str | None, sim_gpus: str | None, verbose: bool) 
 @pass_ctx
 def up(ctx: Context, sim_gpus: str | None, name: str | None) -> None:
     """Redis (embedded if none) + scheduler + worker in the foreground. Ctrl-C stops all."""
-    from scheduler.stack import run_stack
+    from cli.stack import run_stack
 
     _sim_gpus(sim_gpus)  # validate before starting anything
     sys.exit(run_stack(ctx.config, sim_gpus=sim_gpus, name=name))
 
 
-from jobs.cli_ops import register as _register_ops  # noqa: E402
+from cli.ops import register as _register_ops  # noqa: E402
 
 _register_ops(main, Context)
 
