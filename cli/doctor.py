@@ -19,6 +19,7 @@ import redis
 from cli.client import ApiClient, DaemonUnreachable
 from jobs import keys
 from jobs.config import Config, ConfigError
+from jobs.invariants import violations
 from jobs.redis_conn import redact
 
 SKEW_WARN_S = 1.0
@@ -51,6 +52,21 @@ def check_persistence(client: redis.Redis) -> Iterator[Check]:
         else:
             fix = f"set '{key} {good[0]}' in redis.conf (see contrib/systemd/redis-gpulab.conf)"
             yield Check("FAIL" if key == "maxmemory-policy" else "WARN", f"redis {key}", f"is {value}: {fix}")
+
+
+def check_invariants(client: redis.Redis) -> Iterator[Check]:
+    """The ledger, leases and indexes agree (docs/ARCHITECTURE.md, "Invariants"), and no record
+    was quarantined."""
+    problems = violations(client)
+    for problem in problems:
+        yield Check("FAIL", "invariants", problem)
+    if not problems:
+        yield Check("ok", "invariants", "ledger = active jobs' reservations; every lease has a live job")
+    quarantined = client.xlen(keys.QUARANTINE)
+    if quarantined:
+        last = client.xrevrange(keys.QUARANTINE, count=1)[0][1]
+        job, why = _text(last.get(b"job", b"?")), _text(last.get(b"why", b"?"))
+        yield Check("WARN", "quarantine", f"{quarantined} invalid job records failed; last: job {job}: {why}")
 
 
 def check_clocks(client: redis.Redis, config: Config) -> Iterator[Check]:
@@ -102,6 +118,7 @@ def check_redis(config: Config) -> Iterator[Check]:
         yield Check("ok", "redis", f"reachable at {redact(url)}")
         yield from check_persistence(client)
         yield from check_clocks(client, config)
+        yield from check_invariants(client)
     finally:
         client.close()
 

@@ -6,24 +6,21 @@ Daemon commands (`scheduler`, `worker`, `up`) import their packages lazily.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from cli import render
-from cli.client import ApiClient, DaemonUnreachable
+from cli import ops, render
+from cli.context import EXIT_USAGE, Context, emit_json, fail, pass_ctx
 from cli.env_capture import captured_env
 from cli.policy_options import node_group, policy_options, spec_fields
-from jobs.api import ApiError
-from jobs.config import Config, ConfigError, load_config
+from jobs.config import ConfigError
 from jobs.spec import JobSpec, SpecError, parse_mem, parse_time_limit, validate_spec
 
-EXIT_USAGE = 2
 # Variables that describe the submitting shell's GPU view, not the job's: the worker sets them.
 NOT_CAPTURED = frozenset(
     {
@@ -31,45 +28,6 @@ NOT_CAPTURED = frozenset(
         "GPULAB_ARRAY_JOB_ID", "GPULAB_ARRAY_INDEX", "GPULAB_ARRAY_TASK_COUNT",
     }
 )  # fmt: skip
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"gpulab: {message}", err=True)
-    sys.exit(code)
-
-
-class Context:
-    def __init__(self) -> None:
-        self._config: Config | None = None
-
-    @property
-    def config(self) -> Config:
-        if self._config is None:
-            try:
-                self._config = load_config()
-            except ConfigError as exc:
-                fail(str(exc), EXIT_USAGE)
-        return self._config
-
-    def client(self) -> ApiClient:
-        return ApiClient(self.config.socket_path)
-
-    def call(self, fn: Any, *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except DaemonUnreachable as exc:
-            fail(str(exc), 1)
-        except ApiError as exc:
-            # Bad input or a refused request (including a per-user limit, 429): exit 2.
-            # Permission denied (403: not the job's owner nor an admin) and daemon trouble: exit 1.
-            fail(exc.message, EXIT_USAGE if exc.status in (400, 404, 409, 413, 429) else 1)
-
-
-pass_ctx = click.make_pass_decorator(Context, ensure=True)
-
-
-def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,19 +99,32 @@ def _submit(ctx: Context, spec: JobSpec, as_json: bool, as_user: str | None = No
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
 def submit(
-    ctx: Context, command: tuple[str, ...], gpus: int, mem: str | None, name: str | None, priority: int,
+    ctx: Context, /, command: tuple[str, ...], gpus: int, mem: str | None, name: str | None, priority: int,
     time_limit: str | None, hold: bool, as_json: bool, requeue: bool | None, factory: str | None,
     export: str | None, env_file: str | None, **policy: Any,
 ) -> None:  # fmt: skip
     """Queue a job: gpulab submit [OPTIONS] -- PROGRAM ARGS..."""
     kind = "command"
-    if factory:
-        command = (sys.executable, "-m", "worker.training", factory, "--", *command)
-        kind = "training"
+    if factory:  # the same road as `gpulab train FACTORY -- ARGS`, with the same defaults
+        command, stem = training_command(factory, [], command)
+        name, kind = name or stem, "training"
     spec = build_spec(
         command, gpus, mem, name, priority, time_limit, hold, _requeue(requeue, kind), kind, policy, export, env_file
     )
     _submit(ctx, spec, as_json, policy.get("as_user"))
+
+
+def training_command(factory: str, loop_args: list[str], factory_args: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """The built-in loop's argv and a default job name. `-P`: the job's cwd is not put first on
+    sys.path, so nothing in the user's project can shadow gpulab's own modules (the loop adds
+    the cwd at the end of the path to import the user's factory)."""
+    if factory.endswith(".py") or ".py:" in factory:
+        path, _, func = factory.partition(":")
+        if not Path(path).is_file():
+            fail(f"train: no such file: {path}", EXIT_USAGE)
+        factory = str(Path(path).resolve()) + (f":{func}" if func else "")
+    command = (sys.executable, "-P", "-m", "worker.training", factory, *loop_args, "--", *factory_args)
+    return command, Path(factory.split(":")[0]).stem
 
 
 def _requeue(flag: bool | None, kind: str) -> bool:
@@ -172,7 +143,7 @@ def _requeue(flag: bool | None, kind: str) -> bool:
 @click.argument("factory_args", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
 def train(
-    ctx: Context, factory: str, factory_args: tuple[str, ...], gpus: int, mem: str | None, name: str | None,
+    ctx: Context, /, factory: str, factory_args: tuple[str, ...], gpus: int, mem: str | None, name: str | None,
     priority: int, time_limit: str | None, hold: bool, as_json: bool, epochs: int | None, seed: int | None,
     amp: str | None, requeue: bool, checkpoint_steps: int | None, **policy: Any,
 ) -> None:  # fmt: skip
@@ -182,13 +153,7 @@ def train(
     for flag, value in options:
         if value is not None:
             loop_args += [flag, str(value)]
-    if factory.endswith(".py") or ".py:" in factory:
-        path, _, func = factory.partition(":")
-        if not Path(path).is_file():
-            fail(f"train: no such file: {path}", EXIT_USAGE)
-        factory = str(Path(path).resolve()) + (f":{func}" if func else "")
-    command = (sys.executable, "-m", "worker.training", factory, *loop_args, "--", *factory_args)
-    stem = Path(factory.split(":")[0]).stem
+    command, stem = training_command(factory, loop_args, factory_args)
     spec = build_spec(command, gpus, mem, name or stem, priority, time_limit, hold, requeue, "training", policy)
     _submit(ctx, spec, as_json, policy.get("as_user"))
 
@@ -207,7 +172,7 @@ def queue_cmd(ctx: Context, all_jobs: bool, as_json: bool) -> None:
 
 
 main.add_command(queue_cmd, name="q")
-main.add_command(node_group(Context))
+main.add_command(node_group)
 
 
 @main.command()
@@ -377,9 +342,8 @@ def up(ctx: Context, sim_gpus: str | None, name: str | None) -> None:
     sys.exit(run_stack(ctx.config, sim_gpus=sim_gpus, name=name))
 
 
-from cli.ops import register as _register_ops  # noqa: E402
-
-_register_ops(main, Context)
+for command in (ops.history, ops.top, ops.doctor):
+    main.add_command(command)
 
 
 def run() -> None:

@@ -1,7 +1,6 @@
 """Admin and operations commands: `gpulab history`, `gpulab top`, `gpulab doctor`.
 
-Registered onto the CLI's group by `register(main, Context)` (jobs/cli.py), so this module
-never imports cli.main (which may be running as __main__).
+Added to the CLI's group by cli/main.py.
 """
 
 from __future__ import annotations
@@ -16,9 +15,11 @@ from typing import Any
 import click
 from rich.table import Table
 
-from cli.render import duration, table_console
+from cli.context import Context, pass_ctx
+from cli.render import table_console
 from jobs.sizes import format_size
 from jobs.spec import SpecError, parse_time_limit
+from jobs.text import duration
 
 HISTORY_COLUMNS = (
     "id", "name", "user", "placement", "submitted", "started", "ended", "wall", "peak", "request", "state",
@@ -82,49 +83,46 @@ def history_table(jobs: list[dict[str, Any]]) -> Table:
     return table
 
 
-def register(main: click.Group, context_class: type) -> None:
-    """Add history, top and doctor to the CLI. `context_class` is cli.main.Context."""
+@click.command()
+@click.option("--user", help="Only this user's jobs.")
+@click.option("--since", help="Ended at most this long ago (2h, 1d) or since a date (2026-11-27).")
+@click.option("--state", help="COMPLETED, FAILED or CANCELLED (comma-separated).")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--csv", "as_csv", is_flag=True)
+@pass_ctx
+def history(
+    ctx: Context,
+    /,
+    user: str | None, since: str | None, state: str | None, limit: int, as_json: bool, as_csv: bool
+) -> None:
+    """Finished jobs, newest first: times, wall time, peak memory vs request, outcome."""
+    query = {"user": user, "since": parse_since(since) if since else None, "state": state, "limit": limit}
+    jobs = ctx.call(lambda: ctx.client().history(**query))
+    if as_json:
+        click.echo(json.dumps({"jobs": jobs}, indent=2, sort_keys=True))
+    elif as_csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(history_row(job) for job in jobs)
+    else:
+        # Piped output (grep, awk) keeps whole rows rather than rich's 80-column default.
+        table_console().print(history_table(jobs))
 
-    def ctx_obj() -> Any:
-        return click.get_current_context().ensure_object(context_class)
+@click.command()
+@click.option("--once", is_flag=True, help="Print one frame and exit.")
+@click.option("--interval", type=click.FloatRange(0.2, 60), default=1.5, show_default=True)
+@pass_ctx
+def top(ctx: Context, /, once: bool, interval: float) -> None:
+    """Live view: GPUs (gpulab / others / free), running jobs, head of the queue. Ctrl-C quits."""
+    from cli.top import run_top
 
-    @main.command()
-    @click.option("--user", help="Only this user's jobs.")
-    @click.option("--since", help="Ended at most this long ago (2h, 1d) or since a date (2026-11-27).")
-    @click.option("--state", help="COMPLETED, FAILED or CANCELLED (comma-separated).")
-    @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
-    @click.option("--json", "as_json", is_flag=True)
-    @click.option("--csv", "as_csv", is_flag=True)
-    def history(
-        user: str | None, since: str | None, state: str | None, limit: int, as_json: bool, as_csv: bool
-    ) -> None:
-        """Finished jobs, newest first: times, wall time, peak memory vs request, outcome."""
-        ctx = ctx_obj()
-        query = {"user": user, "since": parse_since(since) if since else None, "state": state, "limit": limit}
-        jobs = ctx.call(lambda: ctx.client().history(**query))
-        if as_json:
-            click.echo(json.dumps({"jobs": jobs}, indent=2, sort_keys=True))
-        elif as_csv:
-            writer = csv.DictWriter(sys.stdout, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(history_row(job) for job in jobs)
-        else:
-            # Piped output (grep, awk) keeps whole rows rather than rich's 80-column default.
-            table_console().print(history_table(jobs))
+    run_top(lambda: ctx.call(lambda: (ctx.client().gpus(), ctx.client().jobs())), once=once, interval=interval)
 
-    @main.command()
-    @click.option("--once", is_flag=True, help="Print one frame and exit.")
-    @click.option("--interval", type=click.FloatRange(0.2, 60), default=1.5, show_default=True)
-    def top(once: bool, interval: float) -> None:
-        """Live view: GPUs (gpulab / others / free), running jobs, head of the queue. Ctrl-C quits."""
-        from cli.top import run_top
+@click.command()
+@pass_ctx
+def doctor(ctx: Context, /) -> None:
+    """Check Redis, NVML, the scheduler socket, workers and clocks; exit 1 on any FAIL."""
+    from cli.doctor import run_doctor
 
-        ctx = ctx_obj()
-        run_top(lambda: ctx.call(lambda: (ctx.client().gpus(), ctx.client().jobs())), once=once, interval=interval)
-
-    @main.command()
-    def doctor() -> None:
-        """Check Redis, NVML, the scheduler socket, workers and clocks; exit 1 on any FAIL."""
-        from cli.doctor import run_doctor
-
-        sys.exit(run_doctor(ctx_obj().config))
+    sys.exit(run_doctor(ctx.config))

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from cli.context import Context, pass_ctx
 from jobs.api import node_path
 from jobs.spec import SpecError
 
@@ -56,31 +57,25 @@ def spec_fields(policy: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def node_group(context_class: type) -> click.Group:
-    """`gpulab node drain NAME` / `gpulab node resume NAME` (admins). `context_class` is the
-    CLI's Context (its `call` turns API errors into one line and an exit code)."""
+@click.group(name="node")
+def node_group() -> None:
+    """Node administration: drain (no new jobs; running ones finish) and resume."""
 
-    def request(path: str, body: dict[str, str]) -> Any:
-        ctx: Any = click.get_current_context().ensure_object(context_class)
-        return ctx.call(lambda: ctx.client().request("POST", path, body))
 
-    @click.group(name="node")
-    def node() -> None:
-        """Node administration: drain (no new jobs; running ones finish) and resume."""
+@node_group.command()
+@click.argument("name")
+@click.option("--reason", default="", help="Shown in `gpulab gpus`.")
+@pass_ctx
+def drain(ctx: Context, /, name: str, reason: str) -> None:
+    """Stop placing jobs on NAME; its running jobs finish."""
+    answer = ctx.call(lambda: ctx.client().request("POST", node_path(name, "drain"), {"reason": reason}))
+    click.echo(f"{answer['node']} draining")
 
-    @node.command()
-    @click.argument("name")
-    @click.option("--reason", default="", help="Shown in `gpulab gpus`.")
-    def drain(name: str, reason: str) -> None:
-        """Stop placing jobs on NAME; its running jobs finish."""
-        answer = request(node_path(name, "drain"), {"reason": reason})
-        click.echo(f"{answer['node']} draining")
 
-    @node.command()
-    @click.argument("name")
-    def resume(name: str) -> None:
-        """Place jobs on NAME again."""
-        answer = request(node_path(name, "resume"), {})
-        click.echo(f"{answer['node']} resumed")
-
-    return node
+@node_group.command()
+@click.argument("name")
+@pass_ctx
+def resume(ctx: Context, /, name: str) -> None:
+    """Place jobs on NAME again."""
+    answer = ctx.call(lambda: ctx.client().request("POST", node_path(name, "resume"), {}))
+    click.echo(f"{answer['node']} resumed")

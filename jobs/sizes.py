@@ -11,7 +11,7 @@ fine with a unit (`1.5TiB`) and rounded down to whole bytes.
 
 A bare number is bytes, accepted only from 1MiB (1048576) up and only as an integer: a
 bare `12` or `0.5` is almost certainly someone meaning gigabytes or half a card, and
-memory is requested in bytes per GPU, not as a fraction of one (DESIGN.md).
+memory is requested in bytes per GPU, not as a fraction of one (docs/ARCHITECTURE.md, "Memory accounting").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Job states, reasons, and the table of allowed transitions (DESIGN.md "Job states")."""
+"""Job states, reasons, and the table of allowed transitions (docs/ARCHITECTURE.md, "Job states")."""
 
 from __future__ import annotations
 

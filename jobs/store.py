@@ -228,13 +228,13 @@ class JobStore:
                     invalid[job_id] = str(exc)
         return records
 
-    def job_fields(self, job_ids: list[int], fields: tuple[str, ...]) -> list[list[str | None]]:
+    def job_fields(self, job_ids: list[int], fields: tuple[str, ...]) -> list[tuple[str | None, ...]]:
         """The named fields of many jobs in one call (None where missing), in `job_ids` order."""
         if not job_ids:
             return []
         flat = json.loads(self._fields(keys=[keys.job(j) for j in job_ids], args=[len(fields), *fields]))
         width = len(fields)
-        return [[v or None for v in flat[n * width : (n + 1) * width]] for n in range(len(job_ids))]
+        return [tuple(v or None for v in flat[n * width : (n + 1) * width]) for n in range(len(job_ids))]
 
     def raw_state(self, job_id: int) -> JobState | None:
         raw = self.redis.hget(keys.job(job_id), "state")

@@ -47,7 +47,7 @@ class ActiveReader:
             held = pipe.execute()
             for job_id, row, has_lease in zip(page, self.store.job_fields(page, FIELDS), held, strict=True):
                 if row[0]:  # a job whose hash is gone has no state: skip it
-                    values[job_id] = tuple(row)
+                    values[job_id] = row
                     leases[job_id] = bool(has_lease)
         parsed = {r.id: r for r in self.store.get_many((i for i in values if i not in self._cache), invalid)}
         cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}

@@ -37,7 +37,7 @@ class PendingReader:
             ids = [int(i) for i in self.redis.zrangebyscore(keys.PENDING, f"({after}", "+inf", start=0, num=PAGE)]
             for job_id, values in zip(ids, self.store.job_fields(ids, MUTABLE), strict=True):
                 if values[0]:  # a job whose hash is gone has no state: skip it
-                    current[job_id] = tuple(values)
+                    current[job_id] = values
             if len(ids) < PAGE:
                 break
             after = ids[-1]

