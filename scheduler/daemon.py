@@ -69,7 +69,7 @@ class Scheduler:
         self.dependencies = DependencyReader(client)
         self.usage = UsageTracker(client, config.policy.fairshare_half_life_s)
         self._set_info = client.register_script(scripts.SET_PENDING_INFO)
-        self._jobs: dict[int, PendingJob] = {}  # derived from what never changes: spec, user, submit time
+        self._jobs: dict[tuple[int, int], PendingJob] = {}  # by (id, attempt): spec, user, submit time
 
     def run_forever(self, stop: threading.Event) -> None:
         """Pass after pass until `stop`. Nothing a user stored or Redis answered ends the loop:
@@ -114,7 +114,8 @@ class Scheduler:
         usage = self.usage.update(now, active, ledger, whole_gpu_bytes)
         eligible, reasons = self._dependencies(waiting)
         running = [running_job(r, ledger.get(r.id)) for r in active]
-        jobs = {r.id: self._jobs.get(r.id) or pending_job(r) for r in eligible}
+        # Placement inputs are derived from what does not change within an attempt.
+        jobs = {(r.id, r.attempt): self._jobs.get((r.id, r.attempt)) or pending_job(r) for r in eligible}
         self._jobs = jobs
         place_started = time.perf_counter()
         result = place(

@@ -41,6 +41,12 @@ class PendingReader:
             if len(ids) < PAGE:
                 break
             after = ids[-1]
+        # A new attempt may come with a new spec (an OOM retry raises --mem): read it whole.
+        stale = {
+            i for i, values in current.items() if i in self._cache and _attempt(self._cache[i][0]) != _attempt(values)
+        }
+        for job_id in stale:
+            del self._cache[job_id]
         parsed = {r.id: r for r in self.store.get_many((i for i in current if i not in self._cache), invalid)}
         cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
         for job_id, values in current.items():
@@ -52,6 +58,10 @@ class PendingReader:
                 cache[job_id] = (tuple(_field(record, f) for f in MUTABLE), record)
         self._cache = cache
         return [record for _, record in cache.values()]
+
+
+def _attempt(values: tuple[str | None, ...]) -> str | None:
+    return values[MUTABLE.index("attempt")]
 
 
 def _field(record: JobRecord, name: str) -> str | None:

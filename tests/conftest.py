@@ -1,46 +1,18 @@
 """Shared fixtures: a real redis-server for the whole session (on a free port, AOF on, as in
-production) and a `Stack` that starts real scheduler and worker daemons as subprocesses."""
+production), a clean client per test, and `stack` / `make_stack`, which start real scheduler
+and worker daemons as subprocesses (tests/helpers/stack.py)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from cli.client import ApiClient
-from jobs.record import JobRecord
-from jobs.states import JobState
-from jobs.store import JobStore
 from scheduler.redis_server import RedisServer
-
-ROOT = Path(__file__).resolve().parent.parent
-WAIT_S = 60.0  # generous upper bound for any awaited event on a loaded 2-core CI machine
-
-TEST_CONFIG = """
-[scheduler]
-housekeeping_interval_s = 0.5
-assign_timeout_s = 10
-
-[worker]
-heartbeat_interval_s = 0.2
-lease_ttl_s = 3
-kill_grace_s = 2
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers.stack import Stack, free_port, test_config
 
 
 @pytest.fixture(scope="session")
@@ -59,165 +31,29 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.close()
 
 
-class Daemon:
-    """A daemon subprocess whose output is collected; `wait_line` awaits a line."""
+@pytest.fixture
+def make_stack(
+    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
+) -> Iterator[Callable[..., Stack]]:
+    """make_stack(scheduler={...}, worker={...}): a stack whose config overrides the test
+    defaults. Every stack made is stopped at the end of the test."""
+    made: list[Stack] = []
 
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._pump, daemon=True).start()
+    def make(**sections: Mapping[str, Any]) -> Stack:
+        root = tmp_path / f"stack{len(made)}" if made else tmp_path
+        root.mkdir(exist_ok=True)
+        made.append(Stack(root, redis_server.url, redis_client, config_text=test_config(**sections)))
+        return made[-1]
 
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def wait_line(self, needle: str, timeout: float = WAIT_S) -> str:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    if needle in line:
-                        return line
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.proc.poll() is not None and not any(needle in x for x in self.lines)):
-                    raise AssertionError(f"no line with {needle!r}; output so far:\n" + "\n".join(self.lines))
-                self._changed.wait(remaining)
-
-    def stop(self, sig: int = 15) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=60)
-
-
-class Stack:
-    """A gpulab stack for one test: its own state dir, the session's Redis (flushed)."""
-
-    def __init__(self, tmp_path: Path, redis_url: str, client: redis.Redis, config_text: str = TEST_CONFIG) -> None:
-        self.state_dir = tmp_path / "state"
-        self.state_dir.mkdir()
-        config_path = tmp_path / "config.toml"
-        config_path.write_text(config_text)
-        self.env = dict(
-            os.environ,
-            GPULAB_STATE_DIR=str(self.state_dir),
-            GPULAB_REDIS_URL=redis_url,
-            GPULAB_CONFIG=str(config_path),
-            PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
-        )
-        self.redis = client
-        self.store = JobStore(client)
-        self.api = ApiClient(self.state_dir / "gpulab.sock")
-        self.daemons: list[Daemon] = []
-        self.scheduler: Daemon | None = None
-        self.tmp_path = tmp_path
-
-    @property
-    def sim_dir(self) -> Path:
-        return self.state_dir / "sim"
-
-    def start_scheduler(self) -> Daemon:
-        self.scheduler = Daemon([sys.executable, "-m", "cli", "scheduler"], self.env)
-        self.scheduler.wait_line("scheduler ready")
-        self.daemons.append(self.scheduler)
-        return self.scheduler
-
-    def start_worker(self, name: str = "n1", sim_gpus: str | None = "1x24GiB") -> Daemon:
-        """A worker on simulated GPUs, or on this host's real ones (through NVML) with sim_gpus=None."""
-        sim = ["--sim-gpus", sim_gpus] if sim_gpus else []
-        worker = Daemon([sys.executable, "-m", "cli", "worker", "--name", name, *sim], self.env)
-        worker.wait_line("worker ready")
-        self.daemons.append(worker)
-        return worker
-
-    def cli(self, *args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "cli", *args],
-            env=self.env,
-            cwd=cwd or self.tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=check,
-        )
-
-    def submit(self, *args: str) -> int:
-        result = self.cli("submit", *args)
-        assert result.returncode == 0, result.stderr
-        return int(result.stdout.strip())
-
-    def fifo(self, name: str) -> Path:
-        path = self.tmp_path / name
-        os.mkfifo(path)
-        return path
-
-    def hold_job_args(self, size: str, fifo: Path, *extra: str) -> list[str]:
-        return ["--", sys.executable, "-m", "tests.helpers.hold_job", size, str(fifo), *extra]
-
-    def wait_for(self, job_id: int, predicate: Callable[[JobRecord], bool], timeout: float = WAIT_S) -> JobRecord:
-        record = self.store.wait_for(job_id, predicate, timeout)
-        assert record is not None and predicate(record), f"job {job_id} never matched; now {record}"
-        return record
-
-    def wait_state(self, job_id: int, *states: JobState, timeout: float = WAIT_S) -> JobRecord:
-        return self.wait_for(job_id, lambda r: r.state in states, timeout)
-
-    def wait_log(self, job_id: int, needle: str, timeout: float = WAIT_S) -> str:
-        """Await a line in a job's log. The log is a plain file, so this polls it (bounded)."""
-        return eventually(lambda: _log_line(self.state_dir / "logs" / f"{job_id}.log", needle), timeout)
-
-    def stop(self) -> None:
-        for daemon in reversed(self.daemons):
-            daemon.stop()
-
-
-def _log_line(path: Path, needle: str) -> str | None:
-    try:
-        for line in path.read_text().splitlines():
-            if needle in line:
-                return line
-    except FileNotFoundError:
-        pass
-    return None
-
-
-def eventually(probe: Callable[[], Any], timeout: float = WAIT_S, interval: float = 0.05) -> Any:
-    """For conditions with no event to await (a file's content, a heartbeat's snapshot):
-    poll `probe` until it returns something truthy, failing after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {probe}")
-        time.sleep(interval)
-
-
-def release(fifo: Path, code: int = 0) -> None:
-    """Let a hold_job finish with `code` (opening the FIFO blocks until the job reads it)."""
-    with open(fifo, "w") as f:
-        f.write(str(code))
+    yield make
+    for s in reversed(made):
+        s.stop()
 
 
 @pytest.fixture
-def stack(tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis) -> Iterator[Stack]:
-    s = Stack(tmp_path, redis_server.url, redis_client)
-    yield s
-    s.stop()
+def stack(make_stack: Callable[..., Stack]) -> Stack:
+    """A stack with the test defaults."""
+    return make_stack()
 
 
 @pytest.hookimpl(hookwrapper=True)

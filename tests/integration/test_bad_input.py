@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from jobs import keys
-from tests.conftest import Stack
+from tests.helpers.stack import Stack
 
 BAD_SUBMISSIONS = [
     (["--mem", "10XB", "--", "true"], "--mem"),

@@ -6,7 +6,7 @@ import json
 
 from jobs import keys
 from jobs.states import JobState
-from tests.conftest import Stack, release
+from tests.helpers.stack import Stack, release
 
 
 def test_three_10gib_jobs_on_one_24gib_gpu_run_two_at_a_time(stack: Stack) -> None:

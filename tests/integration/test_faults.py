@@ -7,7 +7,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -18,7 +18,7 @@ from jobs import keys
 from jobs.gpus import GpuDevice, GpuSnapshot, NodeHeartbeat
 from jobs.states import JobState
 from scheduler.redis_server import RedisServer
-from tests.conftest import TEST_CONFIG, Stack, eventually, free_port, release
+from tests.helpers.stack import Stack, eventually, free_port, release
 
 
 def _fake_node(client: redis.Redis, name: str) -> None:
@@ -30,24 +30,19 @@ def _fake_node(client: redis.Redis, name: str) -> None:
 
 
 def test_job_assigned_to_a_worker_that_never_starts_it_is_requeued(
-    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
+    make_stack: Callable[..., Stack], redis_client: redis.Redis
 ) -> None:
-    stack = Stack(
-        tmp_path, redis_server.url, redis_client, TEST_CONFIG.replace("assign_timeout_s = 10", "assign_timeout_s = 1")
-    )
-    try:
-        _fake_node(redis_client, "ghost")
-        stack.start_scheduler()
-        job_id = stack.submit("--mem", "1GiB", "--", "true")
-        assert stack.wait_state(job_id, JobState.ASSIGNED).node == "ghost"
-        redis_client.delete(keys.node("ghost"))  # the ghost vanishes with the job assigned to it
-        requeued = stack.wait_state(job_id, JobState.PENDING)
-        assert "did not start it" in requeued.detail and requeued.state == JobState.PENDING
-        stack.start_worker("real")
-        done = stack.wait_state(job_id, JobState.COMPLETED)
-        assert (done.node, done.attempt) == ("real", 2)
-    finally:
-        stack.stop()
+    stack = make_stack(scheduler={"assign_timeout_s": 1})
+    _fake_node(redis_client, "ghost")
+    stack.start_scheduler()
+    job_id = stack.submit("--mem", "1GiB", "--", "true")
+    assert stack.wait_state(job_id, JobState.ASSIGNED).node == "ghost"
+    redis_client.delete(keys.node("ghost"))  # the ghost vanishes with the job assigned to it
+    requeued = stack.wait_state(job_id, JobState.PENDING)
+    assert "did not start it" in requeued.detail and requeued.state == JobState.PENDING
+    stack.start_worker("real")
+    done = stack.wait_state(job_id, JobState.COMPLETED)
+    assert (done.node, done.attempt) == ("real", 2)
 
 
 def _check_invariants(client: redis.Redis, total: int) -> None:
@@ -169,23 +164,19 @@ def test_job_that_finished_as_its_lease_expired_is_not_run_again(stack: Stack) -
 
 @pytest.mark.slow
 def test_job_that_kills_its_worker_every_time_is_held_after_the_requeue_limit(
-    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
+    make_stack: Callable[..., Stack],
 ) -> None:
-    config = TEST_CONFIG.replace("[scheduler]\n", "[scheduler]\nmax_requeues = 2\n")
-    stack = Stack(tmp_path, redis_server.url, redis_client, config)
-    try:
-        stack.start_scheduler()
-        killer = "import os, signal; os.kill(os.getppid(), signal.SIGKILL)"  # its parent is the worker
-        job_id = stack.submit("--requeue", "--mem", "1GiB", "--", sys.executable, "-c", killer)
-        for attempt in (1, 2, 3):
-            worker = stack.start_worker()
-            assert worker.proc.wait(timeout=60) == -signal.SIGKILL  # the job took it down
-            stack.daemons.remove(worker)
-            record = stack.wait_for(job_id, lambda r: r.state in (JobState.PENDING, JobState.HELD))
-            assert record.attempt == attempt
-        assert record.state == JobState.HELD and "held after 3 attempts" in record.detail
-    finally:
-        stack.stop()
+    stack = make_stack(scheduler={"max_requeues": 2})
+    stack.start_scheduler()
+    killer = "import os, signal; os.kill(os.getppid(), signal.SIGKILL)"  # its parent is the worker
+    job_id = stack.submit("--requeue", "--mem", "1GiB", "--", sys.executable, "-c", killer)
+    for attempt in (1, 2, 3):
+        worker = stack.start_worker()
+        assert worker.proc.wait(timeout=60) == -signal.SIGKILL  # the job took it down
+        stack.daemons.remove(worker)
+        record = stack.wait_for(job_id, lambda r: r.state in (JobState.PENDING, JobState.HELD))
+        assert record.attempt == attempt
+    assert record.state == JobState.HELD and "held after 3 attempts" in record.detail
 
 
 def test_job_using_more_than_its_request_is_flagged_at_once(stack: Stack) -> None:

@@ -9,7 +9,7 @@ import threading
 
 from jobs import keys
 from jobs.states import JobState
-from tests.conftest import Stack, eventually, release
+from tests.helpers.stack import Stack, eventually, release
 
 
 def test_two_jobs_asking_60_percent_never_run_together_even_before_allocating(stack: Stack) -> None:

@@ -12,28 +12,24 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs.states import JobState
-from scheduler.redis_server import RedisServer
-from tests.conftest import ROOT, TEST_CONFIG, Stack, free_port, release
+from tests.helpers.stack import ROOT, Stack, free_port, release
 
 GiB = 2**30
 
 
 @pytest.fixture
-def web_stack(tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis) -> Iterator[tuple[Stack, int]]:
+def web_stack(make_stack: Callable[..., Stack]) -> tuple[Stack, int]:
     port = free_port()
-    config = TEST_CONFIG.replace("[scheduler]\n", f"[scheduler]\nmetrics_port = {port}\n")
-    s = Stack(tmp_path, redis_server.url, redis_client, config_text=config)
+    s = make_stack(scheduler={"metrics_port": port})
     s.env["COLUMNS"] = "200"
-    yield s, port
-    s.stop()
+    return s, port
 
 
 def get(port: int, path: str) -> tuple[int, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.states import JobState
-from tests.conftest import TEST_CONFIG, Stack, release
+from tests.helpers.stack import TEST_CONFIG, Stack, release
 from tests.helpers.users import USERS, needs_users
 
 GIB = 2**30

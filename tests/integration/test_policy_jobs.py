@@ -14,7 +14,7 @@ from jobs.api import ApiError
 from jobs.config import Config
 from jobs.states import JobState
 from scheduler.service import Caller, SchedulerService
-from tests.conftest import TEST_CONFIG, Stack, release
+from tests.helpers.stack import TEST_CONFIG, Stack, release
 
 
 def _max_running(stack: Stack, ids: set[int]) -> int:

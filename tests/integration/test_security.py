@@ -9,12 +9,11 @@ import pickle
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rq import Queue
@@ -23,17 +22,14 @@ from jobs import keys
 from jobs.api import API_PREFIX
 from jobs.states import JobState
 from scheduler.redis_server import RedisServer
-from tests.conftest import ROOT, TEST_CONFIG, Daemon, Stack, free_port
-
-LIMITED = TEST_CONFIG.replace("[scheduler]\n", "[scheduler]\nmax_pending_per_user = 2\n")
+from tests.helpers.stack import ROOT, Daemon, Stack, free_port
 
 
 @pytest.fixture
-def limited(tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis) -> Iterator[Stack]:
-    stack = Stack(tmp_path, redis_server.url, redis_client, LIMITED)
+def limited(make_stack: Callable[..., Stack]) -> Stack:
+    stack = make_stack(scheduler={"max_pending_per_user": 2})
     stack.start_scheduler()  # no worker: submitted jobs stay PENDING
-    yield stack
-    stack.stop()
+    return stack
 
 
 def test_max_pending_per_user_refuses_past_the_limit_and_stores_nothing(limited: Stack) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from jobs import keys
 from jobs.states import JobState
-from tests.conftest import ROOT, Stack, eventually
+from tests.helpers.stack import ROOT, Stack, eventually
 
 pytestmark = pytest.mark.slow
 

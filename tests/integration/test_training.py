@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 from jobs.states import JobState
-from tests.conftest import Stack, eventually
+from tests.helpers.stack import Stack, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOW = str(ROOT / "tests" / "helpers" / "slow_digits.py")

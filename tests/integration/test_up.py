@@ -13,7 +13,7 @@ import redis
 
 from jobs.states import JobState
 from jobs.store import JobStore
-from tests.conftest import ROOT, Daemon
+from tests.helpers.stack import ROOT, Daemon
 
 
 def test_up_starts_private_redis_runs_a_job_and_stops_everything(tmp_path: Path) -> None:

@@ -6,18 +6,16 @@ from __future__ import annotations
 import json
 import os
 import pwd
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from cli.client import ApiClient
 from jobs.api import ApiError
 from jobs.states import JobState
-from scheduler.redis_server import RedisServer
-from tests.conftest import TEST_CONFIG, Stack
+from tests.helpers.stack import Stack
 from tests.helpers.users import as_user, needs_users
 
 pytestmark = needs_users
@@ -25,14 +23,12 @@ pytestmark = needs_users
 
 @pytest.fixture
 def multi_stack(
-    tmp_path: Path, shared_dir: Path, redis_server: RedisServer, redis_client: redis.Redis
-) -> Iterator[Stack]:
-    config = TEST_CONFIG.replace("[scheduler]\n", f'[scheduler]\nsocket = "{shared_dir / "gpulab.sock"}"\n')
-    stack = Stack(tmp_path, redis_server.url, redis_client, config)
+    make_stack: Callable[..., Stack], shared_dir: Path
+) -> Stack:
+    stack = make_stack(scheduler={"socket": shared_dir / "gpulab.sock"})
     stack.start_scheduler()
     stack.start_worker()
-    yield stack
-    stack.stop()
+    return stack
 
 
 def test_job_runs_as_its_submitter_and_its_files_are_theirs(
