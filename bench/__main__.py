@@ -4,6 +4,7 @@
     python -m bench latency [--jobs 200] [--backlog 1000] [--profile DIR]
     python -m bench replay [--trace openb|philly] [--quick] [--nodes N] ...
     python -m bench footprint [--window 10] [--held 10000]
+    python -m bench soak [--jobs 2000] [--chaos-every 2.0]   kills, freezes, Redis restarts
 
 Each writes what it printed to bench/results/ as markdown (replay also a .png).
 """
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import footprint, latency, training_overhead
+from bench import chaos_soak, footprint, latency, training_overhead
 from bench.replay import run as replay
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -32,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
     replay.add_arguments(sub.add_parser("replay", help="trace replay through place() and baselines"))
     footprint.add_arguments(sub.add_parser("footprint", help="daemons' idle CPU/RSS; Redis bytes per job"))
     training_overhead.add_arguments(sub.add_parser("training", help="training loop under gpulab vs bare"))
+    chaos_soak.add_arguments(sub.add_parser("soak", help="short jobs under worker kills/freezes, Redis restarts"))
     return p
 
 
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         save("footprint", footprint.run(args))
     elif args.command == "training":
         save("training_overhead", training_overhead.run(args))
+    elif args.command == "soak":
+        save("chaos_soak_quick" if args.quick else "chaos_soak", chaos_soak.run(args))
     elif args.command == "replay":
         replay.run(args)
     else:
