@@ -172,7 +172,7 @@ class Soak:
             f"| {attempts} | {len(lost)} | {len(overlapping)} | {len(twice)} | {len(problems)} |",
         ]
         if lost:
-            why = [f"{i} {records[i].state.value} {records[i].reason} {records[i].detail}" for i in lost[:10] if i in records]
+            why = [f"{i} {r.state.value} {r.reason} {r.detail}" for i in lost[:10] if (r := records.get(i))]
             lines.append("\nlost: " + "; ".join(why))
         if twice or overlapping:
             lines.append(f"\noverlapping: {overlapping[:20]}; ended twice: {twice[:20]}")
