@@ -36,9 +36,10 @@ import redis
 from jobs import keys
 from jobs.config import Config, PolicyConfig, SchedulerConfig
 from jobs.gpus import GpuDevice, GpuSnapshot, NodeHeartbeat
+from jobs.lifecycle import Transition
 from jobs.spec import JobSpec
 from jobs.states import JobState
-from jobs.store import JobStore, Transition
+from jobs.store import JobStore
 from scheduler.policy.accounting import AccountingPolicy, GpuAccount
 from scheduler.policy.placement import PendingJob, RunningJob, place
 
@@ -162,20 +163,19 @@ def heartbeats(client: redis.Redis) -> None:
 
 
 def submit_many(store: JobStore, rng: random.Random, count: int, start_id: int) -> None:
-    pipe = store.redis.pipeline(transaction=False)
+    """`count` synthetic jobs, stored through the store's own submit path, in chunks per user."""
+    by_user: dict[str, list[JobSpec]] = {}
     for i in range(count):
         job, _ = synthetic_job(rng, start_id + i, time.time())
         spec = JobSpec(
             command=("true",), cwd="/", gpus=job.gpus, mem_bytes=job.mem_bytes, priority=job.priority,
             time_limit_s=job.time_limit_s, env={"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8"},
         )  # fmt: skip
-        fields = {"spec": json.dumps(spec.to_json()), "state": "PENDING", "reason": "", "user": job.user,
-                  "uid": "0", "submitted_at": repr(time.time()), "attempt": "0"}  # fmt: skip
-        store._submit(keys=[keys.NEXT_JOB_ID, keys.PENDING, keys.WAKE, keys.EVENTS],
-                      args=[json.dumps(fields), repr(time.time()), keys.PREFIX], client=pipe)  # fmt: skip
-        if len(pipe) >= 2000:
-            pipe.execute()
-    pipe.execute()
+        by_user.setdefault(job.user, []).append(spec)
+    for user, specs in by_user.items():
+        for chunk in range(0, len(specs), 2000):
+            part = specs[chunk : chunk + 2000]
+            store.submit_reserved(store.reserve_ids(len(part)), part, user=user, uid=0)
 
 
 def complete_some(store: JobStore, rng: random.Random, share: float) -> int:

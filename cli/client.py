@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from jobs import api
+from jobs.text import safe
 
 
 class DaemonUnreachable(RuntimeError):
@@ -56,7 +57,9 @@ class ApiClient:
         except json.JSONDecodeError:
             raise api.ApiError(response.status, f"bad answer from the scheduler: {data[:200]!r}") from None
         if response.status >= 400:
-            raise api.ApiError(response.status, str(decoded.get("error", response.reason)))
+            # Errors may quote what someone sent: one escaped line on the user's terminal.
+            error = decoded.get("error", response.reason) if isinstance(decoded, dict) else response.reason
+            raise api.ApiError(response.status, safe(error, 500))
         return decoded
 
     def submit(self, spec: dict[str, Any]) -> int:

@@ -21,6 +21,7 @@ from jobs import keys
 from jobs.config import Config, ConfigError
 from jobs.invariants import violations
 from jobs.redis_conn import redact
+from jobs.text import safe
 
 SKEW_WARN_S = 1.0
 SKEW_FAIL_S = 30.0
@@ -155,5 +156,5 @@ def run_doctor(config: Config) -> int:
     for check in checks:
         style = {"ok": "green", "WARN": "yellow", "FAIL": "red"}[check.level]
         level = click.style(f"{check.level:<4}", fg=style) if not os.environ.get("NO_COLOR") else f"{check.level:<4}"
-        click.echo(f"{level}  {check.name}: {check.message}")
+        click.echo(f"{level}  {check.name}: {safe(check.message, 1000)}")  # it may quote a stored record
     return 1 if any(c.level == "FAIL" for c in checks) else 0

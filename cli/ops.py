@@ -14,12 +14,13 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from cli.context import Context, pass_ctx
 from cli.render import table_console
 from jobs.sizes import format_size
 from jobs.spec import SpecError, parse_time_limit
-from jobs.text import duration
+from jobs.text import duration, safe
 
 HISTORY_COLUMNS = (
     "id", "name", "user", "placement", "submitted", "started", "ended", "wall", "peak", "request", "state",
@@ -46,14 +47,15 @@ def _stamp(at: float | None) -> str:
 
 def history_row(job: dict[str, Any]) -> dict[str, str]:
     """One finished job as flat strings (the table and --csv share it)."""
-    placement = f"{job['node']}:" + ",".join(str(g["index"]) for g in job["gpus"]) if job["gpus"] else "-"
+    # Names, users, nodes and reasons are others' text: escaped (jobs/text.py safe), in the CSV too.
+    placement = safe(f"{job['node']}:" + ",".join(str(g["index"]) for g in job["gpus"])) if job["gpus"] else "-"
     started, ended = job.get("started_at"), job.get("ended_at")
     peak = max(job.get("peak_bytes", {}).values(), default=0)
     mem = job["spec"].get("mem_bytes")
     return {
         "id": str(job["id"]),
-        "name": job["name"],
-        "user": job["user"],
+        "name": safe(job["name"]),
+        "user": safe(job["user"]),
         "placement": placement,
         "submitted": _stamp(job.get("submitted_at")),
         "started": _stamp(started),
@@ -62,7 +64,7 @@ def history_row(job: dict[str, Any]) -> dict[str, str]:
         "peak": format_size(peak) if peak else "-",
         "request": "whole" if mem is None else format_size(int(mem)),
         "state": job["state"],
-        "reason": job.get("reason") or "",
+        "reason": safe(job.get("reason") or ""),
         "exit_code": "" if job.get("exit_code") is None else str(job["exit_code"]),
     }
 
@@ -77,8 +79,8 @@ def history_table(jobs: list[dict[str, Any]]) -> Table:
         if row["exit_code"]:
             state += f" exit {row['exit_code']}"
         table.add_row(
-            row["id"], row["name"], row["user"], row["placement"], row["submitted"], row["started"], row["ended"],
-            row["wall"], f"{row['peak']}/{row['request']}", state,
+            row["id"], Text(row["name"]), Text(row["user"]), Text(row["placement"]), row["submitted"], row["started"],
+            row["ended"], row["wall"], f"{row['peak']}/{row['request']}", Text(state),
         )  # fmt: skip
     return table
 

@@ -1,4 +1,11 @@
-"""Human output of the read commands: tables and durations. `--json` bypasses all of this."""
+"""Human output of the read commands: tables and durations. `--json` bypasses all of this.
+
+Most of what is shown was written by someone other than the reader (names, commands and
+directories by a job's owner, progress by the job itself, details by the daemons): every such
+string goes through `jobs.text.safe` (no control character or escape sequence reaches the
+terminal, one line each) and into tables as `Text` (never read as rich markup, which could
+style it or emit a hyperlink escape), and a wrong type in a job's status never raises.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +17,20 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from jobs.arrays import format_indexes, parse_array
 from jobs.sizes import format_size
-from jobs.text import duration
+from jobs.text import MAX_FIELD_CHARS, duration, number, safe
 from jobs.text import progress as _progress
 from jobs.text import why as _why
+
+LONG_FIELD_CHARS = 4096  # a command or directory in `show`: the reader wants all of it
+
+
+def cell(value: object, limit: int = MAX_FIELD_CHARS) -> Text:
+    """A table cell of text someone else wrote: escaped, cut, and never read as markup."""
+    return Text(safe(value, limit))
 
 
 def _mem(job: dict[str, Any]) -> str:
@@ -25,7 +40,7 @@ def _mem(job: dict[str, Any]) -> str:
 
 def _gpus(job: dict[str, Any]) -> str:
     if job["gpus"]:
-        return f"{job['node']}:" + ",".join(str(g["index"]) for g in job["gpus"])
+        return safe(f"{job['node']}:" + ",".join(str(g["index"]) for g in job["gpus"]))
     return str(job["spec"]["gpus"])
 
 
@@ -64,7 +79,7 @@ def _rows(jobs: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
     for group in order:
         job = group[0]
         if job.get("array_id") is None:
-            rows.append((str(job["id"]), job["name"], job))
+            rows.append((str(job["id"]), safe(job["name"]), job))
             continue
         array = job["spec"].get("array") or ""
         throttle = parse_array(array).throttle if array else 0
@@ -72,7 +87,7 @@ def _rows(jobs: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
         if len(group) > 1 and throttle:
             indexes += f"%{throttle}"
         ids = str(job["id"]) if len(group) == 1 else f"{group[0]['id']}-{group[-1]['id']}"
-        rows.append((ids, f"{job['name']}[{indexes}]", job))
+        rows.append((ids, f"{safe(job['name'])}[{indexes}]", job))
     return rows
 
 
@@ -88,19 +103,19 @@ def queue_table(jobs: list[dict[str, Any]], now: float | None = None) -> Table:
         peak = sum(job.get("peak_bytes", {}).values())
         extra = _progress(job) or (_why(job) + _estimate(job, now))
         if job["state"] in ("RUNNING",) and _progress(job) and job.get("mem_warning"):
-            extra += f"; {job['mem_warning']}"
+            extra += f"; {safe(job['mem_warning'])}"
         table.add_row(
             ids,
-            name,
-            job["user"],
-            job["state"],
-            _gpus(job),
+            Text(name),
+            cell(job["user"]),
+            cell(job["state"]),
+            Text(_gpus(job)),
             _mem(job),
             format_size(peak) if peak else "-",
             duration(now - job["submitted_at"]),
             duration(run_time),
             _priority(job),
-            extra,
+            Text(extra),
         )
     return table
 
@@ -111,25 +126,39 @@ def gpus_table(nodes: list[dict[str, Any]]) -> Table:
         table.add_column(column, no_wrap=True)
     for node in nodes:
         if not node["online"]:
-            table.add_row(node["name"], "-", "-", "-", "-", "-", "-", "-", "-", "offline")
+            table.add_row(cell(node["name"]), "-", "-", "-", "-", "-", "-", "-", "-", "offline")
             continue
         for gpu in node["gpus"]:
             state = "ok" if gpu["healthy"] else f"unhealthy: {gpu['error']}"
             if node.get("draining"):
                 state = "draining" + (f" ({node['drain_reason']})" if node.get("drain_reason") else "")
             table.add_row(
-                node["name"],
+                cell(node["name"]),
                 str(gpu["index"]),
-                gpu["name"],
+                cell(gpu["name"]),
                 format_size(gpu["total_bytes"]),
                 format_size(gpu["used_bytes"]),
                 format_size(gpu["gpulab_reserved_bytes"]),
                 format_size(gpu["others_used_bytes"]),
                 format_size(gpu["available_bytes"]),
                 str(gpu["jobs"]),
-                state,
+                cell(state),
             )
     return table
+
+
+def _metrics(status: dict[str, Any]) -> str:
+    """The job's own metrics (`show`, its owner only): whatever it wrote, as text."""
+    metrics = status.get("metrics")
+    if not isinstance(metrics, dict):
+        return ""
+    parts = []
+    for key, value in metrics.items():
+        if str(key).endswith("_at"):  # timestamps are for tools (--json), not for reading
+            continue
+        n = number(value)
+        parts.append(f"{key}={n:.4g}" if isinstance(value, float) and n is not None else f"{key}={value}")
+    return ", ".join(parts)
 
 
 def _policy_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
@@ -157,8 +186,8 @@ def show_job(console: Console, job: dict[str, Any]) -> None:
         ("Job", f"{job['id']} ({job['name']})"),
         ("State", job["state"] + (f" ({_why(job)})" if _why(job) else "")),
         ("User", f"{job['user']} (uid {job['uid']})"),
-        ("Command", " ".join(spec["command"])),
-        ("Directory", spec["cwd"]),
+        ("Command", safe(" ".join(safe(a, LONG_FIELD_CHARS) for a in spec["command"]), LONG_FIELD_CHARS)),
+        ("Directory", safe(spec["cwd"], LONG_FIELD_CHARS)),
         (
             "Request",
             f"{spec['gpus']} GPU(s) x {_mem(job)}"
@@ -169,30 +198,32 @@ def show_job(console: Console, job: dict[str, Any]) -> None:
         ("Attempt", str(job["attempt"])),
         ("Exit code", "-" if job.get("exit_code") is None else str(job["exit_code"])),
         ("Peak memory", ", ".join(f"{format_size(v)} on {k}" for k, v in job.get("peak_bytes", {}).items()) or "-"),
-        ("Log", job.get("log_path") or "-"),
+        ("Log", safe(job.get("log_path") or "-", LONG_FIELD_CHARS)),
     ]
-    status = job.get("status") or {}
-    if status.get("kind") == "training":
+    status = job.get("status")
+    if isinstance(status, dict) and status.get("kind") == "training":
         rows.append(("Progress", _progress(job)))
-        if status.get("metrics"):
-            rows.append(
-                (
-                    "Metrics",
-                    ", ".join(
-                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in status["metrics"].items()
-                        if not k.endswith("_at")  # timestamps are for tools (--json), not for reading
-                    ),
-                )
-            )
+        if _metrics(status):
+            rows.append(("Metrics", _metrics(status)))
     for label, value in rows:
-        console.print(f"[bold]{label:>12}[/bold]  {escape(str(value))}", highlight=False, markup=True)
+        # The label is ours; the value is escaped twice: safe() for the terminal, escape() for rich.
+        text = value if label in ("Command", "Directory", "Log") else safe(value, LONG_FIELD_CHARS)
+        console.print(f"[bold]{label:>12}[/bold]  {escape(text)}", highlight=False, markup=True)
     if job.get("history"):
         console.print("[bold]     History[/bold]")
         for event in job["history"]:
-            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(event.get("at", 0))))
-            text = " ".join(p for p in (event.get("state"), event.get("reason"), event.get("detail")) if p)
+            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(_seconds(event.get("at"))))
+            text = " ".join(safe(p) for p in (event.get("state"), event.get("reason"), event.get("detail")) if p)
             console.print(f"              {at}  {text}", highlight=False, markup=False)
+
+
+def _seconds(value: Any) -> float:
+    """A stored timestamp (text in Redis); 0 when it is not one."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return seconds if 0 <= seconds < 2**40 else 0.0
 
 
 def table_console() -> Console:

@@ -3,6 +3,9 @@
 Starts a private redis-server when the configured Redis is local and not answering, then
 the scheduler and one worker as child processes (their output prefixed), and stops them in
 reverse order on Ctrl-C / SIGTERM.
+
+One stack per state directory: `up` holds `<state_dir>/up.lock`, and starts nothing while a
+scheduler holds the state directory's lock (scheduler/instance.py); it says so and exits 1.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from jobs.config import Config
+from scheduler.instance import AlreadyRunning, InstanceLock, LockUnavailable, private_dir, refusal, scheduler_lock
 from scheduler.redis_server import RedisServer, RedisServerError, is_local, reachable
 
 READY_TIMEOUT_S = 60.0
@@ -67,7 +71,26 @@ def _start_child(label: str, argv: list[str], env: dict[str, str]) -> subprocess
 
 
 def run_stack(config: Config, *, sim_gpus: str | None, name: str | None) -> int:
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        private_dir(config.state_dir)
+        up_lock = InstanceLock(config.state_dir / "up.lock", "gpulab up", config.state_dir).acquire()
+    except (AlreadyRunning, LockUnavailable) as exc:
+        print(refusal(exc), file=sys.stderr, flush=True)
+        return 1
+    try:
+        with scheduler_lock(config.state_dir):
+            pass  # free: the scheduler we start takes it (it refuses, too, if one beats it to it)
+    except (AlreadyRunning, LockUnavailable) as exc:
+        print(refusal(exc), file=sys.stderr, flush=True)
+        up_lock.release()
+        return 1
+    try:
+        return _run_stack(config, sim_gpus=sim_gpus, name=name)
+    finally:
+        up_lock.release()
+
+
+def _run_stack(config: Config, *, sim_gpus: str | None, name: str | None) -> int:
     url = config.effective_redis_url
     redis_server: RedisServer | None = None
     children: list[subprocess.Popen[str]] = []

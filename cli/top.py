@@ -1,7 +1,8 @@
 """`gpulab top`: a live terminal view (rich.live) of GPUs, running jobs and the queue head.
 
 Memory bars split each GPU into gpulab (█), others (▓) and free (░), so they read the
-same with NO_COLOR (which rich honours).
+same with NO_COLOR (which rich honours). Text others wrote goes in as escaped `Text` cells
+(cli/render.py `cell`), like everywhere in the CLI.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from cli.render import cell
 from jobs.sizes import format_size
-from jobs.text import duration
+from jobs.text import duration, safe
 from jobs.text import progress as _progress
 from jobs.text import why as _why
 
@@ -44,15 +46,16 @@ def gpu_table(nodes: list[dict[str, Any]]) -> Table:
         table.add_column(column, no_wrap=True)
     for node in nodes:
         if not node["online"]:
-            table.add_row(node["name"], "-", Text("offline", style="red"), "", "", "", "", "")
+            table.add_row(cell(node["name"]), "-", Text("offline", style="red"), "", "", "", "", "")
         for gpu in node["gpus"]:
             total, gpulab = gpu["total_bytes"], max(gpu["gpulab_reserved_bytes"], gpu["gpulab_used_bytes"])
             others = gpu["others_used_bytes"]
             free = max(0, total - gpulab - others)
             label = f"{node['name']}" + (" (draining)" if node.get("draining") else "")
             table.add_row(
-                label, f"{gpu['index']} {gpu['name']}", memory_bar(total, gpulab, others), format_size(gpulab),
-                format_size(others), format_size(free), format_size(gpu["available_bytes"]), str(gpu["jobs"]),
+                cell(label), cell(f"{gpu['index']} {gpu['name']}"), memory_bar(total, gpulab, others),
+                format_size(gpulab), format_size(others), format_size(free), format_size(gpu["available_bytes"]),
+                str(gpu["jobs"]),
             )  # fmt: skip
     return table
 
@@ -64,13 +67,14 @@ def running_table(jobs: list[dict[str, Any]], now: float) -> Table:
     for job in jobs:
         if job["state"] not in ("RUNNING", "ASSIGNED"):
             continue
-        placement = f"{job['node']}:" + ",".join(str(g["index"]) for g in job["gpus"])
+        placement = safe(f"{job['node']}:" + ",".join(str(g["index"]) for g in job["gpus"]))
         current = sum(job.get("current_bytes", {}).values())
         peak = sum(job.get("peak_bytes", {}).values())
         started = job.get("started_at")
         table.add_row(
-            str(job["id"]), job["name"], job["user"], placement, f"{format_size(current)}/{format_size(peak)}",
-            duration(now - started if started else None), _progress(job) or job.get("mem_warning", ""),
+            str(job["id"]), cell(job["name"]), cell(job["user"]), Text(placement),
+            f"{format_size(current)}/{format_size(peak)}", duration(now - started if started else None),
+            cell(_progress(job) or job.get("mem_warning", "")),
         )  # fmt: skip
     return table
 
@@ -83,8 +87,9 @@ def queue_head(jobs: list[dict[str, Any]], now: float) -> Table:
         table.add_column(column, no_wrap=column not in ("NAME", "REASON"))
     for job in waiting[:QUEUE_HEAD]:
         table.add_row(
-            str(job["id"]), job["name"], job["user"], job["state"], duration(now - job["submitted_at"]), _why(job)
-        )
+            str(job["id"]), cell(job["name"]), cell(job["user"]), cell(job["state"]),
+            duration(now - job["submitted_at"]), Text(_why(job)),
+        )  # fmt: skip
     return table
 
 

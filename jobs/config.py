@@ -30,9 +30,19 @@ class SchedulerConfig:
     idle_gpu_max_used_bytes: int = 512 * 2**20
     assign_timeout_s: float = 30.0
     max_pending_per_user: int = 10_000
+    # Bytes of job specs (argv + captured environment, as stored) one submit may add, and one
+    # user's waiting jobs may hold: the count caps alone let a few `--array` submits of a big
+    # environment grow Redis by gigabytes. 0 = no cap.
+    max_submit_size_bytes: int = 32 * 2**20
+    max_stored_per_user_bytes: int = 256 * 2**20
     max_requeues: int = 5
     metrics_port: int = 0  # Prometheus /metrics + status page on this TCP port; 0 = off
     metrics_bind: str = "127.0.0.1"
+    # The API and the status page serve each connection on its own thread: these bound the
+    # threads, so one user's many (or slow) clients cannot lock everyone else out.
+    max_api_connections: int = 256
+    max_api_connections_per_user: int = 32
+    api_request_timeout_s: float = 10.0  # to send a whole request (slowloris clients are dropped)
 
 
 @dataclass(frozen=True)
@@ -120,7 +130,9 @@ def default_state_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "gpulab"
 
 
-_SIZE_KEYS = {"headroom", "spike_buffer", "idle_gpu_max_used", "max_mem_per_user"}
+_SIZE_KEYS = {
+    "headroom", "spike_buffer", "idle_gpu_max_used", "max_mem_per_user", "max_submit_size", "max_stored_per_user",
+}  # fmt: skip
 _TUPLE_KEYS = {"simulate_gpus", "admin_users"}
 
 

@@ -21,6 +21,7 @@ SCHEDULER_STATUS = f"{PREFIX}:scheduler"  # hash: last pass stats, pid, heartbea
 FAIRSHARE = f"{PREFIX}:fairshare"  # hash: user -> decayed usage (byte-seconds), "_at" -> charged until
 DRAINED = f"{PREFIX}:drained"  # hash: node name -> why (admin `gpulab node drain`); no new jobs there
 WAITING_COUNT = f"{PREFIX}:waiting"  # hash: user -> number of PENDING/HELD jobs (max_pending_per_user)
+WAITING_BYTES = f"{PREFIX}:waiting_bytes"  # hash: user -> bytes of their PENDING/HELD specs (max_stored_per_user)
 QUARANTINE = f"{PREFIX}:quarantine"  # stream: records a daemon refused (admin-visible, `gpulab doctor`)
 
 

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.spec import JobSpec
-from jobs.states import FINAL_STATES, JobState
+from jobs.states import FINAL_STATES, JobState, Reason
+from jobs.text import public_status
+
+# The job's own status file is written by the job: what is stored of it is bounded, so one
+# job cannot put megabytes into Redis and into everyone's queue listing.
+MAX_STATUS_BYTES = 64 * 1024
+MAX_STATUS_DEPTH = 16
+HIDDEN = "(hidden)"
+# Details that quote the job's own spec (its program, its directory): its owner's business.
+_PRIVATE_DETAIL = frozenset({Reason.LAUNCH_FAILED.value, Reason.INVALID.value})
 
 
 class InvalidRecord(ValueError):
@@ -62,7 +72,7 @@ class JobRecord:
         """Parse a stored hash; raise InvalidRecord (one line: why) if it does not validate."""
         try:
             return cls._from_hash(raw)
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:
             raise InvalidRecord(f"invalid job record: {type(exc).__name__}: {str(exc)[:200]}") from None
 
     @classmethod
@@ -101,18 +111,22 @@ class JobRecord:
         )
 
     def to_json(self, *, private: bool = True) -> dict[str, Any]:
-        """The record as the API and `--json` show it. `private=False` hides command and environment."""
+        """The record as the API and `--json` show it. Environment values never leave the
+        daemons (they may hold tokens): only variable names, and only to the owner.
+
+        `private=False` is what other users see: no command, directory, environment, log
+        path or status beyond numeric progress, and no detail that quotes the spec."""
         spec = self.spec.to_json()
-        # Environment values may hold tokens: only variable names ever leave the daemons.
         spec["env"] = sorted(self.spec.env) if private else []
         if not private:
-            spec["command"] = ["(hidden)"]
+            spec["command"] = [HIDDEN]
+            spec["cwd"] = HIDDEN
         return {
             "id": self.id,
             "name": self.spec.display_name,
             "state": self.state.value,
             "reason": self.reason,
-            "detail": self.detail,
+            "detail": self.detail if private else public_detail(self.reason, self.detail),
             "user": self.user,
             "uid": self.uid,
             "spec": spec,
@@ -129,23 +143,70 @@ class JobRecord:
             "peak_bytes": self.peak_bytes,
             "current_bytes": self.current_bytes,
             "mem_warning": self.mem_warning,
-            "status": self.status,
-            "log_path": self.log_path,
+            "status": self.status if private else public_status(self.status),
+            "log_path": self.log_path if private else "",
             "array_id": self.array_id,
             "array_index": self.array_index,
             "est_start_at": self.est_start_at if self.state == JobState.PENDING else None,
         }
 
 
+def public_detail(reason: str, detail: str) -> str:
+    """A reason's detail as another user may see it."""
+    return HIDDEN if detail and reason in _PRIVATE_DETAIL else detail
+
+
+def public_event(event: dict[str, str]) -> dict[str, str]:
+    """A history event as another user may see it."""
+    return {**event, "detail": public_detail(event.get("reason", ""), event.get("detail", ""))}
+
+
+def checked_status(value: Any) -> dict[str, Any] | None:
+    """A job-written status as it may be stored and shown: a JSON object of at most
+    MAX_STATUS_BYTES, nested at most MAX_STATUS_DEPTH, NaN and infinities as null (a diverged
+    loss is still worth showing). Anything else becomes a one-line note for its owner."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return _status_note("the status file must hold a JSON object")
+    try:
+        clean = _finite(value, 0)
+    except ValueError as exc:
+        return _status_note(str(exc))
+    if len(json.dumps(clean).encode()) > MAX_STATUS_BYTES:
+        return _status_note(f"the status file is over {MAX_STATUS_BYTES} bytes")
+    return clean  # type: ignore[no-any-return]
+
+
+def _status_note(why: str) -> dict[str, Any]:
+    return {"kind": "invalid", "error": f"{why}; not stored"}
+
+
+def _finite(value: Any, depth: int) -> Any:
+    if depth > MAX_STATUS_DEPTH:
+        raise ValueError(f"the status is nested deeper than {MAX_STATUS_DEPTH} levels")
+    if isinstance(value, dict):
+        return {str(k): _finite(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v, depth + 1) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, str | int | float):
+        return value
+    raise ValueError(f"the status holds a {type(value).__name__}, not JSON")
+
+
 def _status(value: str | None) -> dict[str, Any] | None:
-    """The job's own status (job-written, stored as checked by the worker): a dict or nothing."""
+    """The job's own status, as stored (checked again: older versions stored it whole)."""
     if not value:
         return None
+    if len(value) > MAX_STATUS_BYTES:
+        return _status_note(f"the status file is over {MAX_STATUS_BYTES} bytes")
     try:
-        data = json.loads(value)
-    except ValueError:
+        data = json.loads(value, parse_constant=lambda _name: None)
+    except (ValueError, RecursionError):
         return None
-    return data if isinstance(data, dict) else None
+    return checked_status(data) if isinstance(data, dict) else None
 
 
 def _float(value: str | None) -> float | None:

@@ -9,20 +9,27 @@ launch entry, appends the history event and wakes the scheduler - all or nothing
 """
 
 SUBMIT = """
--- KEYS: 1 pending, 2 wake, 3 events, 4 waiting counts (hash user -> n), then per job its
---       hash key and its events key (2 keys a job, in the order of the JSON list).
+-- KEYS: 1 pending, 2 wake, 3 events, 4 waiting counts (hash user -> n), 5 waiting bytes
+--       (hash user -> bytes of their waiting jobs' specs), then per job its hash key and its
+--       events key (2 keys a job, in the order of the JSON list).
 -- ARGV: 1 now, 2 JSON list of job field objects (string values, each with its 'id', reserved
---       beforehand with INCRBY), 3 max waiting jobs of this user ('' = no limit).
+--       beforehand with INCRBY), 3 max waiting jobs of this user ('' = no limit), 4 max bytes
+--       of specs of this user's waiting jobs ('' = no limit).
 -- All or nothing: an array's tasks appear together. Returns -1 (nothing stored) when the
--- jobs would take their user past ARGV[3] waiting jobs, else the number stored.
+-- jobs would take their user past ARGV[3] waiting jobs, -2 past ARGV[4] bytes, else the
+-- number stored.
 local jobs = cjson.decode(ARGV[2])
 if #jobs == 0 then return 0 end
 local user = jobs[1]['user']
 local waiting = tonumber(redis.call('HGET', KEYS[4], user) or '0')
 if ARGV[3] ~= '' and waiting + #jobs > tonumber(ARGV[3]) then return -1 end
+local added = 0
+for _, fields in ipairs(jobs) do added = added + string.len(fields['spec']) end
+local stored = tonumber(redis.call('HGET', KEYS[5], user) or '0')
+if ARGV[4] ~= '' and stored + added > tonumber(ARGV[4]) then return -2 end
 for i, fields in ipairs(jobs) do
   local id = fields['id']
-  local job_key, events_key = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
+  local job_key, events_key = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
   local args = {}
   for k, v in pairs(fields) do
     table.insert(args, k)
@@ -35,6 +42,7 @@ for i, fields in ipairs(jobs) do
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'job', id, 'state', fields['state'], 'at', ARGV[1])
 end
 redis.call('HINCRBY', KEYS[4], user, #jobs)
+redis.call('HINCRBY', KEYS[5], user, added)
 redis.call('LPUSH', KEYS[2], 'submit')
 redis.call('LTRIM', KEYS[2], 0, 99)
 return #jobs
@@ -42,7 +50,7 @@ return #jobs
 
 TRANSITION = """
 -- KEYS: 1 job, 2 job_events, 3 pending, 4 active, 5 finished, 6 ledger, 7 lease, 8 wake,
---       9 events, 10 waiting counts, 11 fence key, 12 RQ queue, 13 RQ job
+--       9 events, 10 waiting counts, 11 fence key, 12 RQ queue, 13 RQ job, 14 waiting bytes
 -- ARGV: 1 job id, 2 allowed source states (comma separated), 3 target state, 4 now,
 --       5 fields JSON ('' value = delete the field), 6 ledger op ('' keep | 'del' | reservation
 --       JSON), 7 lease op ('' keep | 'del' | ttl ms), 8 lease value, 9 wake ('1'/'0'),
@@ -59,17 +67,27 @@ if ARGV[10] ~= '' and redis.call('HGET', KEYS[1], ARGV[10]) ~= ARGV[11] then ret
 local target = ARGV[3]
 local id = ARGV[1]
 redis.call('HSET', KEYS[1], 'state', target)
--- The per-user count of waiting (PENDING/HELD) jobs: what [scheduler] max_pending_per_user caps.
+-- The per-user count of waiting (PENDING/HELD) jobs and the bytes of their specs: what
+-- [scheduler] max_pending_per_user and max_stored_per_user cap. A job's spec is counted as
+-- it is when it starts waiting (after this transition's writes: an OOM retry rewrites it) and
+-- when it stops (before them); it does not change while it waits.
 local was_waiting = state == 'PENDING' or state == 'HELD'
 local is_waiting = target == 'PENDING' or target == 'HELD'
+local user = redis.call('HGET', KEYS[1], 'user') or ''
 if was_waiting ~= is_waiting then
-  local user = redis.call('HGET', KEYS[1], 'user') or ''
   local n = redis.call('HINCRBY', KEYS[10], user, is_waiting and 1 or -1)
   if n <= 0 then redis.call('HDEL', KEYS[10], user) end
+end
+if was_waiting and not is_waiting then
+  local b = redis.call('HINCRBY', KEYS[14], user, -redis.call('HSTRLEN', KEYS[1], 'spec'))
+  if b <= 0 then redis.call('HDEL', KEYS[14], user) end
 end
 local fields = cjson.decode(ARGV[5])
 for k, v in pairs(fields) do
   if v == '' then redis.call('HDEL', KEYS[1], k) else redis.call('HSET', KEYS[1], k, v) end
+end
+if is_waiting and not was_waiting then
+  redis.call('HINCRBY', KEYS[14], user, redis.call('HSTRLEN', KEYS[1], 'spec'))
 end
 if is_waiting then
   redis.call('ZADD', KEYS[3], id, id)

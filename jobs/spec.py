@@ -22,6 +22,13 @@ MAX_TIME_LIMIT_S = 365 * 86400
 MAX_OOM_RETRY = 10
 MAX_DEPENDENCIES = 100
 MAX_JOB_ID = 2**53
+# What execve and chdir take (Linux): one argv/env string "K=V" at most MAX_ARG_STRLEN bytes
+# with its NUL, a path under PATH_MAX, each of its names at most NAME_MAX. A spec past them
+# could pass every other check and fail only at launch, on every attempt.
+MAX_ARG_STRLEN = 32 * 4096
+PATH_MAX = 4096
+NAME_MAX = 255
+MAX_ARRAY_TEXT = 4096  # the --array text itself (it is parsed, and cached, by the scheduler)
 KINDS = ("command", "training")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@=-]*$")
 _TIME_UNIT_RE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>s|m|min|h|d)$")
@@ -148,23 +155,29 @@ def validate_spec(spec: JobSpec) -> None:
             raise SpecError(what, "contains characters that cannot be passed to a program (lone surrogates)")
     if not spec.command or not spec.command[0]:
         raise SpecError("command", "is empty; give the program after '--', e.g. gpulab submit -- python train.py")
-    if sum(len(a.encode()) + 1 for a in spec.command) > MAX_ARGV_BYTES:
+    if sum(len(_os_bytes(a)) + 1 for a in spec.command) > MAX_ARGV_BYTES:
         raise SpecError("command", f"is longer than {MAX_ARGV_BYTES} bytes")
     if any("\x00" in a for a in spec.command):
         raise SpecError("command", "contains a NUL byte")
     if not spec.cwd.startswith("/") or "\x00" in spec.cwd:
         raise SpecError("cwd", "must be an absolute path")
+    if len(_os_bytes(spec.cwd)) >= PATH_MAX or any(len(_os_bytes(p)) > NAME_MAX for p in spec.cwd.split("/")):
+        raise SpecError("cwd", f"is longer than the system allows (PATH_MAX {PATH_MAX}, NAME_MAX {NAME_MAX} bytes)")
     if not 1 <= spec.gpus <= MAX_GPUS_PER_JOB:
         raise SpecError("--gpus", f"must be between 1 and {MAX_GPUS_PER_JOB}, got {spec.gpus}")
     if spec.mem_bytes is not None and not 2**20 <= spec.mem_bytes <= 2**50:
         raise SpecError("--mem", "must be between 1MiB and 1PiB per GPU")
     if spec.name and (len(spec.name) > MAX_NAME or not _NAME_RE.match(spec.name)):
         raise SpecError("--name", f"use up to {MAX_NAME} letters, digits and ._:+@=- (starting with a letter or digit)")
-    env_bytes = sum(len(k) + len(v) + 2 for k, v in spec.env.items())
-    if env_bytes > MAX_ENV_BYTES:
-        raise SpecError("env", f"captured environment is larger than {MAX_ENV_BYTES} bytes")
     if any("\x00" in k or "=" in k or not k or "\x00" in v for k, v in spec.env.items()):
         raise SpecError("env", "variable names must be non-empty without '=' or NUL")
+    # Bytes as exec() gets them ("K=V\0"), not characters: a non-ASCII value is longer.
+    env_sizes = {k: len(_os_bytes(k)) + len(_os_bytes(v)) + 2 for k, v in spec.env.items()}
+    if sum(env_sizes.values()) > MAX_ENV_BYTES:
+        raise SpecError("env", f"captured environment is larger than {MAX_ENV_BYTES} bytes")
+    too_long = sorted(k for k, n in env_sizes.items() if n > MAX_ARG_STRLEN)
+    if too_long:  # the name only: values may be secrets
+        raise SpecError("env", f"variable {too_long[0][:64]!r} is over {MAX_ARG_STRLEN} bytes, more than exec() takes")
     if spec.time_limit_s is not None and not 0 < spec.time_limit_s <= MAX_TIME_LIMIT_S:
         raise SpecError("--time", "must be more than 0 and at most 365 days")
     if not -MAX_PRIORITY <= spec.priority <= MAX_PRIORITY:
@@ -183,6 +196,11 @@ def _strings(spec: JobSpec) -> list[tuple[str, str]]:
     ]
 
 
+def _os_bytes(text: str) -> bytes:
+    """`text` as the OS gets it (what os.fsencode does on Linux)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _encodable(text: str) -> bool:
     """Strings reach exec() as bytes: what Python cannot encode would fail only at launch."""
     try:
@@ -198,6 +216,8 @@ def _validate_policy_fields(spec: JobSpec) -> None:
             raise SpecError(flag, f"at most {MAX_DEPENDENCIES} jobs")
         if any(not 1 <= i <= MAX_JOB_ID for i in ids):
             raise SpecError(flag, "job ids are whole numbers, 1 or more")
+    if len(spec.array) > MAX_ARRAY_TEXT:
+        raise SpecError("--array", f"is longer than {MAX_ARRAY_TEXT} characters")
     if spec.array:
         try:
             parse_array(spec.array)

@@ -18,7 +18,7 @@ import redis
 
 from jobs import keys, scripts
 from jobs.lifecycle import Fence, Transition
-from jobs.record import InvalidRecord, JobRecord
+from jobs.record import InvalidRecord, JobRecord, checked_status
 from jobs.spec import JobSpec
 from jobs.states import JobState, Reason, sources_of
 
@@ -34,6 +34,11 @@ class TransitionRefused(RuntimeError):
 
 class TooManyWaiting(RuntimeError):
     """The user already has `max_pending_per_user` PENDING/HELD jobs; nothing was stored."""
+
+
+class TooMuchStored(RuntimeError):
+    """The user's PENDING/HELD jobs would hold more than `max_stored_per_user` bytes of specs;
+    nothing was stored."""
 
 
 class Fenced(RuntimeError):
@@ -54,11 +59,16 @@ class JobStore:
         """Reserve `count` consecutive job ids; return the first (array tasks know their ids)."""
         return int(self.redis.incrby(keys.NEXT_JOB_ID, count)) - count + 1
 
-    def submit(self, spec: JobSpec, *, user: str, uid: int, max_waiting: int | None = None) -> int:
+    def submit(
+        self, spec: JobSpec, *, user: str, uid: int, max_waiting: int | None = None, max_bytes: int | None = None
+    ) -> int:
+        # Both caps are checked again atomically below; checking first spares an id.
         if max_waiting is not None and self.waiting_count(user) >= max_waiting:
-            raise TooManyWaiting(user)  # checked again atomically below; this spares an id
+            raise TooManyWaiting(user)
+        if max_bytes is not None and self.waiting_bytes(user) + spec_size(spec) > max_bytes:
+            raise TooMuchStored(user)
         first = self.reserve_ids(1)
-        self.submit_reserved(first, [spec], user=user, uid=uid, max_waiting=max_waiting)
+        self.submit_reserved(first, [spec], user=user, uid=uid, max_waiting=max_waiting, max_bytes=max_bytes)
         return first
 
     def submit_reserved(
@@ -70,15 +80,17 @@ class JobStore:
         uid: int,
         max_waiting: int | None = None,
         array_indexes: list[int] | None = None,
+        max_bytes: int | None = None,
     ) -> list[int]:
         """Store jobs `first`, `first + 1`, ... all at once (an array's tasks appear together).
-        Raise TooManyWaiting (nothing stored) past the user's `max_waiting` PENDING/HELD jobs."""
+        Raise TooManyWaiting (nothing stored) past the user's `max_waiting` PENDING/HELD jobs,
+        TooMuchStored past `max_bytes` bytes of their specs."""
         now = repr(time.time())
         records = []
         for offset, spec in enumerate(specs):
             fields = {
                 "id": str(first + offset),
-                "spec": json.dumps(spec.to_json()),
+                "spec": spec_json(spec),
                 "state": (JobState.HELD if spec.hold else JobState.PENDING).value,
                 "reason": Reason.HELD.value if spec.hold else "",
                 "user": user,
@@ -96,9 +108,16 @@ class JobStore:
         ids = [first + n for n in range(len(specs))]
         job_keys = [k for job_id in ids for k in (keys.job(job_id), keys.job_events(job_id))]
         stored = self._submit(
-            keys=[keys.PENDING, keys.WAKE, keys.EVENTS, keys.WAITING_COUNT, *job_keys],
-            args=[now, json.dumps(records), "" if max_waiting is None else str(max_waiting)],
+            keys=[keys.PENDING, keys.WAKE, keys.EVENTS, keys.WAITING_COUNT, keys.WAITING_BYTES, *job_keys],
+            args=[
+                now,
+                json.dumps(records),
+                "" if max_waiting is None else str(max_waiting),
+                "" if max_bytes is None else str(max_bytes),
+            ],
         )
+        if int(stored) == -2:
+            raise TooMuchStored(user)
         if int(stored) < 0:
             raise TooManyWaiting(user)
         return ids
@@ -106,6 +125,10 @@ class JobStore:
     def waiting_count(self, user: str) -> int:
         """The user's PENDING and HELD jobs (what max_pending_per_user caps)."""
         return int(self.redis.hget(keys.WAITING_COUNT, user) or 0)
+
+    def waiting_bytes(self, user: str) -> int:
+        """Bytes of the specs of the user's PENDING and HELD jobs (what max_stored_per_user caps)."""
+        return int(self.redis.hget(keys.WAITING_BYTES, user) or 0)
 
     def transition_args(self, t: Transition) -> tuple[list[str], list[str]]:
         """Keys and args of the TRANSITION script, so dispatch can queue it inside MULTI."""
@@ -137,13 +160,14 @@ class JobStore:
             fence.key,
             launch_queue,
             launch_job,
+            keys.WAITING_BYTES,
         ]
         args = [
             str(t.job_id),
             ",".join(sorted(s.value for s in allowed)),
             t.target.value,
             repr(time.time()),
-            json.dumps({k: _field(v) for k, v in t.writes().items()}),
+            json.dumps({k: _field(v) for k, v in _checked(t.writes()).items()}),
             ledger_op,
             lease_op,
             t.lease_node,
@@ -195,7 +219,7 @@ class JobStore:
         self, pipe: redis.client.Pipeline, job_id: int, attempt: int, fence: Fence, observed: Mapping[str, Any]
     ) -> None:
         """Queue what a worker measured about a running attempt (see scripts.OBSERVE)."""
-        fields = json.dumps({k: _field(v) for k, v in observed.items()})
+        fields = json.dumps({k: _field(v) for k, v in _checked(observed).items()})
         self._observe(keys=[keys.job(job_id), fence.key], args=[fence.token, str(attempt), fields], client=pipe)
 
     def wake_scheduler(self) -> None:
@@ -284,6 +308,24 @@ class JobStore:
             reply = self.redis.xread({keys.job_events(job_id): last_id}, block=block_ms)
             for _stream, entries in reply or []:
                 last_id = entries[-1][0].decode()
+
+
+def spec_json(spec: JobSpec) -> str:
+    """The spec as stored in the record's `spec` field."""
+    return json.dumps(spec.to_json())
+
+
+def spec_size(spec: JobSpec) -> int:
+    """Bytes the spec takes in Redis (what the per-user and per-submit byte caps count)."""
+    return len(spec_json(spec))  # ensure_ascii: characters = bytes
+
+
+def _checked(fields: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A job-written status is bounded here, where every write passes (see checked_status),
+    whatever the writer checked before."""
+    if "status" not in fields or isinstance(fields["status"], str):
+        return fields
+    return {**fields, "status": checked_status(fields["status"])}
 
 
 def _field(value: Any) -> str:

@@ -13,6 +13,9 @@ import math
 from typing import Any
 
 MAX_FIELD_CHARS = 200
+# What of a job's status other users see: training progress, as numbers (the job writes the
+# status, so nothing else of it - metrics, text, paths - is shown beyond its owner).
+PUBLIC_PROGRESS = ("epoch", "epochs", "step", "loss", "samples_per_s", "eta_s")
 
 
 def safe(value: object, limit: int = MAX_FIELD_CHARS) -> str:
@@ -34,7 +37,10 @@ def number(value: Any) -> float | None:
     """A finite number from untrusted JSON, or None (strings, lists, NaN, bools are not numbers)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int past 1e308
+        return None
     return result if math.isfinite(result) else None
 
 
@@ -67,6 +73,18 @@ def progress(job: dict[str, Any]) -> str:
     if eta is not None and not status.get("final"):
         parts.append(f"eta {duration(eta)}")
     return " ".join(parts)
+
+
+def public_status(status: Any) -> dict[str, Any] | None:
+    """The part of a job-written status every user may see (`progress` reads only this)."""
+    if not isinstance(status, dict) or status.get("kind") != "training":
+        return None
+    public: dict[str, Any] = {"kind": "training", "final": status.get("final") is True}
+    for key in PUBLIC_PROGRESS:
+        value = number(status.get(key))
+        if value is not None:
+            public[key] = value
+    return public
 
 
 def _int_text(value: Any) -> str:

@@ -7,6 +7,10 @@ or state never loads the whole history at once.
 from __future__ import annotations
 
 import math
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from jobs import keys
@@ -20,6 +24,29 @@ if TYPE_CHECKING:
 MAX_LIMIT = 10_000
 MAX_SCANNED = 200_000  # records looked at per request, whatever the filters
 BATCH = 500
+# A query may read MAX_SCANNED records from the Redis every daemon shares: one at a time per
+# user, a few in all, so one user's loop of `gpulab history --user nobody` cannot slow
+# scheduling for everyone.
+MAX_CONCURRENT = 4
+_running: Counter[int] = Counter()
+_running_lock = threading.Lock()
+
+
+@contextmanager
+def _bounded(uid: int) -> Iterator[None]:
+    with _running_lock:
+        if _running[uid]:
+            raise ApiError(429, "one history query at a time: your last one is still running")
+        if sum(_running.values()) >= MAX_CONCURRENT:
+            raise ApiError(503, "the scheduler is answering other history queries; try again shortly")
+        _running[uid] += 1
+    try:
+        yield
+    finally:
+        with _running_lock:
+            _running[uid] -= 1
+            if _running[uid] <= 0:
+                del _running[uid]
 
 
 def finished_since(
@@ -67,5 +94,6 @@ def history_view(svc: SchedulerService, caller: Caller, query: dict[str, str]) -
     unknown = states - {"COMPLETED", "FAILED", "CANCELLED"}
     if unknown:
         raise ApiError(400, f"'state' must be COMPLETED, FAILED or CANCELLED (got {sorted(unknown)[0]})")
-    records = finished_since(svc.store, since=since, user=query.get("user", ""), states=states, limit=limit)
-    return {"jobs": [r.to_json(private=caller.uid in (0, r.uid)) for r in records]}
+    with _bounded(caller.uid):
+        records = finished_since(svc.store, since=since, user=query.get("user", ""), states=states, limit=limit)
+    return {"jobs": [r.to_json(private=svc.may_see(caller, r)) for r in records]}

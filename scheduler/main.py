@@ -1,4 +1,8 @@
-"""`gpulab scheduler`: the API server and the scheduling loop in one process."""
+"""`gpulab scheduler`: the API server and the scheduling loop in one process.
+
+It holds `<state_dir>/scheduler.lock` for its whole life: a second scheduler on the same
+state directory says so and exits 1, and never touches the running one's socket.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ import threading
 
 from jobs.config import Config
 from jobs.redis_conn import connect_redis, redact
-from scheduler.api_server import ApiServer
+from scheduler.api_server import ApiServer, SocketInUse
 from scheduler.daemon import Scheduler
+from scheduler.instance import AlreadyRunning, LockUnavailable, private_dir, refusal, scheduler_lock
 from scheduler.service import SchedulerService
 from scheduler.web import start_web
 
@@ -18,6 +23,27 @@ log = logging.getLogger("gpulab.scheduler")
 
 
 def run_scheduler(config: Config) -> int:
+    try:
+        private_dir(config.state_dir)
+        if config.socket_path.parent != config.state_dir:
+            private_dir(config.socket_path.parent)
+        lock = scheduler_lock(config.state_dir).acquire()
+    except (AlreadyRunning, LockUnavailable) as exc:
+        print(refusal(exc), file=sys.stderr, flush=True)
+        return 1
+    except OSError as exc:
+        print(f"gpulab: cannot prepare {exc.filename or config.state_dir}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        return _serve(config)
+    except SocketInUse as exc:
+        print(f"gpulab scheduler: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        lock.release()
+
+
+def _serve(config: Config) -> int:
     client = connect_redis(config.effective_redis_url, "scheduler", config.redis_password())
     stop = threading.Event()
     server = ApiServer(config.socket_path, SchedulerService(config, client))
@@ -39,7 +65,7 @@ def run_scheduler(config: Config) -> int:
     finally:
         server.shutdown()
         server.server_close()
-        config.socket_path.unlink(missing_ok=True)
+        server.remove_socket()  # ours only: while we held the lock no one else could bind it
     return 0
 
 

@@ -3,6 +3,9 @@
 Nothing on the scheduling hot path counts anything: the job counters are derived from the
 most recent `FINISHED_WINDOW` finished records (their states, reasons and attempts) plus the
 live ones, so they are exact until the history outgrows the window, and bounded in cost.
+Label values that come from outside the scheduler (users, reasons, node and GPU names) go
+through jobs.text.safe: one printable line of bounded length (the exposition format escapes
+quotes and newlines itself, but not other control characters, and no label should be huge).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from jobs import keys
 from jobs.record import JobRecord
+from jobs.text import safe
 from scheduler.service import Caller, SchedulerService
 
 FINISHED_WINDOW = 5000
@@ -57,7 +61,7 @@ class GpulabCollector(Collector):
     def _jobs(self, live: list[JobRecord]) -> Iterator[Metric]:
         family = GaugeMetricFamily("gpulab_jobs", "Live jobs by state and user", labels=["state", "user"])
         for (state, user), n in sorted(Counter((r.state.value, r.user) for r in live).items()):
-            family.add_metric([state, user], n)
+            family.add_metric([state, safe(user)], n)
         yield family
 
     def _outcomes(self, live: list[JobRecord], finished: list[JobRecord]) -> Iterator[Metric]:
@@ -65,7 +69,7 @@ class GpulabCollector(Collector):
             "gpulab_jobs_finished", "Finished jobs by state and reason (recent window)", labels=["state", "reason"]
         )
         for (state, reason), n in sorted(Counter((r.state.value, r.reason) for r in finished).items()):
-            ended.add_metric([state, reason], n)
+            ended.add_metric([state, safe(reason)], n)
         yield ended
         started = sum(1 for r in live + finished if r.started_at)
         yield CounterMetricFamily("gpulab_jobs_started", "Jobs that started at least once", value=started)
@@ -93,10 +97,11 @@ class GpulabCollector(Collector):
         up = GaugeMetricFamily("gpulab_node_up", "1 while the node heartbeats", labels=["node"])
         draining = GaugeMetricFamily("gpulab_node_draining", "1 while the node is drained", labels=["node"])
         for node in self.service.gpus(READER)["nodes"]:
-            up.add_metric([node["name"]], 1 if node["online"] else 0)
-            draining.add_metric([node["name"]], 1 if node["draining"] else 0)
+            name = safe(node["name"])
+            up.add_metric([name], 1 if node["online"] else 0)
+            draining.add_metric([name], 1 if node["draining"] else 0)
             for gpu in node["gpus"]:
-                labels = [node["name"], str(gpu["index"]), gpu["uuid"], gpu["name"]]
+                labels = [name, str(gpu["index"]), safe(gpu["uuid"]), safe(gpu["name"])]
                 for key, (field, _) in fields.items():
                     families[key].add_metric(labels, gpu[field])
                 jobs.add_metric(labels, gpu["jobs"])

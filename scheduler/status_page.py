@@ -1,6 +1,9 @@
 """The read-only status page at GET / on the metrics port: server-rendered HTML, no JS.
 
-Every user-supplied string (job names, users, reasons, progress) goes through html.escape.
+Every string someone else wrote (job names, users, nodes, reasons, progress) goes through
+`_h`: jobs.text.safe (one line, control characters escaped, cut) then html.escape. The page
+is everyone's view: records are shown as `to_json(private=False)` gives them (no command,
+directory, environment, log path, or status beyond numeric progress).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from html import escape
 from typing import Any
 
 from jobs.sizes import format_size
-from jobs.text import duration
+from jobs.text import duration, safe
 from jobs.text import progress as _progress
 from jobs.text import why as _why
 from scheduler.service import Caller, SchedulerService
@@ -26,6 +29,10 @@ th, td { text-align: left; padding: 2px 10px; border-bottom: 1px solid #ddd; }
 .gpulab { background: #2a9d4b; } .others { background: #e0a030; } .free { background: #eee; }
 .muted { color: #777; }
 """
+
+
+def _h(value: object) -> str:
+    return escape(safe(value))
 
 
 def _table(headers: tuple[str, ...], rows: list[list[str]], empty: str) -> str:
@@ -49,25 +56,25 @@ def gpu_rows(nodes: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for node in nodes:
         if not node["online"]:
-            rows.append([escape(node["name"]), "-", "offline", "", "", ""])
+            rows.append([_h(node["name"]), "-", "offline", "", "", ""])
         for gpu in node["gpus"]:
             gpulab = max(gpu["gpulab_reserved_bytes"], gpu["gpulab_used_bytes"])
             state = "draining" if node.get("draining") else ("ok" if gpu["healthy"] else f"unhealthy: {gpu['error']}")
             rows.append(
                 [
-                    escape(node["name"]),
-                    escape(f"{gpu['index']} {gpu['name']}"),
+                    _h(node["name"]),
+                    _h(f"{gpu['index']} {gpu['name']}"),
                     _bar(gpu["total_bytes"], gpulab, gpu["others_used_bytes"]),
                     escape(f"{format_size(gpulab)} / {format_size(gpu['others_used_bytes'])}"),
                     escape(format_size(gpu["available_bytes"])),
-                    escape(state),
+                    _h(state),
                 ]
             )
     return rows
 
 
 def _job_cells(job: dict[str, Any], *extra: str) -> list[str]:
-    return [escape(str(job["id"])), escape(job["name"]), escape(job["user"]), *(escape(e) for e in extra)]
+    return [_h(job["id"]), _h(job["name"]), _h(job["user"]), *(_h(e) for e in extra)]
 
 
 def render_page(svc: SchedulerService, refresh_s: int = 2) -> str:
@@ -78,7 +85,7 @@ def render_page(svc: SchedulerService, refresh_s: int = 2) -> str:
         _job_cells(
             j,
             j["state"],
-            f"{j['node']}:" + ",".join(str(g["index"]) for g in j["gpus"]),
+            f"{j['node']}:" + ",".join(str(g["index"]) for g in j["gpus"]),  # escaped in _job_cells
             format_size(sum(j.get("current_bytes", {}).values())),
             duration(now - j["started_at"] if j.get("started_at") else None),
             _progress(j) or j.get("mem_warning", ""),

@@ -17,9 +17,10 @@ from jobs import keys
 from jobs.api import ApiError
 from jobs.arrays import parse_array
 from jobs.config import Config
-from jobs.spec import JobSpec, SpecError, validate_spec
+from jobs.sizes import format_size
+from jobs.spec import MAX_JOB_ID, JobSpec, SpecError, validate_spec
 from jobs.states import Reason
-from jobs.store import JobStore, TooManyWaiting
+from jobs.store import JobStore, TooManyWaiting, TooMuchStored, spec_size
 from scheduler.cluster import read_heartbeats
 from scheduler.policy.accounting import AccountingPolicy, build_accounts
 from scheduler.policy.feasibility import Feasibility, Shape
@@ -55,10 +56,39 @@ class Submitter:
             ids = self._submit_array(spec, user, uid)
             return {"id": ids[0], "array_id": ids[0], "ids": ids}
         limit = self.config.scheduler.max_pending_per_user
+        size = spec_size(spec)
+        self._check_submit_size(size, 1)
         try:
-            return {"id": self.store.submit(spec, user=user, uid=uid, max_waiting=limit)}
+            return {"id": self.store.submit(spec, user=user, uid=uid, max_waiting=limit, max_bytes=self._max_bytes)}
         except TooManyWaiting:
             raise self._too_many(user, 1) from None
+        except TooMuchStored:
+            raise self._too_much(user, size) from None
+
+    @property
+    def _max_bytes(self) -> int | None:
+        return self.config.scheduler.max_stored_per_user_bytes or None
+
+    def _check_submit_size(self, size: int, tasks: int) -> None:
+        """One submit may add at most [scheduler] max_submit_size bytes of specs."""
+        limit = self.config.scheduler.max_submit_size_bytes
+        if limit and size > limit:
+            what = f"{tasks} tasks x {format_size(size // tasks)}" if tasks > 1 else format_size(size)
+            raise ApiError(
+                413,
+                f"this submit would store {what} of command and environment, over {format_size(limit)} "
+                "([scheduler] max_submit_size); pass a smaller environment (--export NAME,... or a file "
+                "the job reads) or fewer tasks",
+            )
+
+    def _too_much(self, user: str, adding: int) -> ApiError:
+        limit = self.config.scheduler.max_stored_per_user_bytes
+        return ApiError(
+            429,
+            f"{user}'s waiting jobs hold {format_size(self.store.waiting_bytes(user))} of command and environment; "
+            f"adding {format_size(adding)} would pass {format_size(limit)} ([scheduler] max_stored_per_user); "
+            "wait for some to start, cancel some, or submit with a smaller environment (--export)",
+        )
 
     def _too_many(self, user: str, adding: int) -> ApiError:
         limit = self.config.scheduler.max_pending_per_user
@@ -112,24 +142,39 @@ class Submitter:
         waiting_limit = self.config.scheduler.max_pending_per_user
         if self.store.waiting_count(user) + len(indexes) > waiting_limit:
             raise self._too_many(user, len(indexes))  # before reserving ids: nothing to undo
+        # Tasks differ only in their GPULAB_ARRAY_* values (digits): the task with the longest
+        # ones - the largest index, and the longest array id there is in place of the real one -
+        # is at least as large as any other in every check. Checking and sizing it before any id
+        # is taken means nothing can fail after the reservation, and costs one task, not n.
+        widest = self._task(spec, max(indexes), MAX_JOB_ID, len(indexes))
+        size = spec_size(widest) * len(indexes)  # an upper bound of what the tasks store
+        self._check_submit_size(size, len(indexes))
+        max_bytes = self._max_bytes
+        if max_bytes is not None and self.store.waiting_bytes(user) + size > max_bytes:
+            raise self._too_much(user, size)
         first = self.store.reserve_ids(len(indexes))
-        tasks = []
-        for index in indexes:
-            env = {
-                **spec.env,
-                "GPULAB_ARRAY_JOB_ID": str(first),
-                "GPULAB_ARRAY_INDEX": str(index),
-                "GPULAB_ARRAY_TASK_COUNT": str(len(indexes)),
-            }
-            task = replace(spec, env=env)
-            try:
-                validate_spec(task)  # every task: each has its own environment
-            except SpecError as exc:
-                raise ApiError(400, f"--array task {index}: {exc}") from None
-            tasks.append(task)
+        tasks = [self._task(spec, index, first, len(indexes)) for index in indexes]
         try:
             return self.store.submit_reserved(
-                first, tasks, user=user, uid=uid, max_waiting=waiting_limit, array_indexes=indexes
-            )
+                first, tasks, user=user, uid=uid, max_waiting=waiting_limit, array_indexes=indexes,
+                max_bytes=max_bytes,
+            )  # fmt: skip
         except TooManyWaiting:
             raise self._too_many(user, len(tasks)) from None
+        except TooMuchStored:
+            raise self._too_much(user, size) from None
+
+    @staticmethod
+    def _task(spec: JobSpec, index: int, first: int, count: int) -> JobSpec:
+        env = {
+            **spec.env,
+            "GPULAB_ARRAY_JOB_ID": str(first),
+            "GPULAB_ARRAY_INDEX": str(index),
+            "GPULAB_ARRAY_TASK_COUNT": str(count),
+        }
+        task = replace(spec, env=env)
+        try:
+            validate_spec(task)
+        except SpecError as exc:
+            raise ApiError(400, f"--array task {index}: {exc}") from None
+        return task

@@ -1,7 +1,8 @@
 """Read-only HTTP on a TCP port ([scheduler] metrics_port): /metrics and the status page at /.
 
 Only GET. It serves from Redis through the same SchedulerService as the API, but with no
-caller identity, so it never shows commands or environments.
+caller identity, so it never shows commands or environments. Connections are bounded like
+the API's (scheduler/connections.py): anyone on the host can reach this port.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from jobs.config import Config
+from scheduler.connections import BoundedConnections, ConnectionLimits
 from scheduler.metrics import make_registry
 from scheduler.service import SchedulerService
 from scheduler.status_page import render_page
@@ -31,6 +33,8 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("web: " + format, *args)
 
     def do_GET(self) -> None:
+        if not self.server.request_read(self.connection):
+            return  # dropped as too slow
         path = self.path.split("?", 1)[0]
         try:
             if path == "/metrics":
@@ -53,14 +57,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors are the client's (an unknown method: 405, not 501)."""
+        super().send_error({501: 405, 505: 400}.get(code, code), message, explain)
 
-class WebServer(ThreadingHTTPServer):
+
+class WebServer(BoundedConnections, ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, bind: str, port: int, service: SchedulerService) -> None:
         self.service = service
         self.registry: CollectorRegistry = make_registry(service)
         super().__init__((bind, port), _Handler)
+        s = service.config.scheduler
+        # One key for every client (TCP has no peer uid): the total cap only.
+        self.init_bounds(
+            ConnectionLimits(max(1, s.max_api_connections), 0, max(0.5, s.api_request_timeout_s), lifetime_s=120.0)
+        )
 
 
 def start_web(config: Config, service: SchedulerService) -> WebServer | None:

@@ -2,18 +2,24 @@
 
 Threads: RQ's SimpleWorker loop in the main thread (it runs `worker.tasks.launch` in this
 process, which starts the job and returns at once, so one worker runs many jobs); a monitor
-that every heartbeat probes the GPUs, attributes memory to jobs by process tree, publishes
-the heartbeat and renews leases; a control thread that receives cancels. This process never
-creates a CUDA context: NVML only.
+that every heartbeat renews leases (and tells each job's shim, which kills its job itself
+when it stops hearing renewals), probes the GPUs, attributes memory to jobs by process
+tree and publishes the heartbeat; a control thread that receives cancels; a journal thread
+that records job ends Redis could not take when they happened. This process never creates
+a CUDA context: NVML only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -24,12 +30,14 @@ import redis
 from jobs import keys
 from jobs.config import Config
 from jobs.gpus import JobGpuUsage, NodeHeartbeat
-from jobs.lifecycle import Fence
+from jobs.lifecycle import Fence, Transition
 from jobs.states import JobState
 from jobs.store import Fenced, JobStore, TransitionRefused
+from worker.identity import RunAs
+from worker.journal import EndRecorder, Entry, Journal
 from worker.probe import GpuProbe
-from worker.process_tree import tree_pids
-from worker.runner import JobRunner, LaunchError
+from worker.process_tree import find_shims, kill_tree, tree_pids
+from worker.runner import SHIM_ENV, SHIM_PATH, JobRunner, LaunchError
 
 log = logging.getLogger("gpulab.worker")
 
@@ -54,17 +62,40 @@ class WorkerDaemon:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.fence = Fence(keys.node_epoch(node), "")  # the real token comes with the name
         self.fenced = threading.Event()
+        self.draining = threading.Event()  # shutting down: offline, but jobs still stopping
         self._threads: list[threading.Thread] = []
+        self.gpu_totals: dict[str, int] = {}
+        self._shim_python: dict[tuple[int, int], str] = {}
+        folder = config.state_dir / "worker" / re.sub(r"[^A-Za-z0-9._-]", "_", node) / "journal"
+        self.ends = EndRecorder(self.store, Journal(folder), lambda: self.fence, self._on_fenced)
 
     # ---- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        self._kill_stale_shims(orphans_only=True)
         self._claim_name()
+        self._kill_stale_shims(orphans_only=False)
+        self.ends.replay()  # a predecessor's unrecorded ends, before any launch
         self.publish_heartbeat()
         self.store.wake_scheduler()  # a new node may fit waiting jobs
-        for target, name in ((self._monitor_loop, "monitor"), (self._control_loop, "control")):
+        threads = ((self._monitor_loop, "monitor"), (self._control_loop, "control"), (self._journal_loop, "journal"))
+        for target, name in threads:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def _kill_stale_shims(self, *, orphans_only: bool) -> None:
+        """Jobs a previous worker of this node left on this host. Their shims die with their
+        worker (PDEATHSIG) or when its renewals stop, so normally there are none; any left
+        (their worker died just as they started) must not run beside their requeued copies.
+        Before this worker holds the name, only orphans (whose worker is gone) are killed: a
+        live holder would refuse the name to this one. After, none of them can be this one's."""
+        for pid, ppid, worker in find_shims(SHIM_PATH, self.node, str(self.config.state_dir)):
+            if worker == os.getpid():
+                continue
+            if orphans_only and ppid == worker and psutil.pid_exists(worker):
+                continue
+            log.warning("worker: killing job shim %s left by worker %s of node %s", pid, worker, self.node)
+            kill_tree(pid)
 
     def _claim_name(self) -> None:
         """Two workers under one node name would take each other's launches: refuse, unless
@@ -97,21 +128,34 @@ class WorkerDaemon:
         )
 
     def shutdown(self) -> None:
-        """Stop every job (requeued or failed as NodeLost, per its spec) and leave cleanly."""
-        self.stopping.set()
+        """Stop every job (requeued or failed as NodeLost, per its spec) and leave cleanly.
+
+        The node goes offline first, so a requeued job is not dispatched straight back here;
+        the monitor keeps renewing the stopping jobs' leases (their shims would otherwise
+        kill them early, and the scheduler could run them elsewhere while they checkpoint)."""
+        self.draining.set()
+        with self._beat_lock, contextlib.suppress(redis.RedisError):
+            if not self.fenced.is_set():
+                self.redis.delete(keys.node(self.node))
         with self._lock:
             runners = list(self.runners.values())
         for runner in runners:
             runner.stop("shutdown")
         for runner in runners:
-            runner.done.wait(self.config.worker.kill_grace_s + 5)
+            runner.done.wait(self.config.worker.kill_grace_s + 10)
+        self.stopping.set()
+        self.ends.wake()
         for thread in self._threads:
             thread.join(timeout=5)
-        pipe = self.redis.pipeline(transaction=False)
-        if not self.fenced.is_set():  # a fenced worker's node belongs to its successor
-            pipe.delete(keys.node(self.node), keys.node_owner(self.node))
-        pipe.lpush(keys.WAKE, "node-down")
-        pipe.execute()
+        self.ends.retry()  # a last try; what Redis still cannot take waits in the journal
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            if not self.fenced.is_set():  # a fenced worker's node belongs to its successor
+                pipe.delete(keys.node(self.node), keys.node_owner(self.node))
+            pipe.lpush(keys.WAKE, "node-down")
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("worker: could not mark node %s down (%s)", self.node, exc)
         self.probe.close()
 
     # ---- launch (called by RQ in the main thread) -------------------------------------------------
@@ -125,11 +169,14 @@ class WorkerDaemon:
         runner = JobRunner(
             record,
             self.config,
-            self.store,
             self.node,
             simulated=self.simulated,
+            store_transition=self.store.transition,
+            record_end=self._record_end,
             before_finish=self._before_finish,
             fence=self.fence,
+            gpu_totals=self.gpu_totals,
+            shim_python=self.shim_python,
         )
         with self._lock:
             self.runners[job_id] = runner
@@ -141,7 +188,52 @@ class WorkerDaemon:
         except LaunchError as exc:
             self._forget(runner)
             return f"failed: {exc}"
-        return f"started job {job_id} pid {runner.pid}"
+        except Fenced:
+            self._forget(runner)
+            self._on_fenced()
+            return f"skipped: job {job_id}: this worker was fenced off node {self.node}"
+        except redis.RedisError as exc:
+            # Not started, still ASSIGNED: the scheduler requeues it when the assignment lapses.
+            self._forget(runner)
+            log.warning("worker: could not start job %s (%s); it was not run", job_id, exc)
+            return f"skipped: job {job_id}: Redis error at start ({exc})"
+        return f"started job {job_id} pid {runner.job_pid}"
+
+    def _record_end(self, ending: Transition, late_ok: bool) -> None:
+        """Every end of an attempt goes through the journal (see worker/journal.py)."""
+        self.ends.record(Entry(ending, self.node, late_ok))
+
+    def shim_python(self, run_as: RunAs | None) -> str:
+        """An interpreter the job's user can run the shim with: this worker's own if it can
+        (it may live where only root reads, e.g. under /root), else the system's. Tried once
+        per user by running the shim's self-check as that user."""
+        if run_as is None:
+            return sys.executable
+        key = (run_as.uid, run_as.gid)
+        if key in self._shim_python:
+            return self._shim_python[key]
+        tried = []
+        for python in dict.fromkeys([sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]):
+            tried.append(python)
+            try:
+                probe = subprocess.run(
+                    [python, "-I", "-S", SHIM_PATH, "--self-check"],
+                    cwd="/",
+                    env=SHIM_ENV,
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=30,
+                    user=run_as.uid,
+                    group=run_as.gid,
+                    extra_groups=list(run_as.groups),
+                )
+            except (OSError, subprocess.SubprocessError):
+                continue
+            if probe.returncode == 0:
+                self._shim_python[key] = python
+                return python
+        log.error("worker: user %s cannot run the job shim with any of %s", run_as.user, tried)
+        return sys.executable  # the launch fails and says so in the job's log
 
     def _before_finish(self, runner: JobRunner) -> None:
         # Publish the GPUs as they are after the exit before the finish wakes the scheduler,
@@ -163,25 +255,36 @@ class WorkerDaemon:
                 log.warning("worker: heartbeat failed (%s); jobs keep running", exc)
             except Exception:
                 log.exception("worker: heartbeat error")
+            else:
+                self.ends.nudge()  # Redis answers: journaled ends can go in now
+
+    def _journal_loop(self) -> None:
+        self.ends.run(self.stopping)
 
     def publish_heartbeat(self) -> None:
-        """Renew leases first (they keep jobs alive), then measure and publish the GPUs."""
+        """Renew leases first (they keep jobs alive) and tell each job's shim, then measure
+        and publish the GPUs (not while shutting down: the node is offline then)."""
         with self._beat_lock:
             with self._lock:
                 runners = list(self.runners.values())
             running = [r for r in runners if r.pid is not None and not r.done.is_set()]
+            # A job whose end waits in the journal is still this worker's: keep its lease.
+            held = [r.job_id for r in running] + self.ends.pending_jobs()
+            before = time.monotonic()  # each renewed lease lasts at least until before + ttl
             try:
-                lost = self.store.renew_leases(
-                    [r.job_id for r in running], self.node, self.config.worker.lease_ttl_s, self.fence
-                )
+                lost = self.store.renew_leases(held, self.node, self.config.worker.lease_ttl_s, self.fence)
             except Fenced:
                 self._on_fenced()
                 return
+            for runner in running:
+                if runner.job_id not in lost:
+                    runner.lease_renewed(before)
             self._stop_lost(lost)
             beat = self._measure(runners)
             ttl_ms = int(self.config.worker.lease_ttl_s * 1000)
             pipe = self.redis.pipeline(transaction=False)
-            pipe.set(keys.node(self.node), json.dumps(beat.to_json()), px=ttl_ms)
+            if not self.draining.is_set():
+                pipe.set(keys.node(self.node), json.dumps(beat.to_json()), px=ttl_ms)
             pipe.set(keys.node_owner(self.node), self.owner, px=ttl_ms)
             pipe.sadd(keys.NODES, self.node)
             for runner in running:
@@ -222,10 +325,13 @@ class WorkerDaemon:
         owner: dict[int, JobRunner] = {}
         for runner in runners:
             if runner.pid is not None:
-                for pid in tree_pids(runner.pid):
+                pids = tree_pids(runner.pid)
+                runner.track(pids)
+                for pid in pids:
                     owner[pid] = runner
         usage: list[JobGpuUsage] = []
         foreign_now: dict[tuple[str, int], int] = {}
+        self.gpu_totals.update({d.uuid: d.total_bytes for d in snapshot.devices if d.total_bytes > 0})
         for device in snapshot.devices:
             if not device.healthy:
                 # The card is gone or unreadable: its jobs cannot be trusted to make progress.

@@ -45,7 +45,9 @@ def classify(
         return Outcome(JobState.COMPLETED, Reason.NONE, "", 0)
     if lease_lost:
         return Outcome(JobState.FAILED, Reason.NODE_LOST, f"lease lost; stopped ({how})", exit_code)
-    oom = returncode == OOM_EXIT_CODE or bool(status and status.get("oom")) or any(m in log_tail for m in OOM_MARKERS)
+    # The status file is the job's own writing: only a real `true` says OOM, not any truthy value.
+    said_oom = status is not None and status.get("oom") is True
+    oom = returncode == OOM_EXIT_CODE or said_oom or any(m in log_tail for m in OOM_MARKERS)
     if oom:
         return Outcome(JobState.FAILED, Reason.OOM, f"CUDA out of memory ({how})", exit_code)
     if returncode < 0:

@@ -1,4 +1,8 @@
-"""A job's process tree: who belongs to it (for GPU attribution) and how to stop all of it."""
+"""A job's process tree: who belongs to it (for GPU attribution) and how to stop all of it.
+
+The root of a job's tree is its shim (worker/shim.py), a child subreaper: everything the job
+starts, setsid'd and double-forked escapees included, stays below it while it lives.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import os
 import signal
 
 import psutil
+
+KILL_ROUNDS = 50  # a tree that keeps forking is killed again, this many times at most
 
 
 def tree_pids(root_pid: int) -> set[int]:
@@ -19,16 +25,43 @@ def tree_pids(root_pid: int) -> set[int]:
 
 
 def signal_tree(root_pid: int, sig: int) -> None:
-    """Signal the job's process group, and every descendant that left the group (setsid)."""
+    """Signal the root's process group, and every descendant that left the group (setsid)."""
     descendants = tree_pids(root_pid) - {root_pid}
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(root_pid, sig)  # the job was started as the leader of its own group
+        os.killpg(root_pid, sig)  # the root was started as the leader of its own group
     for pid in descendants:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
 
 
-def kill_group(root_pid: int) -> None:
-    """After the leader exited, anything left in its group (orphaned children) is killed too."""
+def kill_tree(root_pid: int) -> None:
+    """SIGKILL a whole tree: the descendants first, while the root (a subreaper) still holds
+    them, then the root. Repeated while the tree still has members (it may be forking)."""
+    for _ in range(KILL_ROUNDS):
+        descendants = tree_pids(root_pid) - {root_pid}
+        if not descendants:
+            break
+        for pid in descendants:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.Error):
+            psutil.wait_procs([psutil.Process(p) for p in descendants if psutil.pid_exists(p)], timeout=0.2)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(root_pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(root_pid, signal.SIGKILL)
+
+
+def find_shims(shim_path: str, node: str, state_dir: str) -> list[tuple[int, int, int]]:
+    """Shims of `node` of the gpulab whose state is in `state_dir` (one host may run workers
+    of several), on this host: (pid, parent pid, the worker pid it was started for)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        argv = proc.info.get("cmdline") or []
+        if shim_path not in argv[:4] or "-I" not in argv[:4]:
+            continue
+        options = dict(zip(argv[4::2], argv[5::2], strict=False))
+        worker = options.get("--worker-pid", "")
+        if options.get("--node") == node and options.get("--state-dir") == state_dir and worker.isdigit():
+            found.append((proc.info["pid"], proc.info["ppid"] or 0, int(worker)))
+    return found

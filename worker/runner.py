@@ -1,7 +1,11 @@
-"""One job's process on this node: start it, watch it, stop it, record how it ended.
+"""One job on this node: start it through its shim, watch it, stop it, record how it ended.
 
-The process runs from argv (no shell), in its own process group, with the assigned GPUs
-in CUDA_VISIBLE_DEVICES (as UUIDs, with PCI bus order) and stdout+stderr in the job's log.
+The job's command runs from argv (no shell), as its owner, in its own session, with the
+assigned GPUs in CUDA_VISIBLE_DEVICES (as UUIDs, with PCI bus order) and stdout+stderr in the
+job's log. Between the worker and the command sits the job's shim (worker/shim.py): it
+enters the job's directory as the user, starts the command only after the worker's
+ASSIGNED -> RUNNING transition was accepted, keeps the whole tree (setsid'd escapees too) and
+kills it when the worker dies or stops renewing the job's lease, before the lease lapses.
 """
 
 from __future__ import annotations
@@ -10,27 +14,41 @@ import contextlib
 import json
 import logging
 import os
+import select
+import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
+
+import psutil
 
 from jobs import lifecycle
 from jobs.config import Config
 from jobs.lifecycle import Attempt, Fence, Transition
 from jobs.record import JobRecord
 from jobs.sizes import MiB, format_size
+from jobs.spec import SpecError, validate_spec
 from jobs.states import JobState, Reason
-from jobs.store import JobStore, TransitionRefused
-from worker.identity import IdentityError, resolve_run_as
+from worker import jobfiles
+from worker.identity import IdentityError, RunAs, resolve_run_as
 from worker.outcome import Outcome, classify
-from worker.process_tree import kill_group, signal_tree
+from worker.process_tree import kill_tree, signal_tree, tree_pids
+from worker.shim import ABORTED_EXIT
 
 log = logging.getLogger("gpulab.worker")
 LOG_TAIL_BYTES = 64 * 1024
 OOM_RETRY_GROWTH = 1.25
+SHIM_PATH = str(Path(__file__).resolve().with_name("shim.py"))
+# The shim's own environment: nothing of the job's (the command gets that through the pipe).
+SHIM_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
+SHIM_ANSWER_S = 30.0  # the shim starts a Python interpreter: generous on a loaded node
+FINAL_KILL_AFTER_S = 5.0  # past the kill grace, the shim itself is killed too
+MAX_MEM_BYTES = 2**50  # what jobs.spec.validate_spec accepts for --mem
 
 
 STOP_WHY = {
@@ -49,39 +67,57 @@ class JobRunner:
         self,
         record: JobRecord,
         config: Config,
-        store: JobStore,
         node: str,
         *,
         simulated: bool,
+        store_transition: Callable[[Transition], object],
+        record_end: Callable[[Transition, bool], None],
         before_finish: Callable[[JobRunner], None],
         fence: Fence | None = None,
+        gpu_totals: Mapping[str, int] | None = None,
+        shim_python: Callable[[RunAs | None], str] | None = None,
     ) -> None:
         self.record = record
         self.job_id = record.id
         self.attempt = record.attempt
         self.writer = Attempt(record.id, record.attempt, node, fence)
         self.config = config
-        self.store = store
         self.node = node
         self.simulated = simulated
+        self.store_transition = store_transition
+        self.record_end = record_end
         self.before_finish = before_finish
         self.gpu_uuids = [g.uuid for g in record.gpus]
+        self.gpu_totals: Mapping[str, int] = gpu_totals if gpu_totals is not None else {}  # the daemon's, kept current
+        self.shim_python = shim_python or (lambda _run_as: sys.executable)
         self.log_path = config.log_dir / f"{record.id}.log"
         self.run_dir = config.state_dir / "run" / str(record.id)
         self.status_path = self.run_dir / "status.json"
         self.checkpoint_dir = config.checkpoint_root / str(record.id)
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None  # the shim
+        self.job_pid: int | None = None  # the command (what the record shows)
         self.started_at = 0.0
+        self.started = False  # the shim exec'd the command
+        self.fail_message = ""  # the shim could not start it
+        self.lost_message = ""  # the shim stopped it on its own (no lease renewal heard)
         self.peak: dict[str, int] = {}
         self.current: dict[str, int] = {}
         self.mem_warning = ""
-        self._stop_reason = ""  # "cancelled" | "timeout" | "lease" | "shutdown" | "gpu lost: ..."
+        self._stop_reason = ""  # "cancelled" | "timeout" | "lease" | "shutdown" | "fenced" | "gpu lost: ..."
+        self._gate_open = False  # "go" sent: from now on a stop signals the shim
         self._lock = threading.Lock()
-        self._status_mtime = 0.0
+        self._pipe_lock = threading.Lock()
+        self._to_shim = -1
+        self._from_shim = -1
+        self._report = b""
+        self._status_mtime = 0
+        self._known: dict[int, float] = {}  # pid -> create time of every tree member seen
+        self.run_as: RunAs | None = None
         self.done = threading.Event()
 
     @property
     def pid(self) -> int | None:
+        """The shim's pid: the root of the job's process tree."""
         return self.proc.pid if self.proc else None
 
     # ---- start --------------------------------------------------------------------------------
@@ -106,143 +142,344 @@ class JobRunner:
         return env
 
     def start(self) -> None:
-        """Start the process, then mark the job RUNNING with its pid and lease in one step.
+        """Start the shim, have it enter the job's directory and fork the command, mark the
+        job RUNNING with the command's pid and its lease, and only then let the command run.
 
-        If the job was cancelled or moved while we started it, the process is killed at once
-        (TransitionRefused propagates). Raises LaunchError if the program cannot start.
+        If the job was cancelled or moved meanwhile, the command never starts
+        (TransitionRefused propagates). Raises LaunchError if it cannot start.
         """
-        spec = self.record.spec
         try:
             run_as = resolve_run_as(self.record.uid)
         except IdentityError as exc:
-            self._end_launch(JobState.ASSIGNED, str(exc))
+            self._end_launch(str(exc))
             raise LaunchError(str(exc)) from None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config.log_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self.status_path.unlink(missing_ok=True)
-        self.log_path.touch(mode=0o600)
-        if run_as is not None:  # the job's files belong to its owner, readable by nobody else
-            run_as.own(self.log_path, 0o600)
-            run_as.own(self.run_dir, 0o700)
-            run_as.own(self.checkpoint_dir, 0o700)
-        env = self.environment() | (run_as.environment() if run_as else {})
-        with open(self.log_path, "ab") as log_file:
-            if self.attempt > 1:
-                log_file.write(f"=== gpulab: job {self.job_id} attempt {self.attempt} on {self.node} ===\n".encode())
-                log_file.flush()
-            try:
-                with self._lock:
-                    self.proc = subprocess.Popen(
-                        list(spec.command),
-                        cwd=spec.cwd,
-                        env=env,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log_file,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,  # own process group: stop it whole
-                        close_fds=True,
-                        user=run_as.uid if run_as else None,
-                        group=run_as.gid if run_as else None,
-                        extra_groups=list(run_as.groups) if run_as else None,
-                        umask=0o022 if run_as else -1,
-                    )
-                    self.started_at = time.monotonic()
-            except OSError as exc:
-                message = f"cannot start {spec.command[0]!r} in {spec.cwd}: {exc.strerror or exc}"
-                log_file.write(f"gpulab: {message}\n".encode())
-                self._end_launch(JobState.ASSIGNED, message)
-                raise LaunchError(message) from None
+        self.run_as = run_as
+        try:
+            log_fd = self._prepare_files(run_as)
+        except OSError as exc:
+            message = f"cannot prepare the job's files under {self.config.state_dir}: {exc.strerror or exc}"
+            self._end_launch(message)
+            raise LaunchError(message) from None
+        try:
+            self._spawn_shim(run_as, log_fd)
+        finally:
+            os.close(log_fd)
+        answer = self._await_ready()
+        if not answer.startswith("ready "):
+            message = answer.removeprefix("fail ") if answer.startswith("fail ") else answer
+            self._abort_shim()
+            self._log_line(f"gpulab: {message}")
+            self._end_launch(message)
+            raise LaunchError(message)
+        self.job_pid = int(answer.split()[1])
+        before = time.monotonic()  # the lease set below lasts at least until before + ttl
         try:
             started = lifecycle.start(
-                self.writer, self.proc.pid, str(self.log_path), self.config.worker.lease_ttl_s, time.time()
+                self.writer, self.job_pid, str(self.log_path), self.config.worker.lease_ttl_s, time.time()
             )
-            self.store.transition(started)
-        except TransitionRefused:
-            signal_tree(self.proc.pid, 9)
-            self.proc.wait()
+            self.store_transition(started)
+        except BaseException:
+            self._abort_shim()  # refused, fenced or Redis away: the command never runs
             self.done.set()
             raise
         with self._lock:
-            stop_now = self._stop_reason
-        if stop_now:
-            self._stop_reason = ""
-            self.stop(stop_now)
+            if not self._stop_reason:
+                self._gate_open = True
+                self._send(f"go {before!r}")
+                self.started_at = time.monotonic()
+        if not self._gate_open:  # stopped while starting (cancel, shutdown): it never runs
+            self._abort_shim()
         threading.Thread(target=self._watch, name=f"job-{self.job_id}", daemon=True).start()
 
-    def _end_launch(self, state: JobState, message: str) -> None:
-        with contextlib.suppress(TransitionRefused):
-            self.store.transition(lifecycle.launch_failed(self.writer, state, message, time.time()))
+    def _prepare_files(self, run_as: RunAs | None) -> int:
+        """The job's run and checkpoint directories (its own, 0700) and its log (0600), made by
+        the worker under its state dir without following anything the job could have placed."""
+        uid, gid = (run_as.uid, run_as.gid) if run_as else (None, None)
+        state = self.config.state_dir
+        name = str(self.job_id)
+        jobfiles.job_dir(state, "run", name, uid, gid)
+        jobfiles.remove_in_job_dir(state, "run", name, "status.json")  # an earlier attempt's
+        jobfiles.job_dir(state, "checkpoints", name, uid, gid)
+        log_fd = jobfiles.open_log(state, f"{name}.log", uid, gid)
+        if self.attempt > 1:
+            os.write(log_fd, f"=== gpulab: job {self.job_id} attempt {self.attempt} on {self.node} ===\n".encode())
+        return log_fd
+
+    def _spawn_shim(self, run_as: RunAs | None, log_fd: int) -> None:
+        report_r, report_w = os.pipe()
+        argv = [
+            self.shim_python(run_as), "-I", "-S", SHIM_PATH,
+            "--node", self.node,
+            "--state-dir", str(self.config.state_dir),  # with the node: which worker's (one host, many stacks)
+            "--job", str(self.job_id),
+            "--attempt", str(self.attempt),
+            "--worker-pid", str(os.getpid()),
+            "--lease-ttl", repr(self.config.worker.lease_ttl_s),
+            "--kill-grace", repr(self.config.worker.kill_grace_s),
+            "--report-fd", str(report_w),
+        ]  # fmt: skip
+        try:
+            with self._lock:
+                self.proc = subprocess.Popen(
+                    argv,
+                    cwd="/",  # root never enters the job's directory: the shim does, as the user
+                    env=SHIM_ENV,
+                    stdin=subprocess.PIPE,
+                    stdout=log_fd,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(report_w,),
+                    start_new_session=True,
+                    close_fds=True,
+                    user=run_as.uid if run_as else None,
+                    group=run_as.gid if run_as else None,
+                    extra_groups=list(run_as.groups) if run_as else None,
+                    umask=0o022 if run_as else -1,
+                )
+        except (OSError, subprocess.SubprocessError) as exc:
+            os.close(report_r)
+            message = f"cannot start the job's launcher: {getattr(exc, 'strerror', None) or exc}"
+            self._end_launch(message)
+            raise LaunchError(message) from None
+        finally:
+            os.close(report_w)
+        assert self.proc.stdin is not None
+        self._to_shim = self.proc.stdin.fileno()
+        self._from_shim = report_r
+        launch = {"argv": list(self.record.spec.command), "cwd": self.record.spec.cwd, "env": self._job_env(run_as)}
+        with contextlib.suppress(OSError):  # the shim is gone: _await_ready says so
+            self._write_all(f"launch {json.dumps(launch)}\n".encode(), time.monotonic() + SHIM_ANSWER_S)
+        os.set_blocking(self._to_shim, False)  # from now on a shim that does not read never blocks us
+
+    def _job_env(self, run_as: RunAs | None) -> dict[str, str]:
+        return self.environment() | (run_as.environment() if run_as else {})
+
+    def _write_all(self, data: bytes, deadline: float) -> None:
+        os.set_blocking(self._to_shim, False)
+        view = memoryview(data)
+        while view:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the job's launcher does not read its input")
+            select.select([], [self._to_shim], [], remaining)
+            try:
+                view = view[os.write(self._to_shim, view) :]
+            except BlockingIOError:
+                continue
+
+    def _await_ready(self) -> str:
+        """The shim's first word: `ready <pid>`, or `fail <why>`, or why there is none."""
+        deadline = time.monotonic() + SHIM_ANSWER_S
+        while True:
+            for line in self._read_report(max(0.0, deadline - time.monotonic())):
+                if line.startswith(("ready ", "fail ")):
+                    return line
+            if self._from_shim < 0:
+                assert self.proc is not None
+                code = self.proc.wait()
+                return f"the job's launcher exited before starting it ({_describe(code)}); see the job's log"
+            if time.monotonic() >= deadline:
+                return f"the job's launcher did not answer within {SHIM_ANSWER_S:.0f}s"
+
+    def _read_report(self, timeout: float | None) -> list[str]:
+        """Lines from the shim within `timeout`; at EOF the pipe is closed (`_from_shim` < 0)."""
+        if self._from_shim < 0:
+            return []
+        readable, _, _ = select.select([self._from_shim], [], [], timeout)
+        if not readable:
+            return []
+        data = os.read(self._from_shim, 65536)
+        if not data:
+            os.close(self._from_shim)
+            self._from_shim = -1
+            data = b"\n" if self._report else b""
+        self._report += data
+        *lines, self._report = self._report.split(b"\n")
+        return [line.decode(errors="replace") for line in lines if line]
+
+    def _send(self, line: str) -> bool:
+        """One line to the shim, never blocking: a shim that does not read loses it."""
+        with self._pipe_lock:
+            if self._to_shim < 0:
+                return False
+            try:
+                os.write(self._to_shim, (line + "\n").encode())
+                return True
+            except OSError:  # full (the shim is stopped) or gone
+                return False
+
+    def lease_renewed(self, before: float) -> None:
+        """The job's lease in Redis lasts at least until `before` + ttl: tell the shim."""
+        self._send(f"lease {before!r}")
+
+    def _abort_shim(self) -> None:
+        """Before "go": close its input (EOF = do not start) and stop it."""
+        with self._pipe_lock:
+            if self.proc is not None and self.proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
+            self._to_shim = -1
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=SHIM_ANSWER_S)
+            except subprocess.TimeoutExpired:
+                kill_tree(self.proc.pid)
+                self.proc.wait()
+        if self._from_shim >= 0:
+            os.close(self._from_shim)
+            self._from_shim = -1
+
+    def _end_launch(self, message: str) -> None:
+        """The job could not start (still ASSIGNED): it fails with LaunchFailed."""
+        ending = lifecycle.launch_failed(self.writer, JobState.ASSIGNED, message, time.time())
+        self.record_end(ending, False)
         self.done.set()
+
+    def _log_line(self, text: str) -> None:
+        """A line from gpulab in the job's log (the log is ours to write: under the state dir)."""
+        run_as = self.run_as
+        with contextlib.suppress(OSError):
+            uid, gid = (run_as.uid, run_as.gid) if run_as else (None, None)
+            fd = jobfiles.open_log(self.config.state_dir, f"{self.job_id}.log", uid, gid)
+            try:
+                os.write(fd, (text + "\n").encode(errors="replace"))
+            finally:
+                os.close(fd)
 
     # ---- stop ---------------------------------------------------------------------------------
     def stop(self, why: str) -> None:
-        """SIGTERM the whole tree now, SIGKILL after the grace period. Idempotent."""
+        """Ask the shim to SIGTERM the whole tree now; SIGKILL follows after the grace period
+        (the shim's, and this worker's own in case the shim does not). Idempotent. Before
+        the command was released, the start sees the reason and never releases it."""
         with self._lock:
             first = not self._stop_reason
             if first:
                 self._stop_reason = why
-            proc = self.proc
+            proc = self.proc if self._gate_open else None
         if proc is None or not first:
             return
-        signal_tree(proc.pid, 15)
+        with contextlib.suppress(OSError):
+            proc.send_signal(signal.SIGTERM)  # the shim forwards it to every process of the job
         timer = threading.Timer(self.config.worker.kill_grace_s, self._force_kill)
         timer.daemon = True
         timer.start()
 
     def _force_kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            signal_tree(self.proc.pid, 9)
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        for pid in tree_pids(proc.pid) - {proc.pid}:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        timer = threading.Timer(FINAL_KILL_AFTER_S, self._kill_shim)
+        timer.daemon = True
+        timer.start()
+
+    def _kill_shim(self) -> None:
+        """The shim did not finish after its tree was killed (stopped or stuck): it goes too."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            kill_tree(proc.pid)
 
     # ---- watch and finish -----------------------------------------------------------------------
     def _watch(self) -> None:
         assert self.proc is not None
         limit = self.record.spec.time_limit_s
-        while True:
+        while self._from_shim >= 0:
             remaining = None if limit is None else self.started_at + limit - time.monotonic()
-            try:
-                returncode = self.proc.wait(timeout=None if remaining is None else max(remaining, 0.0))
-                break
-            except subprocess.TimeoutExpired:
+            if remaining is not None and remaining <= 0:
                 self.stop("timeout")
-                limit = None  # keep waiting for the process to go; the kill timer follows
-        kill_group(self.proc.pid)  # leftovers of the group die with the job
+                limit = None  # keep waiting for the tree to go; the kill timers follow
+                continue
+            for line in self._read_report(remaining):
+                self._on_report(line)
+        returncode = self.proc.wait()  # the shim closes its report pipe only by exiting
+        self._sweep()
+        with self._pipe_lock:
+            with contextlib.suppress(OSError):
+                if self.proc.stdin is not None:
+                    self.proc.stdin.close()
+            self._to_shim = -1
         try:
             self.before_finish(self)
+        except Exception:
+            log.warning("worker: could not publish the heartbeat after job %s ended", self.job_id, exc_info=True)
+        try:
             self._finish(returncode)
         except Exception:
             log.exception("worker: could not record the end of job %s", self.job_id)
         finally:
             self.done.set()
 
+    def _on_report(self, line: str) -> None:
+        word, _, rest = line.partition(" ")
+        if word == "started":
+            self.started = True
+        elif word == "fail":
+            self.fail_message = rest
+            self._log_line(f"gpulab: {rest}")
+        elif word == "lost":
+            self.lost_message = rest
+            log.warning("worker: job %s stopped by its shim: %s", self.job_id, rest)
+
+    def track(self, pids: set[int]) -> None:
+        """Remember the tree's members (each heartbeat), so whatever outlives the shim (it was
+        killed) is still found and killed when the job ends."""
+        for pid in pids - set(self._known):
+            with contextlib.suppress(psutil.Error):
+                self._known[pid] = psutil.Process(pid).create_time()
+
+    def _sweep(self) -> None:
+        """After the shim exited: nothing of the job may survive it."""
+        for pid, created in list(self._known.items()):
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                if proc.create_time() == created and pid != os.getpid():
+                    proc.kill()
+        if self.job_pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.job_pid, signal.SIGKILL)
+        if self.proc is not None:
+            signal_tree(self.proc.pid, signal.SIGKILL)
+
     def read_status(self) -> dict[str, Any] | None:
-        """The job's own status file (training progress), when it changed since last read."""
-        try:
-            mtime = self.status_path.stat().st_mtime
-            if mtime == self._status_mtime:
-                return None
-            data = json.loads(self.status_path.read_text())
-            self._status_mtime = mtime
-            return data if isinstance(data, dict) else None
-        except (OSError, ValueError):
+        """The job's own status file (training progress), cleaned, when it changed since last read."""
+        found = jobfiles.read_status_file(self.status_path, self.record.uid, self._status_mtime)
+        if found is None:
             return None
+        self._status_mtime = found[0]
+        return found[1]
 
     def _log_tail(self) -> bytes:
         try:
-            with open(self.log_path, "rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
-                return f.read()
+            fd = os.open(self.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return b""
+        with os.fdopen(fd, "rb") as f:
+            try:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+                return f.read(LOG_TAIL_BYTES)
+            except OSError:
+                return b""
 
     def _finish(self, returncode: int) -> None:
-        self._status_mtime = 0.0
+        now = time.time()
+        if self.lost_message and not self._stop_reason:
+            self._stop_reason = "lease"  # the shim heard no renewal: the lease may be gone
+        if self.fail_message:
+            self.record_end(lifecycle.launch_failed(self.writer, JobState.RUNNING, self.fail_message, now), False)
+            return
+        if not self.started:
+            self._finish_unstarted(returncode, now)
+            return
+        self._status_mtime = 0
         status = self.read_status()
         outcome = classify(
             returncode,
             cancelled=self._stop_reason == "cancelled",
             timed_out=self._stop_reason == "timeout",
-            lease_lost=self._stop_reason == "lease",
+            lease_lost=self._stop_reason in ("lease", "fenced"),
             status=status,
             log_tail=self._log_tail(),
         )
@@ -255,40 +492,72 @@ class JobRunner:
             fields["status"] = status
         retry = self._oom_retry(outcome, status)
         if retry is not None:
-            target, outcome = JobState.PENDING, retry[0]
+            target, outcome = retry[0].state, retry[0]
             fields.update(retry[1])
         else:
             target, outcome = self._requeue_or_final(outcome)
-        ending = lifecycle.finish(self.writer, target, outcome.reason, outcome.detail, fields, time.time())
-        try:
-            self.store.transition(ending)
-        except TransitionRefused as exc:
-            # Only a job that ended on its own has a result worth keeping over a requeue.
-            ended_on_its_own = not self._stop_reason and target in (JobState.COMPLETED, JobState.FAILED)
-            if exc.current == JobState.PENDING.value and ended_on_its_own:
-                self._late_finish(ending)
-            else:
-                log.warning("worker: job %s ended but was already moved on (%s)", self.job_id, exc)
+        ending = lifecycle.finish(self.writer, target, outcome.reason, outcome.detail, fields, now)
+        # Only a job that ended on its own has a result worth keeping over a requeue.
+        ended_on_its_own = not self._stop_reason and target in (JobState.COMPLETED, JobState.FAILED)
+        self.record_end(ending, ended_on_its_own)
 
-    def _late_finish(self, ending: Transition) -> None:
-        """Our lease lapsed just as the job ended and the scheduler requeued this attempt:
-        record the result anyway (same attempt, not yet dispatched again) so it is not re-run."""
-        try:
-            self.store.transition(lifecycle.late_finish(ending, self.node))
-        except TransitionRefused as exc:
-            log.warning("worker: job %s finished after it was dispatched again (%s)", self.job_id, exc)
+    def _finish_unstarted(self, returncode: int, now: float) -> None:
+        """RUNNING in Redis, but the shim never reported the command started. If it never
+        released it (no "go" sent, or the shim gave up waiting for it), the command never ran:
+        it may run again whatever its spec says (held after max_requeues, so a node that
+        cannot start anything does not spin it). Released but unconfirmed (the shim died just
+        then), it may have run for an instant: treated as a lost node."""
+        stop = self._stop_reason
+        why = STOP_WHY.get(stop, stop) or f"its launcher exited ({_describe(returncode)})"
+        fields: dict[str, Any] = {"current_bytes": {}}
+        if stop == "cancelled":
+            detail = "cancelled before it started"
+            ending = lifecycle.finish(self.writer, JobState.CANCELLED, Reason.CANCELLED, detail, fields, now)
+        elif not self._gate_open or returncode == ABORTED_EXIT:
+            held = self.attempt > self.config.scheduler.max_requeues
+            target, reason = (JobState.HELD, Reason.HELD) if held else (JobState.PENDING, Reason.REQUEUED)
+            detail = f"not started: {why}" + (f"; held after {self.attempt} attempts" if held else "")
+            ending = lifecycle.finish(self.writer, target, reason, detail, fields, now)
+        else:
+            target, reason, detail = lifecycle.after_node_loss(
+                self.record.spec, self.attempt, self.config.scheduler.max_requeues, why
+            )
+            ending = lifecycle.finish(self.writer, target, reason, detail, fields, now)
+        self.record_end(ending, False)
 
     def _oom_retry(self, outcome: Outcome, status: dict[str, Any] | None) -> tuple[Outcome, dict[str, Any]] | None:
         """`--oom-retry N`: after a CUDA OOM, queue the job again asking for 1.25x the most it
-        was seen to hold (NVML by process tree, or torch's own peak), up to N times."""
+        was seen to hold (NVML by process tree, or torch's own peak), up to N times. The
+        job's own figure is capped to its GPU's size, and the new spec must validate: a
+        retry that cannot fit or is not a valid request fails the job with the reason."""
         spec = self.record.spec
         if outcome.reason != Reason.OOM or spec.mem_bytes is None or self.record.oom_retries >= spec.oom_retry:
             return None  # (a whole-GPU job already had all there is)
-        seen = max([*self.peak.values(), int((status or {}).get("peak_bytes") or 0), spec.mem_bytes or 0])
+        gpu_size = min((self.gpu_totals[u] for u in self.gpu_uuids if u in self.gpu_totals), default=None)
+        claimed = jobfiles.status_number(status, "peak_bytes") or 0.0
+        if not 0 <= claimed <= (gpu_size if gpu_size is not None else MAX_MEM_BYTES):
+            # No process holds more than its GPU has: the job's figure is not to be believed.
+            size = format_size(gpu_size) if gpu_size is not None else "any GPU's"
+            detail = f"CUDA out of memory; not retried: its status file claims a {claimed:.4g}-byte peak, over {size}"
+            return Outcome(JobState.FAILED, Reason.OOM, detail, outcome.exit_code), {}
+        seen = max([*self.peak.values(), int(claimed), spec.mem_bytes])
         raised = -(-int(seen * OOM_RETRY_GROWTH) // MiB) * MiB  # round up to whole MiB
+        # The most the scheduler places on this GPU (it keeps a headroom free): asking more
+        # would leave the retry waiting forever as Infeasible.
+        offered = None if gpu_size is None else (gpu_size - self.config.scheduler.headroom_bytes) // MiB * MiB
+        if offered is not None and raised > offered:
+            if spec.mem_bytes >= offered:
+                detail = f"CUDA out of memory with all its GPU offers ({format_size(offered)}); not retried"
+                return Outcome(JobState.FAILED, Reason.OOM, detail, outcome.exit_code), {}
+            raised = offered
         retries = self.record.oom_retries + 1
-        detail = f"CUDA out of memory; retry {retries}/{spec.oom_retry} with --mem {format_size(raised)}"
         new_spec = replace(spec, mem_bytes=raised)
+        try:
+            validate_spec(new_spec)
+        except SpecError as exc:
+            detail = f"CUDA out of memory; cannot retry with --mem {format_size(raised)}: {exc}"
+            return Outcome(JobState.FAILED, Reason.OOM, detail, outcome.exit_code), {}
+        detail = f"CUDA out of memory; retry {retries}/{spec.oom_retry} with --mem {format_size(raised)}"
         fields = {"spec": new_spec.to_json(), "oom_retries": retries}
         return Outcome(JobState.PENDING, Reason.REQUEUED, detail, outcome.exit_code), fields
 
@@ -297,7 +566,11 @@ class JobRunner:
         stop = self._stop_reason
         node_gone = stop in ("shutdown", "lease", "fenced") or stop.startswith("gpu lost")
         why = STOP_WHY.get(self._stop_reason, self._stop_reason) or outcome.detail
-        if outcome.state == JobState.COMPLETED or not (node_gone or (self.record.spec.requeue and outcome.reason == Reason.SIGNAL)):
+        if self.lost_message and stop == "lease":
+            why = f"stopped by its shim: {self.lost_message}"
+        if outcome.state == JobState.COMPLETED or not (
+            node_gone or (self.record.spec.requeue and outcome.reason == Reason.SIGNAL)
+        ):
             return outcome.state, outcome
         target, reason, detail = lifecycle.after_node_loss(
             self.record.spec, self.attempt, self.config.scheduler.max_requeues, why
@@ -312,3 +585,12 @@ class JobRunner:
         request = self.record.spec.mem_bytes
         if request is not None and used > request and not self.mem_warning:
             self.mem_warning = f"uses {format_size(used)} on GPU {uuid}, more than its --mem {format_size(request)}"
+
+
+def _describe(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"

@@ -23,6 +23,7 @@ import psutil
 
 from jobs.gpus import GpuDevice, GpuProcess, GpuSnapshot
 from jobs.sizes import parse_size
+from worker.jobfiles import read_small_file
 
 SIM_NAME = "Simulated GPU"
 FAIL_FILE = "FAIL"
@@ -31,6 +32,8 @@ MAX_SIM_GPUS = 64
 # same pid. Process start times are derived from the boot time (whole seconds) and clock
 # ticks, so allow a few seconds of disagreement with file times.
 _PID_REUSE_SLACK_S = 5.0
+
+_MAX_SIM_FILE = 4096
 
 _COUNT_RE = re.compile(r"^\s*(?P<count>[0-9]+)\s*[xX]\s*(?P<size>.+)$")
 
@@ -128,13 +131,15 @@ class SimProbe:
 
 
 def _read_fail(folder: Path) -> str | None:
-    try:
-        text = (folder / FAIL_FILE).read_text().strip()
-    except FileNotFoundError:
+    path = folder / FAIL_FILE
+    if not os.path.lexists(path):
         return None
-    except OSError as exc:
-        return f"simulated failure (unreadable FAIL file: {exc})"
-    return text or "simulated failure"
+    # Jobs write into the sim dir: read without following or blocking (a FIFO must not hang
+    # the worker's heartbeat), and only a small regular file.
+    data = read_small_file(path, _MAX_SIM_FILE)
+    if data is None:
+        return "simulated failure (unreadable FAIL file)"
+    return data.decode(errors="replace").strip() or "simulated failure"
 
 
 def _live_allocations(folder: Path) -> list[GpuProcess]:
@@ -149,16 +154,17 @@ def _live_allocations(folder: Path) -> list[GpuProcess]:
             continue  # FAIL, temp files of writers in progress
         pid = int(entry.name)
         try:
-            written_at = entry.stat().st_mtime
+            written_at = entry.stat(follow_symlinks=False).st_mtime
         except FileNotFoundError:
             continue  # its process removed it just now
         if not pid_alive(pid, since=written_at):
             Path(entry.path).unlink(missing_ok=True)
             continue
+        data = read_small_file(entry.path, _MAX_SIM_FILE)  # not following, never blocking
         try:
-            used = int(Path(entry.path).read_text().strip())
-        except (FileNotFoundError, ValueError):
-            continue  # removed meanwhile, or not a number: count nothing
+            used = int((data or b"").strip())
+        except ValueError:
+            continue  # removed meanwhile, not a regular file, or not a number: count nothing
         found.append(GpuProcess(pid=pid, used_bytes=max(0, used)))
     found.sort(key=lambda p: p.pid)
     return found

@@ -11,7 +11,7 @@ import pytest
 
 from jobs.sizes import GiB
 from jobs.states import JobState
-from tests.conftest import Stack, release
+from tests.helpers.stack import Stack, release
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]

@@ -137,6 +137,13 @@ def test_redis_killed_and_restarted_keeps_acknowledged_jobs_and_running_work(
         stack.stop()
 
 
+def _gone(pid: int | None) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_job_that_finished_as_its_lease_expired_is_not_run_again(stack: Stack) -> None:
     scheduler = stack.start_scheduler()
     worker = stack.start_worker()
@@ -146,11 +153,13 @@ def test_job_that_finished_as_its_lease_expired_is_not_run_again(stack: Stack) -
     stack.wait_log(job_id, "holding")
     worker.proc.send_signal(signal.SIGSTOP)  # the worker freezes: no lease renewals
     try:
+        # The job finishes at once, while its worker is frozen. (Left running, its shim would
+        # stop it before the lease lapses: a frozen worker cannot keep a job alive.)
+        release(fifo)
+        eventually(lambda: _gone(pid))
         requeued = stack.wait_state(job_id, JobState.PENDING)  # lease expired: the reaper requeued it
         assert requeued.attempt == 1
         scheduler.proc.send_signal(signal.SIGSTOP)  # hold the scheduler so the race is decided here
-        release(fifo)  # the job finishes while its worker is frozen (it stays a zombie until then)
-        eventually(lambda: psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     finally:
         worker.proc.send_signal(signal.SIGCONT)
         try:
@@ -168,7 +177,12 @@ def test_job_that_kills_its_worker_every_time_is_held_after_the_requeue_limit(
 ) -> None:
     stack = make_stack(scheduler={"max_requeues": 2})
     stack.start_scheduler()
-    killer = "import os, signal; os.kill(os.getppid(), signal.SIGKILL)"  # its parent is the worker
+    # Its parent is its shim (worker/shim.py); the shim's parent is the worker.
+    killer = (
+        "import os, signal\n"
+        "stat = open(f'/proc/{os.getppid()}/stat').read()\n"
+        "os.kill(int(stat.rpartition(')')[2].split()[1]), signal.SIGKILL)\n"
+    )
     job_id = stack.submit("--requeue", "--mem", "1GiB", "--", sys.executable, "-c", killer)
     for attempt in (1, 2, 3):
         worker = stack.start_worker()

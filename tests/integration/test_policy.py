@@ -53,7 +53,9 @@ def test_second_users_jobs_start_before_the_first_users_backlog_drains(
     stack.wait_for(alice[3], lambda r: r.reason == "Resources")
     # The CLI's way: an admin submits for bob.
     bob_commands = [sh_hold_spec(shared_fifo(shared_dir, f"b{i}"), 7, "")["command"] for i in range(5)]
-    bob = [stack.submit("--user", USERS[1], "--mem", "7GiB", "--", *command) for command in bob_commands]
+    # From a directory bob may enter: his jobs start there, as him (pytest's tmp dir is root's).
+    submit = [("submit", "--user", USERS[1], "--mem", "7GiB", "--", *command) for command in bob_commands]
+    bob = [int(stack.cli(*argv, cwd=shared_dir, check=True).stdout) for argv in submit]
     for job_id in bob:
         record = stack.wait_for(job_id, lambda r: r.reason == "Resources")
         assert (record.user, record.uid) == (USERS[1], users[USERS[1]].pw_uid)
