@@ -136,45 +136,43 @@ def open_log(state_dir: Path, name: str, uid: int | None, gid: int | None) -> in
 # ---- the job's status file: data, never trusted ---------------------------------------------------
 def read_status_file(path: Path, uid: int, last_mtime_ns: int = 0) -> tuple[int, dict[str, Any] | None] | None:
     """The job's status, cleaned, and the file's mtime; None when unchanged since
-    `last_mtime_ns`, missing, not a regular file of `uid`, too big or not JSON.
-    Opens with O_NOFOLLOW | O_NONBLOCK: a symlink is refused, a FIFO does not block."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError:
+    `last_mtime_ns`, missing, not a regular file of `uid`, too big or not JSON."""
+    read = _read_regular(path, MAX_STATUS_FILE_BYTES, uid=uid, unless_mtime_ns=last_mtime_ns)
+    if read is None:
         return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid or st.st_size > MAX_STATUS_FILE_BYTES:
-            return None
-        if st.st_mtime_ns == last_mtime_ns:
-            return None
-        data = os.read(fd, MAX_STATUS_FILE_BYTES + 1)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_STATUS_FILE_BYTES:
-        return None
-    return st.st_mtime_ns, parse_status(data)
+    mtime_ns, data = read
+    return mtime_ns, parse_status(data)
 
 
 def read_small_file(path: Path | str, max_bytes: int) -> bytes | None:
     """A regular file's bytes if it has at most `max_bytes`; None otherwise (missing, a
     symlink, a FIFO or device, too big). Never blocks: for files others may write."""
+    read = _read_regular(path, max_bytes)
+    return None if read is None else read[1]
+
+
+def _read_regular(
+    path: Path | str, max_bytes: int, *, uid: int | None = None, unless_mtime_ns: int = 0
+) -> tuple[int, bytes] | None:
+    """(mtime ns, bytes) of a regular file of at most `max_bytes` (owned by `uid` if given,
+    changed since `unless_mtime_ns` if given). Opens with O_NOFOLLOW | O_NONBLOCK: a
+    symlink is refused and a FIFO does not block."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError:
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes or (uid is not None and st.st_uid != uid):
+            return None
+        if unless_mtime_ns and st.st_mtime_ns == unless_mtime_ns:
             return None
         data = os.read(fd, max_bytes + 1)
     except OSError:
         return None
     finally:
         os.close(fd)
-    return data if len(data) <= max_bytes else None
+    return (st.st_mtime_ns, data) if len(data) <= max_bytes else None
 
 
 def _no_number(_name: str) -> None:

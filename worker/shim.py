@@ -165,14 +165,16 @@ class Shim:
             with contextlib.suppress(OSError):
                 os.kill(pid, sig)
 
-    def reap(self) -> None:
+    def reap(self) -> bool:
+        """Collect every exited child (orphans too: the shim is their subreaper); return
+        whether any child is left."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                return False
             if pid == 0:
-                return
+                return True
             if pid == self.child:
                 self.child_status = status
 
@@ -389,15 +391,8 @@ class Shim:
             for pid in self.descendants():
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-            while True:
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    return
-                if pid == 0:
-                    break
-                if pid == self.child:
-                    self.child_status = status
+            if not self.reap():
+                return
             try:  # SIGCHLD writes to the wake pipe: no busy loop
                 select.select([self.wake_r], [], [], 0.1)
                 while os.read(self.wake_r, 512):
