@@ -154,8 +154,7 @@ class Soak:
             time.sleep(self.args.lease + 1.0)  # past its lease: its jobs are reaped meanwhile
             proc.send_signal(signal.SIGCONT)
         else:
-            self.server.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
-            self.server.proc.wait()  # type: ignore[union-attr]
+            self.server.stop(kill=True)  # SIGKILL: no clean shutdown, the AOF as it was
             self.server.start()  # from the same AOF
 
     def report(self, ids: list[int], elapsed: float) -> str:

@@ -248,6 +248,23 @@ def start(a: Attempt, pid: int, log_path: str, lease_ttl_s: float, now: float) -
     )
 
 
+def not_started(a: Attempt, why: str) -> Transition:
+    """ASSIGNED -> PENDING: this worker could not hand the job over in time (it stalled), and
+    nothing of the job ran; it waits again like any assignment its node did not start."""
+    detail = f"node {a.node} did not start it ({why}); requeued"
+    return Transition(
+        a.job_id,
+        JobState.PENDING,
+        {"reason": "", "detail": detail},
+        expect=frozenset({JobState.ASSIGNED}),
+        guard=a.guard,
+        fence=a.fence,
+        detail=detail,
+        launch_queue=a.node,
+        launch_id=launch_entry_id(a.job_id, a.attempt),
+    )
+
+
 def launch_failed(a: Attempt, state: JobState, message: str, now: float) -> Transition:
     return Transition(
         a.job_id,

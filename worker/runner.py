@@ -169,6 +169,12 @@ class JobRunner:
             message = answer.removeprefix("fail ") if answer.startswith("fail ") else answer
             self._abort_shim()
             self._log_line(f"gpulab: {message}")
+            if self.proc is not None and self.proc.poll() == ABORTED_EXIT:
+                # The shim gave up waiting for this worker (frozen or stalled): nothing ran and
+                # nothing is wrong with the job. It goes back to wait, not to FAILED.
+                self.record_end(lifecycle.not_started(self.writer, message), False)
+                self.done.set()
+                raise LaunchError(message)
             self._end_launch(message)
             raise LaunchError(message)
         self.job_pid = int(answer.split()[1])

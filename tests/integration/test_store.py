@@ -12,10 +12,11 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from jobs import keys
+from jobs import keys, lifecycle
+from jobs.lifecycle import Attempt, Fence
 from jobs.spec import JobSpec
 from jobs.states import JobState
-from jobs.store import JobStore, Transition, TransitionRefused
+from jobs.store import Fenced, JobStore, Transition, TransitionRefused
 from scheduler.dispatch import Dispatcher
 from scheduler.policy.accounting import GpuAccount
 from scheduler.policy.placement import Assignment
@@ -113,3 +114,23 @@ def test_records_are_json_and_rq_tools_see_the_node_queue(redis_client: redis.Re
     if info.returncode != 0:  # older rq exposes the CLI only as a console script
         info = subprocess.run(["rq", "info", "--url", url], capture_output=True, text=True)
     assert keys.node_queue_name("n1") in info.stdout
+
+
+def test_an_assignment_its_worker_could_not_hand_over_goes_back_to_wait_whole(redis_client: redis.Redis) -> None:
+    """Found by the chaos soak: a worker frozen between starting a job's shim and the shim's
+    answer made the shim give up; the job must wait again (reservation, lease and launch
+    entry gone, still owned by its attempt's fence), not end FAILED LaunchFailed."""
+    store = JobStore(redis_client)
+    job_id = store.submit(_spec(), user="ann", uid=1000)
+    assert Dispatcher(redis_client, store, 30).dispatch([_assignment(job_id)])
+    launches = Queue(keys.node_queue_name("n1"), connection=redis_client, serializer=JSONSerializer)
+    assert launches.count == 1 and store.ledger() and store.has_lease(job_id)
+    redis_client.set(keys.node_epoch("n1"), "7")
+    stale = Attempt(job_id, 1, "n1", Fence(keys.node_epoch("n1"), "6"))
+    with pytest.raises(Fenced):
+        store.transition(lifecycle.not_started(stale, "the job's launcher gave up"))
+    current = Attempt(job_id, 1, "n1", Fence(keys.node_epoch("n1"), "7"))
+    store.transition(lifecycle.not_started(current, "the job's launcher gave up"))
+    record = store.get(job_id)
+    assert record is not None and record.state == JobState.PENDING and "did not start it" in record.detail
+    assert record.node == "" and not store.ledger() and not store.has_lease(job_id) and launches.count == 0
