@@ -53,6 +53,7 @@ class JobStore:
         self._renew = client.register_script(scripts.RENEW_LEASES)
         self._fields = client.register_script(scripts.JOB_FIELDS)
         self._observe = client.register_script(scripts.OBSERVE)
+        self._pending_info = client.register_script(scripts.SET_PENDING_INFO)
 
     # ---- writes -------------------------------------------------------------------------
     def reserve_ids(self, count: int) -> int:
@@ -214,6 +215,16 @@ class JobStore:
         pipe.xadd(keys.job_events(job_id), {**event, "at": repr(time.time())})
         pipe.rpush(keys.node_control(node), f"cancel {job_id} {attempt}")
         pipe.execute()
+
+    def set_pending_info(
+        self, pipe: redis.client.Pipeline, job_id: int, reason: str, detail: str, est_start: float | None, now: str
+    ) -> None:
+        """Queue why a pending job waits (and when it may start); written only while it is
+        still PENDING, since a blind write could overwrite a newer state's reason."""
+        est = "" if est_start is None else repr(est_start)
+        self._pending_info(
+            keys=[keys.job(job_id), keys.job_events(job_id)], args=[reason, detail, est, now], client=pipe
+        )
 
     def observe(
         self, pipe: redis.client.Pipeline, job_id: int, attempt: int, fence: Fence, observed: Mapping[str, Any]

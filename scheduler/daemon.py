@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import redis
 
-from jobs import keys, lifecycle, scripts
+from jobs import keys, lifecycle
 from jobs.config import Config
 from jobs.record import JobRecord
 from jobs.states import JobState, Reason
@@ -68,7 +68,6 @@ class Scheduler:
         self.active = ActiveReader(client)
         self.dependencies = DependencyReader(client)
         self.usage = UsageTracker(client, config.policy.fairshare_half_life_s)
-        self._set_info = client.register_script(scripts.SET_PENDING_INFO)
         self._jobs: dict[tuple[int, int], PendingJob] = {}  # by (id, attempt): spec, user, submit time
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -192,13 +191,7 @@ class Scheduler:
             if why is None:
                 continue
             if (record.reason, record.detail, record.est_start_at) != (why.reason.value, why.detail, why.est_start):
-                # Only while still PENDING: a blind HSET could overwrite a newer state's reason.
-                est = "" if why.est_start is None else repr(why.est_start)
-                self._set_info(
-                    keys=[keys.job(record.id), keys.job_events(record.id)],
-                    args=[why.reason.value, why.detail, est, now],
-                    client=pipe,
-                )
+                self.store.set_pending_info(pipe, record.id, why.reason.value, why.detail, why.est_start, now)
                 changed = True
         if changed:
             pipe.execute()

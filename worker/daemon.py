@@ -38,6 +38,7 @@ from worker.journal import EndRecorder, Entry, Journal
 from worker.probe import GpuProbe
 from worker.process_tree import find_shims, kill_tree, tree_pids
 from worker.runner import SHIM_ENV, SHIM_PATH, JobRunner, LaunchError
+from worker.shim import PR_SET_CHILD_SUBREAPER, prctl
 
 log = logging.getLogger("gpulab.worker")
 
@@ -71,6 +72,9 @@ class WorkerDaemon:
 
     # ---- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        # A subreaper: a job process whose shim was killed (by the job itself: same uid) is
+        # adopted by this worker instead of init, and killed by the next heartbeat.
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
         self._kill_stale_shims(orphans_only=True)
         self._claim_name()
         self._kill_stale_shims(orphans_only=False)
@@ -237,8 +241,11 @@ class WorkerDaemon:
 
     def _before_finish(self, runner: JobRunner) -> None:
         # Publish the GPUs as they are after the exit before the finish wakes the scheduler,
-        # so the next pass sees the memory back instead of a stale snapshot.
+        # so the next pass sees the memory back instead of a stale snapshot. Whatever of the
+        # job this worker adopted (its shim was killed) dies first: the end is recorded only
+        # once the whole tree is gone.
         self._forget(runner)
+        self._reap_orphans()
         self.publish_heartbeat()
 
     def _forget(self, runner: JobRunner) -> None:
@@ -250,6 +257,7 @@ class WorkerDaemon:
         interval = self.config.worker.heartbeat_interval_s
         while not self.stopping.wait(interval):
             try:
+                self._reap_orphans()
                 self.publish_heartbeat()
             except redis.RedisError as exc:
                 log.warning("worker: heartbeat failed (%s); jobs keep running", exc)
@@ -257,6 +265,25 @@ class WorkerDaemon:
                 log.exception("worker: heartbeat error")
             else:
                 self.ends.nudge()  # Redis answers: journaled ends can go in now
+
+    def _reap_orphans(self) -> None:
+        """This worker's only children are job shims. Any other child is a job process whose
+        shim died (a job can kill its own shim) and was adopted by this subreaper: it belongs
+        to no live attempt, so it is killed with everything it started, and reaped."""
+        with self._lock:
+            shims = {r.proc.pid for r in self.runners.values() if r.proc is not None}
+        for child in psutil.Process().children():
+            try:
+                zombie = child.status() == psutil.STATUS_ZOMBIE
+                if child.pid in shims or (not zombie and SHIM_PATH in child.cmdline()):
+                    continue  # a shim, perhaps not yet registered: its runner waits for it
+                if not zombie:
+                    log.warning("worker: killing pid %s, left behind by a job whose shim died", child.pid)
+                    kill_tree(child.pid)
+            except psutil.Error:
+                continue
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child.pid, os.WNOHANG)
 
     def _journal_loop(self) -> None:
         self.ends.run(self.stopping)

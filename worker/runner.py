@@ -34,6 +34,7 @@ from jobs.record import JobRecord
 from jobs.sizes import MiB, format_size
 from jobs.spec import SpecError, validate_spec
 from jobs.states import JobState, Reason
+from jobs.text import safe
 from worker import jobfiles
 from worker.identity import IdentityError, RunAs, resolve_run_as
 from worker.outcome import Outcome, classify
@@ -177,7 +178,13 @@ class JobRunner:
                 raise LaunchError(message)
             self._end_launch(message)
             raise LaunchError(message)
-        self.job_pid = int(answer.split()[1])
+        job_pid = _reported_child(answer, self.proc)
+        if job_pid is None:  # the job forged its shim's word: root must not act on that pid
+            message = f"the job's launcher reported {safe(answer)!r}, not a child of its own"
+            self._abort_shim()
+            self._end_launch(message)
+            raise LaunchError(message)
+        self.job_pid = job_pid
         before = time.monotonic()  # the lease set below lasts at least until before + ttl
         try:
             started = lifecycle.start(
@@ -600,3 +607,17 @@ def _describe(returncode: int) -> str:
         except ValueError:
             return f"killed by signal {-returncode}"
     return f"exit code {returncode}"
+
+
+def _reported_child(answer: str, shim: subprocess.Popen[bytes] | None) -> int | None:
+    """The pid in the shim's `ready <pid>`, only if it is a live direct child of that shim:
+    the worker later signals it as root, so a pid a job could have slipped in (another
+    user's process, 0, -1) is refused."""
+    parts = answer.split()
+    if shim is None or len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) <= 1:
+        return None
+    pid = int(parts[1])
+    try:
+        return pid if psutil.Process(pid).ppid() == shim.pid else None
+    except psutil.Error:
+        return None

@@ -434,6 +434,9 @@ def main(argv: list[str]) -> int:
     os.set_blocking(0, False)
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     prctl(PR_SET_PDEATHSIG, PDEATH_SIGNAL)  # after the uid change (Popen did it before exec)
+    # Not dumpable: the job (same uid) cannot ptrace the shim or open its /proc files, so it
+    # cannot forge what the shim tells the worker. The command's exec resets this for itself.
+    prctl(PR_SET_DUMPABLE, 0)
     shim = Shim(opts)
     if os.getppid() != opts.worker_pid:  # the worker died before PDEATHSIG was armed
         return ABORTED_EXIT

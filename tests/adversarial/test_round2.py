@@ -1,0 +1,88 @@
+"""Round 2 red-team tests: breaks of the stated guarantees found by attacking the finished
+trust work, each fixed after the test showed it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import signal
+from pathlib import Path
+
+from jobs.states import JobState
+from tests.adversarial.support import api
+from tests.helpers.stack import Stack
+from tests.helpers.users import as_user, needs_users
+
+PATH_ENV = {"PATH": "/usr/bin:/bin"}
+FINAL_STATES = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+def _submit_as(stack: Stack, user: pwd.struct_passwd, spec: dict) -> tuple[int, object]:
+    sock = stack.state_dir / "gpulab.sock"
+    answer = as_user(user, lambda: api(sock, "POST", "/v1/jobs", spec))
+    assert "ok" in answer, answer
+    status, payload = answer["ok"]
+    return status, payload
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except OSError:
+        return False
+    return state not in (b"Z", b"X")
+
+
+# A job that forks a child and, microseconds later, SIGKILLs its own shim (its parent's parent:
+# the shim runs as the job's user). The child was never seen by a heartbeat's `track`, and
+# with the shim gone it reparents to init, out of every tree the worker looks at.
+_KILL_SHIM = r"""
+import os, signal, sys, time
+pidfile, stopfile = sys.argv[1], sys.argv[2]
+shim = os.getppid()
+child = os.fork()
+if child == 0:
+    os.setsid()
+    while not os.path.exists(stopfile):
+        time.sleep(0.05)
+    os._exit(0)
+with open(pidfile, "w") as f:
+    f.write(str(child))
+os.kill(shim, signal.SIGKILL)
+time.sleep(60)
+"""
+
+
+@needs_users
+def test_job_that_kills_its_own_shim_leaves_no_process_behind(
+    multi_stack: Stack, users: dict[str, pwd.struct_passwd], shared_dir: Path
+) -> None:
+    alice = users["gpulab-alice"]
+    work = shared_dir / "alice-work"
+    work.mkdir()
+    os.chown(work, alice.pw_uid, alice.pw_gid)
+    pidfile, stopfile = work / "escapee.pid", work / "stop"
+    spec = {
+        "command": ["/usr/bin/python3", "-c", _KILL_SHIM, str(pidfile), str(stopfile)],
+        "cwd": str(work),
+        "mem_bytes": 2**30,
+        "env": PATH_ENV,
+    }
+    status, payload = _submit_as(multi_stack, alice, spec)
+    assert status == 200, payload
+    job_id = int(payload["id"])  # type: ignore[index]
+    escapee = 0
+    try:
+        done = multi_stack.wait_state(job_id, *FINAL_STATES)
+        escapee = int(pidfile.read_text())
+        assert not _pid_alive(escapee), (
+            f"job {job_id} is {done.state.value} and its GPUs are free again, "
+            f"but its process {escapee} (forked before it killed its shim) still runs"
+        )
+    finally:
+        stopfile.touch()
+        if escapee and _pid_alive(escapee):
+            with contextlib.suppress(OSError):
+                os.kill(escapee, signal.SIGKILL)
