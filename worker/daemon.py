@@ -271,6 +271,10 @@ class WorkerDaemon:
         shim died (a job can kill its own shim) and was adopted by this subreaper: it belongs
         to no live attempt, so it is killed with everything it started, and reaped."""
         with self._lock:
+            if any(r.proc is None and not r.done.is_set() for r in self.runners.values()):
+                # A shim is being spawned: forked but not yet exec'd, it still looks like this
+                # worker and belongs to no runner yet. Look again next heartbeat.
+                return
             shims = {r.proc.pid for r in self.runners.values() if r.proc is not None}
         for child in psutil.Process().children():
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -63,10 +64,9 @@ def _raw(
     conn = http.client.HTTPConnection("localhost", timeout=10)
     conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.sock.connect(sock_path)
-    try:
+    # The server may answer (413) and close before taking the whole body: read the answer.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         conn.request(method, path, body=body, headers=headers or {})
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the server answered (413) and closed before taking the whole body: read the answer
     response = conn.getresponse()
     return response.status, json.loads(response.read())
 
