@@ -248,14 +248,20 @@ def start(a: Attempt, pid: int, log_path: str, lease_ttl_s: float, now: float) -
     )
 
 
-def not_started(a: Attempt, why: str) -> Transition:
-    """ASSIGNED -> PENDING: this worker could not hand the job over in time (it stalled), and
-    nothing of the job ran; it waits again like any assignment its node did not start."""
+def not_started(a: Attempt, why: str, max_requeues: int) -> Transition:
+    """ASSIGNED -> PENDING: this worker could not hand the job over (it stalled, or the shim
+    died before its gate), and nothing of the job ran; it waits again like any assignment
+    its node did not start - HELD once dispatched more than `max_requeues` times, so a node
+    that cannot start anything does not spin it."""
+    target, reason = JobState.PENDING, ""
     detail = f"node {a.node} did not start it ({why}); requeued"
+    if a.attempt > max_requeues:
+        target, reason = JobState.HELD, Reason.HELD.value
+        detail = f"node {a.node} did not start it ({why}); held after {a.attempt} attempts"
     return Transition(
         a.job_id,
-        JobState.PENDING,
-        {"reason": "", "detail": detail},
+        target,
+        {"reason": reason, "detail": detail},
         expect=frozenset({JobState.ASSIGNED}),
         guard=a.guard,
         fence=a.fence,

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 
@@ -170,18 +170,22 @@ class JobRunner:
             message = answer.removeprefix("fail ") if answer.startswith("fail ") else answer
             self._abort_shim()
             self._log_line(f"gpulab: {message}")
-            if self.proc is not None and self.proc.poll() == ABORTED_EXIT:
-                # The shim gave up waiting for this worker (frozen or stalled): nothing ran and
-                # nothing is wrong with the job. It goes back to wait, not to FAILED.
-                self.record_end(lifecycle.not_started(self.writer, message), False)
-                self.done.set()
-                raise LaunchError(message)
+            if not answer.startswith("fail "):
+                # The shim died or gave up before its gate (this worker stalled, or something
+                # killed it): the command cannot have run and nothing is wrong with the job.
+                self._not_started(message)
             self._end_launch(message)
             raise LaunchError(message)
         job_pid = _reported_child(answer, self.proc)
-        if job_pid is None:  # the job forged its shim's word: root must not act on that pid
-            message = f"the job's launcher reported {safe(answer)!r}, not a child of its own"
+        if job_pid is None:
             self._abort_shim()
+            if _pid_gone(answer):
+                # The shim's child is already gone (the shim gave up on a stalled worker and
+                # killed it): nothing ran; the job waits again.
+                self._not_started("the job's launcher gave up before it was started")
+            # A live pid that is not the shim's child: the job forged its shim's word, and
+            # root must not act on that pid.
+            message = f"the job's launcher reported {safe(answer)!r}, not a child of its own"
             self._end_launch(message)
             raise LaunchError(message)
         self.job_pid = job_pid
@@ -342,6 +346,12 @@ class JobRunner:
         if self._from_shim >= 0:
             os.close(self._from_shim)
             self._from_shim = -1
+
+    def _not_started(self, message: str) -> NoReturn:
+        """Nothing of the job ran (its shim never opened the gate): it waits again."""
+        self.record_end(lifecycle.not_started(self.writer, message, self.config.scheduler.max_requeues), False)
+        self.done.set()
+        raise LaunchError(message)
 
     def _end_launch(self, message: str) -> None:
         """The job could not start (still ASSIGNED): it fails with LaunchFailed."""
@@ -621,3 +631,8 @@ def _reported_child(answer: str, shim: subprocess.Popen[bytes] | None) -> int | 
         return pid if psutil.Process(pid).ppid() == shim.pid else None
     except psutil.Error:
         return None
+
+
+def _pid_gone(answer: str) -> bool:
+    parts = answer.split()
+    return len(parts) == 2 and parts[1].isdigit() and not psutil.pid_exists(int(parts[1]))

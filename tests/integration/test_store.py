@@ -128,9 +128,9 @@ def test_an_assignment_its_worker_could_not_hand_over_goes_back_to_wait_whole(re
     redis_client.set(keys.node_epoch("n1"), "7")
     stale = Attempt(job_id, 1, "n1", Fence(keys.node_epoch("n1"), "6"))
     with pytest.raises(Fenced):
-        store.transition(lifecycle.not_started(stale, "the job's launcher gave up"))
+        store.transition(lifecycle.not_started(stale, "the job's launcher gave up", 3))
     current = Attempt(job_id, 1, "n1", Fence(keys.node_epoch("n1"), "7"))
-    store.transition(lifecycle.not_started(current, "the job's launcher gave up"))
+    store.transition(lifecycle.not_started(current, "the job's launcher gave up", 3))
     record = store.get(job_id)
     assert record is not None and record.state == JobState.PENDING and "did not start it" in record.detail
     assert record.node == "" and not store.ledger() and not store.has_lease(job_id) and launches.count == 0
