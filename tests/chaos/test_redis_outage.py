@@ -8,6 +8,7 @@ import signal
 import time
 
 import psutil
+import pytest
 import redis
 
 from jobs import keys
@@ -17,7 +18,7 @@ from jobs.store import JobStore
 from tests.chaos.conftest import OwnRedis
 from tests.chaos.invariants import check_invariants
 from tests.chaos.markers import Marker, pid_alive
-from tests.helpers.stack import Daemon, Stack, eventually
+from tests.helpers.stack import Daemon, Stack, eventually, test_config
 
 FINAL = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
 
@@ -155,3 +156,31 @@ def test_redis_refusing_writes_is_what_the_test_above_injects(own_redis: OwnRedi
     finally:
         client.config_set("min-replicas-to-write", 0)
     assert client.set("x", "1")
+
+
+@pytest.mark.slow
+def test_redis_gone_for_20_s_inside_the_lease_costs_a_running_job_nothing(
+    own_stack: Stack, own_redis: OwnRedis, marker: Marker
+) -> None:
+    """Final attack: Redis killed for 20 s (the fault's length is the test's parameter, not a
+    wait for an event) with a 40 s lease. The running job is not touched, the daemons live
+    through it, and the job completes once, on its first attempt."""
+    stack = own_stack
+    (stack.tmp_path / "config.toml").write_text(test_config(worker={"lease_ttl_s": 40}))
+    scheduler = stack.start_scheduler()
+    worker = stack.start_worker("n1", "1x24GiB")
+    job = stack.submit("--mem", "1GiB", *marker.job_args())
+    stack.wait_state(job, JobState.RUNNING)
+    start = marker.wait_start(job, 1)
+
+    own_redis.kill()
+    time.sleep(20)
+    _restart(stack, own_redis)
+
+    assert scheduler.proc.poll() is None and worker.proc.poll() is None
+    assert pid_alive(start.pid)  # the shim heard no renewal for 20 s, well under 0.75 x 40 s
+    assert marker.release(job, 1)
+    done = stack.wait_state(job, *FINAL)
+    assert (done.state, done.attempt) == (JobState.COMPLETED, 1), (done.state, done.detail)
+    marker.assert_exactly_once([job])
+    check_invariants(stack.redis)
