@@ -248,6 +248,13 @@ def start(a: Attempt, pid: int, log_path: str, lease_ttl_s: float, now: float) -
     )
 
 
+def held_after_unstarted(attempt: int, max_requeues: int) -> bool:
+    """A job whose command never ran waits again whatever its spec says, until it has been
+    dispatched more than `max_requeues` times: then it is held, so a node that cannot start
+    anything does not spin it."""
+    return attempt > max_requeues
+
+
 def not_started(a: Attempt, why: str, max_requeues: int) -> Transition:
     """ASSIGNED -> PENDING: this worker could not hand the job over (it stalled, or the shim
     died before its gate), and nothing of the job ran; it waits again like any assignment
@@ -255,7 +262,7 @@ def not_started(a: Attempt, why: str, max_requeues: int) -> Transition:
     that cannot start anything does not spin it."""
     target, reason = JobState.PENDING, ""
     detail = f"node {a.node} did not start it ({why}); requeued"
-    if a.attempt > max_requeues:
+    if held_after_unstarted(a.attempt, max_requeues):
         target, reason = JobState.HELD, Reason.HELD.value
         detail = f"node {a.node} did not start it ({why}); held after {a.attempt} attempts"
     return Transition(

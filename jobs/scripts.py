@@ -153,17 +153,22 @@ return 1
 """
 
 JOB_FIELDS = """
--- KEYS: job hashes. ARGV: 1 n = number of fields, 2..1+n field names.
--- Returns one JSON array: per job, its n values (false where missing). The scheduler reads
--- the pending and active jobs' changing fields every pass: one string per page, decoded by
--- the client's C JSON parser, instead of a command and n replies per job.
+-- KEYS: m job hashes, then (when ARGV[2] is '1') their m lease keys.
+-- ARGV: 1 n = number of fields, 2 '1' to add whether each lease exists, 3..2+n field names.
+-- Returns one JSON array: per job, its n values (false where missing), then 1/0 for its
+-- lease if asked. The scheduler reads the pending and active jobs' changing fields every
+-- pass: one string per page, decoded by the client's C JSON parser, instead of a command
+-- and n replies per job.
 local n = tonumber(ARGV[1])
+local with_lease = ARGV[2] == '1'
+local m = with_lease and #KEYS / 2 or #KEYS
 local fields = {}
-for i = 1, n do fields[i] = ARGV[1 + i] end
+for i = 1, n do fields[i] = ARGV[2 + i] end
 local out = {}
-for _, key in ipairs(KEYS) do
-  local values = redis.call('HMGET', key, unpack(fields))
+for i = 1, m do
+  local values = redis.call('HMGET', KEYS[i], unpack(fields))
   for j = 1, n do out[#out + 1] = values[j] end
+  if with_lease then out[#out + 1] = redis.call('EXISTS', KEYS[m + i]) end
 end
 if #out == 0 then return '[]' end
 return cjson.encode(out)

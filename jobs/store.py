@@ -265,11 +265,28 @@ class JobStore:
 
     def job_fields(self, job_ids: list[int], fields: tuple[str, ...]) -> list[tuple[str | None, ...]]:
         """The named fields of many jobs in one call (None where missing), in `job_ids` order."""
+        return [row for row, _ in self._job_fields(job_ids, fields, with_lease=False)]
+
+    def job_fields_and_leases(
+        self, job_ids: list[int], fields: tuple[str, ...]
+    ) -> list[tuple[tuple[str | None, ...], bool]]:
+        """Like `job_fields`, with whether each job's lease exists, still in one call."""
+        return self._job_fields(job_ids, fields, with_lease=True)
+
+    def _job_fields(
+        self, job_ids: list[int], fields: tuple[str, ...], *, with_lease: bool
+    ) -> list[tuple[tuple[str | None, ...], bool]]:
         if not job_ids:
             return []
-        flat = json.loads(self._fields(keys=[keys.job(j) for j in job_ids], args=[len(fields), *fields]))
-        width = len(fields)
-        return [tuple(v or None for v in flat[n * width : (n + 1) * width]) for n in range(len(job_ids))]
+        job_keys = [keys.job(j) for j in job_ids]
+        if with_lease:
+            job_keys += [keys.lease(j) for j in job_ids]
+        flat = json.loads(self._fields(keys=job_keys, args=[len(fields), "1" if with_lease else "0", *fields]))
+        width = len(fields) + int(with_lease)
+        rows = [flat[n * width : (n + 1) * width] for n in range(len(job_ids))]
+        return [
+            (tuple(v or None for v in row[: len(fields)]), bool(with_lease and row[-1])) for row in rows
+        ]
 
     def raw_state(self, job_id: int) -> JobState | None:
         raw = self.redis.hget(keys.job(job_id), "state")

@@ -41,14 +41,10 @@ class ActiveReader:
         leases: dict[int, bool] = {}
         for start in range(0, len(ids), PAGE):
             page = ids[start : start + PAGE]
-            pipe = self.redis.pipeline(transaction=False)
-            for job_id in page:
-                pipe.exists(keys.lease(job_id))
-            held = pipe.execute()
-            for job_id, row, has_lease in zip(page, self.store.job_fields(page, FIELDS), held, strict=True):
+            for job_id, (row, has_lease) in zip(page, self.store.job_fields_and_leases(page, FIELDS), strict=True):
                 if row[0]:  # a job whose hash is gone has no state: skip it
                     values[job_id] = row
-                    leases[job_id] = bool(has_lease)
+                    leases[job_id] = has_lease
         parsed = {r.id: r for r in self.store.get_many((i for i in values if i not in self._cache), invalid)}
         cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
         out = []

@@ -537,7 +537,7 @@ class JobRunner:
             detail = "cancelled before it started"
             ending = lifecycle.finish(self.writer, JobState.CANCELLED, Reason.CANCELLED, detail, fields, now)
         elif not self._gate_open or returncode == ABORTED_EXIT:
-            held = self.attempt > self.config.scheduler.max_requeues
+            held = lifecycle.held_after_unstarted(self.attempt, self.config.scheduler.max_requeues)
             target, reason = (JobState.HELD, Reason.HELD) if held else (JobState.PENDING, Reason.REQUEUED)
             detail = f"not started: {why}" + (f"; held after {self.attempt} attempts" if held else "")
             ending = lifecycle.finish(self.writer, target, reason, detail, fields, now)
