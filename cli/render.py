@@ -60,6 +60,19 @@ def _estimate(job: dict[str, Any], now: float) -> str:
     return f"; est. start {at} (in {duration(max(0.0, est - now))})"
 
 
+def start_column(job: dict[str, Any], now: float) -> str:
+    """START: a waiting job's expected start ("in 12:30" or "now"), "never" for a job no
+    GPU can hold, "-" when unknown; empty for jobs that are not waiting."""
+    if job["state"] != "PENDING":
+        return ""
+    if job.get("reason") == "Infeasible":
+        return "never"
+    est = number(job.get("est_start_at"))
+    if est is None:
+        return "-"
+    return "now" if est - now < 1 else f"in {duration(est - now)}"
+
+
 def _rows(jobs: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
     """(ID, NAME, job) per row. Pending tasks of one array waiting for the same reason share
     a row, like squeue: ids 13-43, name sweep[1-31%4]."""
@@ -94,14 +107,17 @@ def _rows(jobs: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
 def queue_table(jobs: list[dict[str, Any]], now: float | None = None) -> Table:
     now = now or time.time()
     table = Table(box=None, header_style="bold", pad_edge=False)
-    columns = ("ID", "NAME", "USER", "STATE", "GPUS", "MEM/GPU", "PEAK", "AGE", "TIME", "PRIORITY", "REASON / PROGRESS")
+    columns = (
+        "ID", "NAME", "USER", "STATE", "GPUS", "MEM/GPU", "PEAK", "AGE", "TIME", "START", "PRIORITY",
+        "REASON / PROGRESS",
+    )  # fmt: skip
     for column in columns:
         table.add_column(column, no_wrap=column not in ("REASON / PROGRESS", "NAME"))
     for ids, name, job in _rows(jobs):
         started, ended = job.get("started_at"), job.get("ended_at")
         run_time = (ended or now) - started if started else None
         peak = sum(job.get("peak_bytes", {}).values())
-        extra = _progress(job) or (_why(job) + _estimate(job, now))
+        extra = _progress(job) or _why(job)
         if job["state"] in ("RUNNING",) and _progress(job) and job.get("mem_warning"):
             extra += f"; {safe(job['mem_warning'])}"
         table.add_row(
@@ -114,6 +130,7 @@ def queue_table(jobs: list[dict[str, Any]], now: float | None = None) -> Table:
             format_size(peak) if peak else "-",
             duration(now - job["submitted_at"]),
             duration(run_time),
+            start_column(job, now),
             _priority(job),
             Text(extra),
         )
@@ -175,8 +192,9 @@ def _policy_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
     if job.get("array_id") is not None:
         rows.append(("Array", f"{job['array_id']} ({spec.get('array')}), task {job.get('array_index')}"))
     estimate = _estimate(job, time.time()).removeprefix("; ")
-    if estimate:
-        rows.append(("Expected", estimate))
+    if job["state"] == "PENDING":
+        never = job.get("reason") == "Infeasible"
+        rows.append(("Expected", "never: no GPU can hold it" if never else estimate or "start unknown"))
     return rows
 
 

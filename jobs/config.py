@@ -43,6 +43,12 @@ class SchedulerConfig:
     max_api_connections: int = 256
     max_api_connections_per_user: int = 32
     api_request_timeout_s: float = 10.0  # to send a whole request (slowloris clients are dropped)
+    # Start estimates for every waiting job (scheduler/forecast.py): recomputed at most this
+    # often (0 = off), with at most this many simulated placements, and this run time for
+    # jobs with neither a time limit nor a learned duration (0 = unknown).
+    eta_interval_s: float = 10.0
+    max_eta_steps: int = 200
+    eta_default_runtime_s: float = 3600.0
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ FAIRSHARE = f"{PREFIX}:fairshare"  # hash: user -> decayed usage (byte-seconds),
 DRAINED = f"{PREFIX}:drained"  # hash: node name -> why (admin `gpulab node drain`); no new jobs there
 WAITING_COUNT = f"{PREFIX}:waiting"  # hash: user -> number of PENDING/HELD jobs (max_pending_per_user)
 WAITING_BYTES = f"{PREFIX}:waiting_bytes"  # hash: user -> bytes of their PENDING/HELD specs (max_stored_per_user)
+DURATIONS = f"{PREFIX}:durations"  # hash: "user\tname" -> {"n", "mean"}: learned run times (start estimates)
 QUARANTINE = f"{PREFIX}:quarantine"  # stream: records a daemon refused (admin-visible, `gpulab doctor`)
 
 

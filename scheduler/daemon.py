@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 
@@ -27,9 +27,11 @@ from scheduler.active import Active, ActiveReader
 from scheduler.cluster import read_heartbeats, read_ledger
 from scheduler.dependencies import DependencyReader
 from scheduler.dispatch import Dispatcher
+from scheduler.forecast import Forecaster
 from scheduler.pending import PendingReader
 from scheduler.policy.accounting import AccountingPolicy, build_accounts
 from scheduler.policy.dependencies import evaluate
+from scheduler.policy.forecast import same_estimate
 from scheduler.policy.inputs import pending_job, running_job
 from scheduler.policy.placement import PendingJob, Waiting, place
 from scheduler.usage import UsageTracker
@@ -68,6 +70,7 @@ class Scheduler:
         self.active = ActiveReader(client)
         self.dependencies = DependencyReader(client)
         self.usage = UsageTracker(client, config.policy.fairshare_half_life_s)
+        self.forecaster = Forecaster(client, config)
         self._jobs: dict[tuple[int, int], PendingJob] = {}  # by (id, attempt): spec, user, submit time
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -132,6 +135,11 @@ class Scheduler:
         if len(placed) != len(result.assignments):
             self.store.wake_scheduler()  # something changed under us: look again at once
         reasons.update(result.waiting)
+        starts = self.forecaster.update(
+            now, {j.id: j for j in jobs.values()}, {r.id: r for r in eligible}, accounts, self.policy,
+            running, active, usage, unavailable,
+        )  # fmt: skip
+        _add_estimates(reasons, starts)
         self._write_reasons([r for r in waiting if r.state == JobState.PENDING], reasons)
         duration = time.perf_counter() - started
         self.redis.hset(
@@ -143,6 +151,8 @@ class Scheduler:
                 "last_place_ms": round(place_s * 1000, 3),
                 "pending": len(eligible),
                 "reservations": len(result.reservations),
+                "last_eta_ms": round(self.forecaster.last_ms, 3),
+                "last_eta_steps": self.forecaster.last_steps,
             },
         )
         pending = sum(1 for r in waiting if r.state == JobState.PENDING)
@@ -190,7 +200,9 @@ class Scheduler:
             why = waiting.get(record.id)
             if why is None:
                 continue
-            if (record.reason, record.detail, record.est_start_at) != (why.reason.value, why.detail, why.est_start):
+            if (record.reason, record.detail) != (why.reason.value, why.detail) or not same_estimate(
+                record.est_start_at, why.est_start, float(now)
+            ):
                 self.store.set_pending_info(pipe, record.id, why.reason.value, why.detail, why.est_start, now)
                 changed = True
         if changed:
@@ -221,3 +233,11 @@ class Scheduler:
             except TransitionRefused:
                 pass  # it finished or moved in the meantime: nothing to do
         return reaped
+
+
+def _add_estimates(reasons: dict[int, Waiting], starts: dict[int, float | None]) -> None:
+    """A reservation's own expected start wins; every other waiting job gets the forecast's."""
+    for job_id, why in reasons.items():
+        est = starts.get(job_id)
+        if why.est_start is None and est is not None:
+            reasons[job_id] = replace(why, est_start=est)

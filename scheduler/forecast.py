@@ -1,0 +1,167 @@
+"""Start estimates for the scheduler loop: when to recompute the pure forecast
+(scheduler/policy/forecast.py), with what durations, and the learned-duration history.
+
+Cost is bounded per pass: the forecast runs at most every `eta_interval_s` (sooner, but at
+most once a second, when the set of waiting jobs changed), each run makes at most
+`max_eta_steps` placement calls, and between runs the pass only reuses the cached answer.
+
+Durations, in this order: the job's time limit; the mean run time of the user's completed
+jobs of the same name (`gpulab:durations`, learned as jobs complete); else
+`eta_default_runtime_s` (0: unknown, so nothing behind such a job gets an estimate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import redis
+
+from jobs import keys
+from jobs.config import Config
+from jobs.record import JobRecord
+from jobs.states import JobState
+from jobs.store import JobStore
+from scheduler.policy.accounting import AccountingPolicy, GpuAccount
+from scheduler.policy.forecast import expected_end, forecast_starts
+from scheduler.policy.types import PendingJob, RunningJob
+
+log = logging.getLogger("gpulab.scheduler")
+
+OVERDUE_GRACE_S = 60.0  # a running job past its usual duration is expected to end this soon
+MIN_RECOMPUTE_S = 1.0  # a changed queue recomputes at most this often
+MAX_LEARNED = 10_000  # (user, name) pairs kept; past it, the history starts over (bounded Redis)
+
+
+def duration_key(user: str, name: str) -> str:
+    return f"{user}\t{name}"
+
+
+class DurationHistory:
+    """Mean run time of completed jobs per (user, job name), in one Redis hash."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def learn(self, records: list[JobRecord]) -> None:
+        done = [r for r in records if r.state == JobState.COMPLETED and r.started_at and r.ended_at]
+        if not done:
+            return
+        if self.redis.hlen(keys.DURATIONS) > MAX_LEARNED:
+            self.redis.delete(keys.DURATIONS)
+        for r in done:
+            assert r.started_at is not None and r.ended_at is not None
+            key = duration_key(r.user, r.spec.display_name)
+            old = _parse(self.redis.hget(keys.DURATIONS, key))
+            n, mean = old if old is not None else (0, 0.0)
+            run = max(0.0, r.ended_at - r.started_at)
+            n = min(n + 1, 20)  # a running mean over about the last 20 runs
+            mean += (run - mean) / n
+            self.redis.hset(keys.DURATIONS, key, json.dumps({"n": n, "mean": round(mean, 3)}))
+
+    def all(self) -> dict[str, float]:
+        out = {}
+        for k, v in self.redis.hgetall(keys.DURATIONS).items():
+            parsed = _parse(v)
+            if parsed is not None:
+                out[k.decode(errors="replace")] = parsed[1]
+        return out
+
+
+def _parse(raw: bytes | str | None) -> tuple[int, float] | None:
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        return int(data["n"]), float(data["mean"])
+    except (ValueError, TypeError, KeyError):
+        return None  # someone else's junk in our key: ignore it, never fail the pass
+
+
+class Forecaster:
+    def __init__(self, client: redis.Redis, config: Config) -> None:
+        self.redis = client
+        self.store = JobStore(client)
+        self.config = config
+        self.history = DurationHistory(client)
+        self._at = -float("inf")
+        self._queue: frozenset[int] = frozenset()
+        self._active: set[int] = set()
+        self.starts: dict[int, float | None] = {}
+        self.last_ms = 0.0
+        self.last_steps = 0
+
+    def learn_from(self, active: list[JobRecord]) -> None:
+        """Jobs that left the active set since the last pass: learn the run time of those
+        that completed. One read per ended job."""
+        now_active = {r.id for r in active}
+        gone = self._active - now_active
+        self._active = now_active
+        if gone:
+            self.history.learn(self.store.get_many(sorted(gone)))
+
+    def due(self, now: float, queue: frozenset[int]) -> bool:
+        interval = self.config.scheduler.eta_interval_s
+        if interval <= 0:
+            return False
+        since = now - self._at
+        return since >= interval or (queue != self._queue and since >= MIN_RECOMPUTE_S)
+
+    def update(
+        self,
+        now: float,
+        jobs: dict[int, PendingJob],
+        records: dict[int, JobRecord],
+        accounts: dict[str, list[GpuAccount]],
+        policy: AccountingPolicy,
+        running: list[RunningJob],
+        active: list[JobRecord],
+        usage: dict[str, float],
+        unavailable: frozenset[str],
+    ) -> dict[int, float | None]:
+        """The cached estimates, recomputed when due. `records`: the waiting jobs' records (names)."""
+        self.learn_from(active)
+        queue = frozenset(jobs)
+        if not self.due(now, queue):
+            return self.starts
+        started = time.perf_counter()
+        learned = self.history.all()
+        default = self.config.scheduler.eta_default_runtime_s or None
+        started_at = {r.id: (r.started_at or r.assigned_at) for r in active}
+        names = {r.id: r.spec.display_name for r in active}
+
+        def learned_for(user: str, name: str) -> float | None:
+            return learned.get(duration_key(user, name), default)
+
+        ends = [
+            expected_end(
+                r, started_at.get(r.id), learned_for(r.user, names.get(r.id, "")), now, OVERDUE_GRACE_S
+            )
+            for r in running
+        ]
+
+        def duration_of(job: PendingJob) -> float | None:
+            if job.time_limit_s:
+                return job.time_limit_s
+            record = records.get(job.id)
+            return learned_for(job.user, record.spec.display_name if record else "")
+
+        result = forecast_starts(
+            list(jobs.values()),
+            accounts,
+            policy,
+            running=ends,
+            duration_of=duration_of,
+            now=now,
+            config=self.config.policy,
+            usage=usage,
+            unavailable_nodes=unavailable,
+            max_steps=self.config.scheduler.max_eta_steps,
+        )
+        self.starts = result.starts
+        self._at, self._queue = now, queue
+        self.last_ms = (time.perf_counter() - started) * 1000
+        self.last_steps = result.steps
+        log.debug("forecast: %d jobs, %d steps, %.1f ms", len(jobs), result.steps, self.last_ms)
+        return self.starts
