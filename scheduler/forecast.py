@@ -135,9 +135,7 @@ class Forecaster:
             return learned.get(duration_key(user, name), default)
 
         ends = [
-            expected_end(
-                r, started_at.get(r.id), learned_for(r.user, names.get(r.id, "")), now, OVERDUE_GRACE_S
-            )
+            expected_end(r, started_at.get(r.id), learned_for(r.user, names.get(r.id, "")), now, OVERDUE_GRACE_S)
             for r in running
         ]
 
