@@ -65,6 +65,10 @@ class ApiClient:
     def submit(self, spec: dict[str, Any]) -> int:
         return int(self.request("POST", api.jobs_path(), spec)["id"])
 
+    def submit_answer(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer to a submit: the id, and a new webhook secret when one was made."""
+        return dict(self.request("POST", api.jobs_path(), spec))
+
     def jobs(self, *, all_jobs: bool = False) -> list[dict[str, Any]]:
         query = "?" + urlencode({"all": "1"}) if all_jobs else ""
         return list(self.request("GET", api.jobs_path() + query)["jobs"])

@@ -17,6 +17,7 @@ import click
 from cli import ops, render
 from cli.context import EXIT_USAGE, Context, emit_json, fail, pass_ctx
 from cli.env_capture import captured_env
+from cli.notify import notify_fields, notify_group, notify_options, print_new_secret
 from cli.policy_options import node_group, policy_options, spec_fields
 from jobs.config import ConfigError
 from jobs.spec import JobSpec, SpecError, parse_mem, parse_time_limit, validate_spec
@@ -55,6 +56,7 @@ def build_spec(
             hold=hold,
             kind=kind,
             **spec_fields(policy or {}),
+            **notify_fields(policy or {}),
         )
         validate_spec(spec)
     except SpecError as exc:
@@ -82,7 +84,9 @@ def _submit(ctx: Context, spec: JobSpec, as_json: bool, as_user: str | None = No
     body = spec.to_json()
     if as_user:
         body["user"] = as_user  # admins only; the scheduler checks
-    job_id = ctx.call(client.submit, body)
+    answer = ctx.call(client.submit_answer, body)
+    job_id = int(answer["id"])
+    print_new_secret(answer)
     if as_json:
         emit_json(ctx.call(client.job, job_id))
     else:
@@ -92,6 +96,7 @@ def _submit(ctx: Context, spec: JobSpec, as_json: bool, as_user: str | None = No
 @main.command(context_settings={"ignore_unknown_options": True})
 @submit_options
 @policy_options
+@notify_options
 @click.option("--requeue/--no-requeue", default=None, help="Run again after a node loss (default: on for --train).")
 @click.option("--train", "factory", help="Run the built-in training loop with this factory (module:func or file.py).")
 @click.option("--export", help="Pass only these variables (NAME,NAME; plus PATH/HOME/USER/LANG), or ALL, or NONE.")
@@ -134,6 +139,7 @@ def _requeue(flag: bool | None, kind: str) -> bool:
 @main.command(context_settings={"ignore_unknown_options": True})
 @submit_options
 @policy_options
+@notify_options
 @click.option("--epochs", type=int, help="Epochs to train.")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), help="Mixed precision.")
@@ -173,6 +179,7 @@ def queue_cmd(ctx: Context, all_jobs: bool, as_json: bool) -> None:
 
 main.add_command(queue_cmd, name="q")
 main.add_command(node_group)
+main.add_command(notify_group)
 
 
 @main.command()

@@ -6,6 +6,7 @@ Every setting is documented in the repository's config.toml.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -86,6 +87,32 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    """[notify]: webhooks and mail when jobs end, fail, are held or start late (README "Notifications")."""
+
+    enabled: bool = True  # the scheduler runs the notifier thread
+    smtp_host: str = ""  # "" -> no mail: --mail is refused at submit
+    smtp_port: int = 25
+    smtp_from: str = "gpulab@localhost"
+    smtp_starttls: bool = False
+    smtp_user: str = ""
+    smtp_password_file: str = ""
+    smtp_timeout_s: float = 10.0
+    # Networks webhooks may reach besides public addresses (CIDRs, e.g. "10.1.0.0/16"); loopback,
+    # private, link-local (cloud metadata) and other special addresses are refused otherwise.
+    allow_networks: tuple[str, ...] = ()
+    webhook_timeout_s: float = 5.0  # to connect, and for the whole answer's headers after sending
+    started_late_after_s: float = 3600.0
+    max_attempts: int = 8
+    retry_base_s: float = 10.0  # the first retry; doubled every attempt
+    retry_max_s: float = 900.0  # ... up to this
+    max_queued_per_user: int = 1000  # deliveries waiting per user; past it new ones are dropped
+    max_batch: int = 50  # events per webhook POST or mail
+    max_per_minute: int = 6  # webhook POSTs (and, separately, mails) per user per minute
+    max_parallel: int = 8  # deliveries in flight at once (threads)
+
+
+@dataclass(frozen=True)
 class Config:
     redis_url: str = ""  # "" -> embedded redis on a unix socket in the state dir
     redis_password_file: str = ""  # a file holding the Redis password (never on a command line)
@@ -93,6 +120,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     source: str = "built-in defaults"
 
     @property
@@ -139,7 +167,7 @@ def default_state_dir() -> Path:
 _SIZE_KEYS = {
     "headroom", "spike_buffer", "idle_gpu_max_used", "max_mem_per_user", "max_submit_size", "max_stored_per_user",
 }  # fmt: skip
-_TUPLE_KEYS = {"simulate_gpus", "admin_users"}
+_TUPLE_KEYS = {"simulate_gpus", "admin_users", "allow_networks"}
 
 
 def _section(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -158,8 +186,14 @@ def _section(cls: type, table: dict[str, Any], where: str) -> Any:
                 value = tuple(str(v) for v in value)
             elif name.endswith("_s") or name.startswith("weight_"):
                 value = float(value)
-            elif name.startswith("max_") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            elif (name.startswith("max_") or name.endswith("_port")) and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
                 raise ValueError("must be a whole number, 0 or more")
+            elif isinstance(getattr(cls, name, None), bool) and not isinstance(value, bool):
+                raise ValueError("must be true or false")
+            elif isinstance(getattr(cls, name, None), str) and not isinstance(value, str):
+                raise ValueError("must be a string")
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: '{key}': {exc}") from None
         values[name] = value
@@ -189,7 +223,7 @@ def load_config(path: Path | None = None) -> Config:
 
 
 def _from_toml(data: dict[str, Any], where: str) -> Config:
-    unknown = set(data) - {"redis", "paths", "scheduler", "worker", "policy"}
+    unknown = set(data) - {"redis", "paths", "scheduler", "worker", "policy", "notify"}
     if unknown:
         raise ConfigError(f"{where}: unknown section [{sorted(unknown)[0]}]")
     redis_url = str(data.get("redis", {}).get("url", ""))
@@ -202,5 +236,16 @@ def _from_toml(data: dict[str, Any], where: str) -> Config:
         scheduler=_section(SchedulerConfig, data.get("scheduler", {}), f"{where} [scheduler]"),
         worker=_section(WorkerConfig, data.get("worker", {}), f"{where} [worker]"),
         policy=_section(PolicyConfig, data.get("policy", {}), f"{where} [policy]"),
+        notify=_notify_section(data.get("notify", {}), f"{where} [notify]"),
         source=where,
     )
+
+
+def _notify_section(table: dict[str, Any], where: str) -> NotifyConfig:
+    notify: NotifyConfig = _section(NotifyConfig, table, where)
+    for network in notify.allow_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"{where}: 'allow_networks': {network!r} is not a network like 10.0.0.0/8") from None
+    return notify

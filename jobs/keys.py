@@ -75,3 +75,19 @@ def rq_queue(node_name: str) -> str:
 
 def rq_job(rq_job_id: str) -> str:
     return RQ_JOB_PREFIX + rq_job_id
+
+
+# ---- notifications (docs/ARCHITECTURE.md, "Notifications") -----------------------------------
+NOTIFY_EVENTS = f"{PREFIX}:notify:events"  # stream: events to notify (TRANSITION script, jobs.notify.emit)
+NOTIFY_EVENTS_MAXLEN = 1_000_000  # a safety net only: the notifier consumes it (consumer group)
+NOTIFY_GROUP = "notifier"  # the consumer group of NOTIFY_EVENTS (a name, not a key)
+NOTIFY_OUTBOX = f"{PREFIX}:notify:outbox"  # hash: delivery id -> JSON delivery (until sent or given up)
+NOTIFY_DUE = f"{PREFIX}:notify:due"  # zset: delivery id -> when to (re)try it; claimed = pushed ahead
+NOTIFY_QUEUED = f"{PREFIX}:notify:queued"  # hash: user -> deliveries in the outbox ([notify] max_queued_per_user)
+NOTIFY_DEFAULTS = f"{PREFIX}:notify:defaults"  # hash: user -> JSON NotifySettings (`gpulab notify set`)
+NOTIFY_SECRETS = f"{PREFIX}:notify:secrets"  # hash: user -> webhook signing secret (hex)
+
+
+def notify_stats(user: str) -> str:
+    """Hash of one user's delivery counters (sent, failed, dropped) and last error (`notify show`)."""
+    return f"{PREFIX}:notify:stats:{user}"

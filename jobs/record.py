@@ -121,6 +121,9 @@ class JobRecord:
         if not private:
             spec["command"] = [HIDDEN]
             spec["cwd"] = HIDDEN
+            # A webhook URL is often a credential (Slack, Mattermost) and an address is personal.
+            spec["notify_url"] = HIDDEN if self.spec.notify_url else ""
+            spec["mail"] = HIDDEN if self.spec.mail else ""
         return {
             "id": self.id,
             "name": self.spec.display_name,

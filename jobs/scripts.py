@@ -50,7 +50,8 @@ return #jobs
 
 TRANSITION = """
 -- KEYS: 1 job, 2 job_events, 3 pending, 4 active, 5 finished, 6 ledger, 7 lease, 8 wake,
---       9 events, 10 waiting counts, 11 fence key, 12 RQ queue, 13 RQ job, 14 waiting bytes
+--       9 events, 10 waiting counts, 11 fence key, 12 RQ queue, 13 RQ job, 14 waiting bytes,
+--       15 notification events
 -- ARGV: 1 job id, 2 allowed source states (comma separated), 3 target state, 4 now,
 --       5 fields JSON ('' value = delete the field), 6 ledger op ('' keep | 'del' | reservation
 --       JSON), 7 lease op ('' keep | 'del' | ttl ms), 8 lease value, 9 wake ('1'/'0'),
@@ -111,6 +112,16 @@ end
 local reason = redis.call('HGET', KEYS[1], 'reason') or ''
 redis.call('XADD', KEYS[2], '*', 'state', target, 'from', state, 'reason', reason, 'detail', ARGV[12], 'at', ARGV[4])
 redis.call('XADD', KEYS[9], 'MAXLEN', '~', 10000, '*', 'job', id, 'state', target, 'at', ARGV[4])
+-- A notification event when the job asked for this one (its 'notify' field: the events,
+-- comma separated), in the same step as the change: no change without its event, no event
+-- without its change (jobs.notify.STATE_EVENTS is the same table).
+local wants = redis.call('HGET', KEYS[1], 'notify')
+if wants then
+  local event = ({COMPLETED = 'end', FAILED = 'fail', HELD = 'held', RUNNING = 'started-late'})[target]
+  if event and string.find(',' .. wants .. ',', ',' .. event .. ',', 1, true) then
+    redis.call('XADD', KEYS[15], 'MAXLEN', '~', 1000000, '*', 'job', id, 'event', event, 'at', ARGV[4])
+  end
+end
 if ARGV[9] == '1' then
   redis.call('LPUSH', KEYS[8], id)
   redis.call('LTRIM', KEYS[8], 0, 99)
@@ -185,4 +196,83 @@ local h = redis.call('HMGET', KEYS[1], 'state', 'attempt')
 if h[1] ~= 'RUNNING' or h[2] ~= ARGV[2] then return 0 end
 for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, v) end
 return 1
+"""
+
+NOTIFY_INTAKE = """
+-- KEYS: 1 outbox, 2 due, 3 queued counts, 4 the user's stats, 5 notification events stream
+-- ARGV: 1 consumer group, 2 stream entry id, 3 user, 4 max queued per user (0 = no cap), 5 now,
+--       then pairs: delivery id, delivery JSON.
+-- One event's deliveries join the outbox and the event is acknowledged, in one step: a
+-- notifier that dies before it leaves the event pending (read again, at-least-once); a
+-- redelivered event whose deliveries are already in the outbox is only acknowledged.
+-- Past the user's cap the deliveries are dropped and counted. Returns the number queued.
+local queued = 0
+local n = (#ARGV - 5) / 2
+if n > 0 and redis.call('HEXISTS', KEYS[1], ARGV[6]) == 0 then
+  local have = tonumber(redis.call('HGET', KEYS[3], ARGV[3]) or '0')
+  if ARGV[4] ~= '0' and have + n > tonumber(ARGV[4]) then
+    redis.call('HINCRBY', KEYS[4], 'dropped', n)
+  else
+    for i = 0, n - 1 do
+      redis.call('HSET', KEYS[1], ARGV[6 + 2 * i], ARGV[7 + 2 * i])
+      redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6 + 2 * i])
+    end
+    redis.call('HINCRBY', KEYS[3], ARGV[3], n)
+    queued = n
+  end
+end
+redis.call('XACK', KEYS[5], ARGV[1], ARGV[2])
+return queued
+"""
+
+NOTIFY_CLAIM = """
+-- KEYS: 1 due, 2 outbox. ARGV: 1 now, 2 claimed until, 3 at most this many.
+-- Take the deliveries that are due and push them to ARGV[2] (a lease): if this notifier dies
+-- while sending, they are due again then, for any notifier. Returns {id, JSON, id, JSON, ...}.
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(ids) do
+  local item = redis.call('HGET', KEYS[2], id)
+  if item then
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    table.insert(out, id)
+    table.insert(out, item)
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out
+"""
+
+NOTIFY_SETTLE = """
+-- KEYS: 1 outbox, 2 due, 3 queued counts, 4 the user's stats. ARGV: 1 user, 2 outcome
+-- ('sent' | 'failed' | 'retry'), 3 now, 4 retry at, 5 last error ('' keep), then delivery
+-- ids, or for 'retry' pairs: id, updated JSON.
+-- The end of one attempt for deliveries of one user: gone from the outbox (sent, or given
+-- up) or due again later. A delivery another notifier already settled is left alone, so the
+-- per-user count stays exact when two notifiers raced.
+local settled = 0
+if ARGV[2] == 'retry' then
+  for i = 6, #ARGV, 2 do
+    if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+      redis.call('ZADD', KEYS[2], ARGV[4], ARGV[i])
+      settled = settled + 1
+    end
+  end
+else
+  for i = 6, #ARGV do
+    if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
+      redis.call('ZREM', KEYS[2], ARGV[i])
+      settled = settled + 1
+    end
+  end
+  if settled > 0 then
+    local left = redis.call('HINCRBY', KEYS[3], ARGV[1], -settled)
+    if left <= 0 then redis.call('HDEL', KEYS[3], ARGV[1]) end
+    redis.call('HINCRBY', KEYS[4], ARGV[2], settled)
+  end
+end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[4], 'last_error', ARGV[5], 'last_error_at', ARGV[3]) end
+return settled
 """

@@ -7,10 +7,11 @@ The same `validate_spec` runs in the CLI (fast, clear errors) and in the schedul
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from jobs.arrays import parse_array
+from jobs.notify import DEFAULT_EVENTS, NotifyError, NotifySettings
 from jobs.sizes import parse_size
 
 MAX_GPUS_PER_JOB = 16
@@ -62,12 +63,20 @@ class JobSpec:
     node: str = ""  # --node: only this node
     gpu_model: str = ""  # --gpu-model: GPU name contains this (case-insensitive)
     oom_retry: int = 0  # --oom-retry N: after a CUDA OOM, run again with more memory, N times
+    notify_url: str = ""  # --notify-url: a webhook (JSON POST, signed) for notify_on events
+    mail: str = ""  # --mail: an address for notify_on events
+    notify_on: tuple[str, ...] = ()  # --notify-on end,fail,held,started-late,idle
+
+    @property
+    def notify(self) -> NotifySettings:
+        return NotifySettings(self.notify_url, self.mail, self.notify_on)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["command"] = list(self.command)
         data["after_ok"] = list(self.after_ok)
         data["after_any"] = list(self.after_any)
+        data["notify_on"] = list(self.notify_on)
         return data
 
     @property
@@ -111,6 +120,9 @@ class JobSpec:
             node=_typed(data, "node", str, ""),
             gpu_model=_typed(data, "gpu_model", str, ""),
             oom_retry=_typed(data, "oom_retry", int, 0),
+            notify_url=_typed(data, "notify_url", str, ""),
+            mail=_typed(data, "mail", str, ""),
+            notify_on=_events(data),
         )
         validate_spec(spec)
         return spec
@@ -134,6 +146,13 @@ def _id_list(data: dict[str, Any], key: str) -> tuple[int, ...]:
     value = data.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise SpecError(key, "must be a list of job ids")
+    return tuple(value)
+
+
+def _events(data: dict[str, Any]) -> tuple[str, ...]:
+    value = data.get("notify_on", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SpecError("--notify-on", "must be a list of event names")
     return tuple(value)
 
 
@@ -185,6 +204,22 @@ def validate_spec(spec: JobSpec) -> None:
     if spec.kind not in KINDS:
         raise SpecError("kind", f"must be one of {', '.join(KINDS)}")
     _validate_policy_fields(spec)
+    _validate_notify(spec)
+
+
+def _validate_notify(spec: JobSpec) -> None:
+    try:
+        spec.notify.checked()
+    except NotifyError as exc:
+        flag, _, message = str(exc).partition(": ")
+        raise SpecError(flag, message) from None
+
+
+def with_notify_defaults(spec: JobSpec) -> JobSpec:
+    """A spec that names a destination but no events gets the default ones (end,fail,held)."""
+    if (spec.notify_url or spec.mail) and not spec.notify_on:
+        return replace(spec, notify_on=DEFAULT_EVENTS)
+    return spec
 
 
 def _strings(spec: JobSpec) -> list[tuple[str, str]]:

@@ -99,6 +99,8 @@ class JobStore:
                 "submitted_at": now,
                 "attempt": "0",
             }
+            if spec.notify.wanted:  # the events the TRANSITION script raises for this job
+                fields["notify"] = ",".join(spec.notify_on)
             if array_indexes is not None:
                 fields |= {
                     "array_id": str(first),
@@ -162,6 +164,7 @@ class JobStore:
             launch_queue,
             launch_job,
             keys.WAITING_BYTES,
+            keys.NOTIFY_EVENTS,
         ]
         args = [
             str(t.job_id),

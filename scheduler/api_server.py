@@ -32,6 +32,7 @@ from jobs.api import API_PREFIX, JOB_ACTIONS, MAX_BODY_BYTES, MAX_WAIT_S, ApiErr
 from jobs.config import Config
 from scheduler.connections import BoundedConnections, ConnectionLimits
 from scheduler.history import history_view
+from scheduler.notify.api import notify_route
 from scheduler.service import Caller, SchedulerService
 
 log = logging.getLogger("gpulab.api")
@@ -147,6 +148,8 @@ class _Handler(BaseHTTPRequestHandler):
             return svc.gpus(caller)
         if path == f"{API_PREFIX}/history" and method == "GET":
             return history_view(svc, caller, query)
+        if path.startswith(f"{API_PREFIX}/notify"):
+            return notify_route(svc, method, path, caller, body)
         node_match = _NODE_RE.match(path)
         if node_match and method == "POST":
             why = body.get("reason", "") if isinstance(body, dict) else ""

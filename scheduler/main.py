@@ -16,6 +16,7 @@ from jobs.redis_conn import connect_redis, redact
 from scheduler.api_server import ApiServer, SocketInUse
 from scheduler.daemon import Scheduler
 from scheduler.instance import AlreadyRunning, LockUnavailable, private_dir, refusal, scheduler_lock
+from scheduler.notify.notifier import start_notifier
 from scheduler.service import SchedulerService
 from scheduler.web import start_web
 
@@ -50,6 +51,7 @@ def _serve(config: Config) -> int:
     start_web(config, server.service)
     api_thread = threading.Thread(target=server.serve_forever, name="api", daemon=True)
     api_thread.start()
+    start_notifier(config, client, stop)  # its own threads: the loop never waits on a receiver
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("scheduler: signal %d, stopping", signum)

@@ -22,6 +22,7 @@ from jobs.spec import MAX_JOB_ID, JobSpec, SpecError, validate_spec
 from jobs.states import Reason
 from jobs.store import JobStore, TooManyWaiting, TooMuchStored, spec_size
 from scheduler.cluster import read_heartbeats
+from scheduler.notify import settings as notify_settings
 from scheduler.policy.accounting import AccountingPolicy, build_accounts
 from scheduler.policy.feasibility import Feasibility, Shape
 
@@ -52,14 +53,17 @@ class Submitter:
             user, uid = self._on_behalf(uid, user, on_behalf)
         self._check_dependencies(spec)
         self._check_feasible(spec)
+        spec, secret = notify_settings.for_submit(self.config, self.redis, user, spec)
+        shown = {"notify_secret": secret} if secret else {}  # a new webhook secret: shown once
         if spec.array:
             ids = self._submit_array(spec, user, uid)
-            return {"id": ids[0], "array_id": ids[0], "ids": ids}
+            return {"id": ids[0], "array_id": ids[0], "ids": ids, **shown}
         limit = self.config.scheduler.max_pending_per_user
         size = spec_size(spec)
         self._check_submit_size(size, 1)
         try:
-            return {"id": self.store.submit(spec, user=user, uid=uid, max_waiting=limit, max_bytes=self._max_bytes)}
+            job_id = self.store.submit(spec, user=user, uid=uid, max_waiting=limit, max_bytes=self._max_bytes)
+            return {"id": job_id, **shown}
         except TooManyWaiting:
             raise self._too_many(user, 1) from None
         except TooMuchStored:

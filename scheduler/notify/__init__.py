@@ -1,0 +1,1 @@
+"""The notifier: webhooks and mail for job events (docs/ARCHITECTURE.md, "Notifications")."""
