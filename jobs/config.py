@@ -106,9 +106,9 @@ class NotifyConfig:
     max_attempts: int = 8
     retry_base_s: float = 10.0  # the first retry; doubled every attempt
     retry_max_s: float = 900.0  # ... up to this
-    max_queued_per_user: int = 1000  # deliveries waiting per user; past it new ones are dropped
-    max_batch: int = 50  # events per webhook POST or mail
-    max_per_minute: int = 6  # webhook POSTs (and, separately, mails) per user per minute
+    max_queued_per_user: int = 20000  # deliveries waiting per user; past it new ones are dropped
+    max_batch: int = 100  # events per webhook POST or mail
+    max_per_minute: int = 12  # webhook POSTs (and, separately, mails) per user per minute
     max_parallel: int = 8  # deliveries in flight at once (threads)
 
 

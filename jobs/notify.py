@@ -72,7 +72,7 @@ def check_url(url: str) -> str:
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise NotifyError("must not carry a user or password (put a token in the path or query)")
     host = parts.hostname or ""
-    if not host or not (_HOST_RE.match(host) or (":" in host and re.match(r"^[0-9A-Fa-f:.]+$", host))):
+    if not host or not (_HOST_RE.fullmatch(host) or (":" in host and re.fullmatch(r"[0-9A-Fa-f:.]+", host))):
         raise NotifyError("needs a host name or IP address")
     if port == 0:
         raise NotifyError("port 0 is not a port")
@@ -83,7 +83,7 @@ def check_url(url: str) -> str:
 
 def check_mail(address: str) -> str:
     """One plain address (no display name, no list): nothing that could add a header or a recipient."""
-    if len(address) > MAX_MAIL or not _MAIL_RE.match(address):
+    if len(address) > MAX_MAIL or not _MAIL_RE.fullmatch(address):
         raise NotifyError("must be one address like name@example.org (no name, list or control characters)")
     return address
 

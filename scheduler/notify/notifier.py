@@ -286,7 +286,7 @@ class Notifier:
             items.sort(key=lambda it: _entry_order(it["id"]))
             with self._lock:
                 busy = (user, channel) in self._in_flight
-                wait = 1.0 if busy else self._bucket(user, channel).take(self.cfg.max_per_minute, now)
+                wait = 0.2 if busy else self._bucket(user, channel).take(self.cfg.max_per_minute, now)
                 if not wait:
                     self._in_flight.add((user, channel))
             batch = items[: max(1, self.cfg.max_batch)]

@@ -1,0 +1,217 @@
+"""Notifications on the real stack: a real scheduler and worker, a real HTTP receiver in a
+thread and a real SMTP server (aiosmtpd). One stack for the module."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import sys
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from jobs import keys
+from jobs.config import Config, NotifyConfig
+from jobs.notify_events import emit
+from jobs.spec import JobSpec
+from jobs.states import JobState
+from jobs.store import JobStore
+from scheduler.notify.notifier import Notifier
+from scheduler.redis_server import RedisServer
+from tests.helpers.receivers import SmtpReceiver, WebhookReceiver
+from tests.helpers.stack import Stack, eventually, free_port, test_config
+
+pytestmark = pytest.mark.timeout(300)
+RETRY = {"retry_base_s": 0.3, "retry_max_s": 1.0, "webhook_timeout_s": 2.0, "max_attempts": 50, "max_per_minute": 0}
+
+
+@pytest.fixture(scope="module")
+def smtp() -> Iterator[SmtpReceiver]:
+    server = SmtpReceiver(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[WebhookReceiver]:
+    server = WebhookReceiver().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def notify_stack(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, smtp: SmtpReceiver
+) -> Iterator[Stack]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    notify = {"smtp_host": "127.0.0.1", "smtp_port": smtp.port, "allow_networks": ["127.0.0.0/8"], **RETRY}
+    stack = Stack(tmp_path_factory.mktemp("notify"), redis_server.url, client, test_config(notify=notify))
+    stack.start_scheduler()
+    stack.start_worker()
+    yield stack
+    stack.stop()
+    client.close()
+
+
+def _secret(stack: Stack) -> str:
+    """The user's webhook secret: rotated here, so the test knows it (it is shown once)."""
+    result = stack.cli("notify", "secret", "--rotate")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def _quick_job() -> list[str]:
+    return ["--", sys.executable, "-c", "pass"]
+
+
+def test_completed_job_sends_one_signed_post_and_one_mail(
+    notify_stack: Stack, receiver: WebhookReceiver, smtp: SmtpReceiver
+) -> None:
+    secret = _secret(notify_stack)
+    job = notify_stack.submit("--notify-url", receiver.url(), "--mail", "alice@example.org", *_quick_job())
+    notify_stack.wait_state(job, JobState.COMPLETED)
+    mails = eventually(lambda: smtp.messages_to("alice@example.org"))
+    posts = eventually(lambda: [p for p in receiver.posts if any(e["job"]["id"] == job for e in p.json["events"])])
+    assert len(posts) == 1 and len(mails) == 1
+    post = posts[0]
+    expected = "sha256=" + hmac.new(secret.encode(), post.body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(post.headers["x-gpulab-signature"], expected)
+    (event,) = post.json["events"]
+    assert event["event"] == "end" and event["job"]["state"] == "COMPLETED" and event["job"]["exit_code"] == 0
+    assert event["id"].endswith(":webhook")
+    assert f"job {job}" in mails[0]["Subject"] and "completed" in mails[0]["Subject"]
+    assert mails[0]["X-Gpulab-Delivery"].endswith(":mail")
+    # Nothing more comes for this job: the start was not late, and there is one event per channel.
+    shown = json.loads(notify_stack.cli("notify", "show", "--json", check=True).stdout)
+    assert shown["queued"] == 0 and shown["sent"] >= 2
+
+
+def test_failed_job_notifies_fail_not_end(notify_stack: Stack, receiver: WebhookReceiver) -> None:
+    job = notify_stack.submit("--notify-url", receiver.url(), "--notify-on", "fail", "--", "false")
+    notify_stack.wait_state(job, JobState.FAILED)
+    (event,) = eventually(lambda: receiver.events(job))
+    assert event["event"] == "fail" and event["job"]["exit_code"] == 1
+
+
+def test_receiver_down_then_up_gets_every_delivery_once_after_dedupe(notify_stack: Stack) -> None:
+    """The receiver is down (nothing listens), the scheduler restarts meanwhile, then the
+    receiver comes up and its first answer hangs past the timeout (so that delivery is sent
+    again): after dedupe by id it has each event exactly once."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/down"
+    jobs = [notify_stack.submit("--notify-url", url, *_quick_job()) for _ in range(3)]
+    for job in jobs:
+        notify_stack.wait_state(job, JobState.COMPLETED)
+    eventually(lambda: "ConnectionRefused" in _show(notify_stack)["last_error"])
+    assert _show(notify_stack)["queued"] >= 3
+    old = notify_stack.scheduler
+    assert old is not None and old.stop() == 0  # the outbox is in Redis: a restart loses nothing
+    notify_stack.daemons.remove(old)
+    notify_stack.start_scheduler()
+    stalls = iter([3.0])  # the first answer comes after the notifier's 2 s timeout
+    late = WebhookReceiver(port=port, answer=lambda _p: (200, {}, next(stalls, 0.0))).start()
+    try:
+        wanted = {f"{job}" for job in jobs}
+        eventually(lambda: {str(e["job"]["id"]) for e in late.events()} >= wanted)
+        eventually(lambda: _show(notify_stack)["queued"] == 0)
+        received = [e for e in late.events() if e["job"]["id"] in jobs]
+        ids = {e["id"] for e in received}
+        assert len(ids) == 3  # one delivery id per event, whatever was resent
+        assert {e["job"]["id"] for e in received} == set(jobs)
+        assert len(received) >= len(ids)
+    finally:
+        late.stop()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--notify-url", "http://169.254.169.254/latest/meta-data/"),  # cloud metadata
+        ("--notify-url", "http://[::ffff:169.254.169.254]/"),
+        ("--notify-url", "http://10.0.0.1/hook"),  # a private network nobody allowed
+        ("--notify-url", "http://[::1]:6379/"),
+        ("--notify-url", "http://0.0.0.0:6379/"),
+        ("--notify-url", "file:///etc/passwd"),
+        ("--notify-url", "gopher://127.0.0.1:6379/_FLUSHALL"),
+        ("--notify-url", "http://user:pw@127.0.0.1/"),
+        ("--notify-url", "http://127.0.0.1/a\r\nX-Injected: 1"),
+        ("--notify-url", "http://" + "a" * 3000 + ".org/"),
+        ("--mail", "alice@example.org\r\nBcc: eve@example.org"),
+        ("--mail", "alice@example.org,eve@example.org"),
+        ("--mail", "Eve <eve@example.org>"),
+        ("--notify-on", "end,reboot"),
+    ],
+)
+def test_hostile_destination_refused_at_submit_with_exit_2(notify_stack: Stack, flag: str, value: str) -> None:
+    before = notify_stack.redis.get(keys.NEXT_JOB_ID)
+    extra = ["--mail", "a@example.org"] if flag == "--notify-on" else []
+    result = notify_stack.cli("submit", flag, value, *extra, *_quick_job())
+    assert result.returncode == 2, result
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("gpulab: "), result.stderr
+    assert notify_stack.redis.get(keys.NEXT_JOB_ID) == before  # nothing stored, not even an id
+
+
+def test_user_default_applies_and_redirects_to_other_hosts_are_not_followed(
+    notify_stack: Stack, receiver: WebhookReceiver
+) -> None:
+    other = WebhookReceiver().start()
+    try:
+        bounce = WebhookReceiver(answer=lambda _p: (307, {"Location": other.url()}, 0.0)).start()
+        set_ = notify_stack.cli("notify", "set", "--url", bounce.url(), "--on", "end")
+        assert set_.returncode == 0, set_.stderr
+        job = notify_stack.submit(*_quick_job())
+        notify_stack.wait_state(job, JobState.COMPLETED)
+        assert eventually(lambda: bounce.events(job))[0]["event"] == "end"
+        eventually(lambda: "redirect" in _show(notify_stack)["last_error"])
+        assert other.posts == []  # a 307 elsewhere is a failure, never followed
+        bounce.stop()
+    finally:
+        other.stop()
+    refused = notify_stack.cli("notify", "set", "--url", "http://169.254.169.254/")
+    assert refused.returncode == 2 and "allow_networks" in refused.stderr
+    assert notify_stack.cli("notify", "set", "--clear").returncode == 0
+    assert _show(notify_stack)["default"] is None
+
+
+def test_many_events_for_one_user_are_batched_and_each_arrives(
+    redis_server: RedisServer, receiver: WebhookReceiver
+) -> None:
+    """300 events at once (raised through the `emit` hook, as the idle detector does) reach
+    the receiver in batches of at most max_batch, each event once. A Redis database of its
+    own, so the module's running scheduler does not take these events."""
+    client = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/7")
+    client.flushdb()
+    try:
+        store = JobStore(client)
+        spec = JobSpec(command=("true",), cwd="/", notify_url=receiver.url("/bulk"), notify_on=("idle",))
+        ids = store.submit_reserved(store.reserve_ids(300), [spec] * 300, user="bulk", uid=1)
+        for job_id in ids:
+            emit(client, job_id, "idle", "GPU idle for 30 min")
+        config = Config(notify=NotifyConfig(allow_networks=("127.0.0.0/8",), max_batch=50, max_per_minute=0))
+        notifier = Notifier(config, client, consumer="bulk-test")
+        while notifier.intake_once(block_ms=1):
+            pass
+        assert int(client.hget(keys.NOTIFY_QUEUED, "bulk") or 0) == 300
+
+        def drained() -> bool:
+            notifier.send_once()
+            return not client.hget(keys.NOTIFY_QUEUED, "bulk")
+
+        eventually(drained)
+        bulk = [p for p in receiver.posts if p.path == "/bulk"]
+        assert len(bulk) == math.ceil(300 / 50) and all(len(p.json["events"]) <= 50 for p in bulk)
+        got = [e["job"]["id"] for p in bulk for e in p.json["events"]]
+        assert sorted(got) == ids
+    finally:
+        client.close()
+
+
+def _show(stack: Stack) -> dict[str, object]:
+    result = stack.cli("notify", "show", "--json")
+    assert result.returncode == 0, result.stderr
+    data: dict[str, object] = json.loads(result.stdout)
+    return data
