@@ -5,6 +5,7 @@
     python -m bench replay [--trace openb|philly] [--quick] [--nodes N] ...
     python -m bench footprint [--window 10] [--held 10000]
     python -m bench soak [--jobs 2000] [--chaos-every 2.0]   kills, freezes, Redis restarts
+    python -m bench bulk [--jobs 2000]   cancel/hold/release: one call per id vs one bulk call
 
 Each writes what it printed to bench/results/ as markdown (replay also a .png).
 """
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import chaos_soak, footprint, latency, training_overhead
+from bench import bulk_actions, chaos_soak, footprint, latency, training_overhead
 from bench.replay import run as replay
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,6 +34,7 @@ def parser() -> argparse.ArgumentParser:
     replay.add_arguments(sub.add_parser("replay", help="trace replay through place() and baselines"))
     footprint.add_arguments(sub.add_parser("footprint", help="daemons' idle CPU/RSS; Redis bytes per job"))
     training_overhead.add_arguments(sub.add_parser("training", help="training loop under gpulab vs bare"))
+    bulk_actions.add_arguments(sub.add_parser("bulk", help="cancel/hold/release of thousands of jobs"))
     chaos_soak.add_arguments(sub.add_parser("soak", help="short jobs under worker kills/freezes, Redis restarts"))
     return p
 
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         save("training_overhead", training_overhead.run(args))
     elif args.command == "soak":
         save("chaos_soak_quick" if args.quick else "chaos_soak", chaos_soak.run(args))
+    elif args.command == "bulk":
+        save("bulk_actions", bulk_actions.run(args))
     elif args.command == "replay":
         replay.run(args)
     else:

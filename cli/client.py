@@ -79,6 +79,11 @@ class ApiClient:
     def action(self, job_id: int, action: str) -> dict[str, Any]:
         return dict(self.request("POST", api.job_path(job_id, action), {}))
 
+    def bulk_action(self, action: str, job_ids: list[int], arrays: list[int] | None = None) -> list[dict[str, Any]]:
+        """One action on many jobs, and on every task of the `arrays`, in one call."""
+        body = {"ids": job_ids, "arrays": arrays or []}
+        return list(self.request("POST", api.bulk_path(action), body, timeout_s=max(self.timeout_s, 300.0))["results"])
+
     def log(self, job_id: int, offset: int) -> dict[str, Any]:
         return dict(self.request("GET", api.job_path(job_id, "log") + "?" + urlencode({"offset": offset})))
 

@@ -14,13 +14,14 @@ from typing import Any
 
 import click
 
-from cli import ops, render
+from cli import job_ids, ops, render
 from cli.context import EXIT_USAGE, Context, emit_json, fail, pass_ctx
 from cli.env_capture import captured_env
 from cli.notify import notify_fields, notify_group, notify_options, print_new_secret
 from cli.policy_options import node_group, policy_options, spec_fields
 from jobs.config import ConfigError
 from jobs.spec import JobSpec, SpecError, parse_mem, parse_time_limit, validate_spec
+from jobs.version import gpulab_version
 
 # Variables that describe the submitting shell's GPU view, not the job's: the worker sets them.
 NOT_CAPTURED = frozenset(
@@ -32,6 +33,7 @@ NOT_CAPTURED = frozenset(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(gpulab_version(), "-V", "--version", prog_name="gpulab", message="%(prog)s %(version)s")
 def main() -> None:
     """gpulab: a GPU job scheduler for shared lab servers."""
 
@@ -183,7 +185,7 @@ main.add_command(notify_group)
 
 
 @main.command()
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=job_ids.JOB_ID)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def show(ctx: Context, job_id: int, as_json: bool) -> None:
@@ -195,27 +197,12 @@ def show(ctx: Context, job_id: int, as_json: bool) -> None:
         render.show_job(render.table_console(), data)
 
 
-def _actions(verb: str, help_text: str) -> None:
-    @main.command(name=verb, help=help_text)
-    @click.argument("job_ids", type=int, nargs=-1, required=True)
-    @click.option("--json", "as_json", is_flag=True)
-    @pass_ctx
-    def command(ctx: Context, job_ids: tuple[int, ...], as_json: bool) -> None:
-        results = [ctx.call(ctx.client().action, job_id, verb) for job_id in job_ids]
-        if as_json:
-            emit_json(results)
-        else:
-            for result in results:
-                click.echo(f"{result['id']} {result['state']}")
-
-
-_actions("cancel", "Cancel jobs (running ones are stopped, their whole process tree).")
-_actions("hold", "Keep pending jobs from starting.")
-_actions("release", "Let held jobs start again.")
+for command in (job_ids.cancel, job_ids.hold, job_ids.release):
+    main.add_command(command)
 
 
 @main.command()
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=job_ids.JOB_ID)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
 @pass_ctx
 def logs(ctx: Context, job_id: int, follow: bool) -> None:
@@ -236,7 +223,7 @@ def logs(ctx: Context, job_id: int, follow: bool) -> None:
 
 
 @main.command()
-@click.argument("job_ids", type=int, nargs=-1, required=True)
+@click.argument("job_ids", type=job_ids.JOB_ID, nargs=-1, required=True)
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit 124).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
@@ -356,9 +343,11 @@ for command in (ops.history, ops.top, ops.doctor):
 def run() -> None:
     """Entry point: click's usage errors become one line on stderr with exit code 2."""
     try:
-        main.main(standalone_mode=False)
+        main.main(prog_name="gpulab", standalone_mode=False)
     except click.UsageError as exc:
-        where = f"{exc.ctx.command_path}: " if exc.ctx else ""
+        # fail() says "gpulab: " once; the subcommand's path (e.g. "node drain: ") follows it.
+        path = exc.ctx.command_path.split(" ", 1)[1:] if exc.ctx else []
+        where = f"{path[0]}: " if path else ""
         fail(f"{where}{exc.format_message()}", EXIT_USAGE)
     except click.ClickException as exc:
         fail(exc.format_message(), exc.exit_code)

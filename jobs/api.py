@@ -32,6 +32,12 @@ def gpus_path() -> str:
 
 
 JOB_ACTIONS = ("cancel", "hold", "release")
+MAX_BULK_IDS = 100_000  # jobs one bulk cancel/hold/release may name (after arrays are expanded)
+
+
+def bulk_path(action: str) -> str:
+    """POST {"ids": [...], "arrays": [...]}: one action on many jobs in one round trip."""
+    return f"{API_PREFIX}/jobs/{action}"
 
 
 def node_path(name: str, action: str) -> str:

@@ -200,6 +200,31 @@ class JobStore:
         job_keys, args = self.transition_args(t)
         self._transition(keys=job_keys, args=args, client=pipe)
 
+    def transition_many(self, transitions: list[Transition]) -> list[str | TransitionRefused]:
+        """Apply many independent transitions in one round trip (one pipeline, no MULTI: each
+        is its own atomic script call, as with `transition`). For each, in order: the state it
+        left, or the TransitionRefused saying why not (bulk cancel/hold/release)."""
+        if not transitions:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for t in transitions:
+            self.queue_transition(pipe, t)
+        out: list[str | TransitionRefused] = []
+        for t, reply in zip(transitions, pipe.execute(), strict=True):
+            ok, previous = reply
+            previous = previous.decode() if isinstance(previous, bytes) else str(previous)
+            out.append(previous if ok else TransitionRefused(t.job_id, t.target, previous))
+        return out
+
+    def request_cancel_many(self, running: list[tuple[int, str, int]], by: str) -> None:
+        """`request_cancel` for many (job id, node, attempt) in one round trip (one MULTI)."""
+        if not running:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        for job_id, node, attempt in running:
+            self._queue_cancel_request(pipe, job_id, node, attempt, by)
+        pipe.execute()
+
     def renew_leases(self, job_ids: Iterable[int], node: str, ttl_s: float, fence: Fence) -> list[int]:
         """Renew this node's leases; return the jobs whose lease it no longer holds. Raise
         Fenced when the worker's token is stale (then it holds none of them)."""
@@ -213,11 +238,15 @@ class JobStore:
     def request_cancel(self, job_id: int, node: str, attempt: int, by: str) -> None:
         """Mark a running job for cancelling and tell its worker, which stops its whole tree."""
         pipe = self.redis.pipeline(transaction=True)
+        self._queue_cancel_request(pipe, job_id, node, attempt, by)
+        pipe.execute()
+
+    @staticmethod
+    def _queue_cancel_request(pipe: redis.client.Pipeline, job_id: int, node: str, attempt: int, by: str) -> None:
         pipe.hset(keys.job(job_id), "cancel_requested", "1")
         event = {"state": JobState.RUNNING.value, "reason": "", "detail": f"cancel requested by {by}"}
         pipe.xadd(keys.job_events(job_id), {**event, "at": repr(time.time())})
         pipe.rpush(keys.node_control(node), f"cancel {job_id} {attempt}")
-        pipe.execute()
 
     def set_pending_info(
         self, pipe: redis.client.Pipeline, job_id: int, reason: str, detail: str, est_start: float | None, now: str

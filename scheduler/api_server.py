@@ -30,6 +30,7 @@ import redis
 
 from jobs.api import API_PREFIX, JOB_ACTIONS, MAX_BODY_BYTES, MAX_WAIT_S, ApiError
 from jobs.config import Config
+from scheduler.bulk import bulk_action
 from scheduler.connections import BoundedConnections, ConnectionLimits
 from scheduler.history import history_view
 from scheduler.notify.api import notify_route
@@ -37,6 +38,7 @@ from scheduler.service import Caller, SchedulerService
 
 log = logging.getLogger("gpulab.api")
 _JOB_RE = re.compile(rf"^{API_PREFIX}/jobs/(\d{{1,12}})(?:/([a-z]+))?$")
+_BULK_RE = re.compile(rf"^{API_PREFIX}/jobs/({'|'.join(JOB_ACTIONS)})$")
 _NODE_RE = re.compile(rf"^{API_PREFIX}/nodes/([A-Za-z0-9][A-Za-z0-9._:+@=-]{{0,127}})/(drain|resume)$")
 
 
@@ -150,6 +152,9 @@ class _Handler(BaseHTTPRequestHandler):
             return history_view(svc, caller, query)
         if path.startswith(f"{API_PREFIX}/notify"):
             return notify_route(svc, method, path, caller, body)
+        bulk_match = _BULK_RE.match(path)
+        if bulk_match and method == "POST":
+            return bulk_action(svc, caller, bulk_match[1], body)
         node_match = _NODE_RE.match(path)
         if node_match and method == "POST":
             why = body.get("reason", "") if isinstance(body, dict) else ""
