@@ -84,8 +84,12 @@ class ApiClient:
         body = {"ids": job_ids, "arrays": arrays or []}
         return list(self.request("POST", api.bulk_path(action), body, timeout_s=max(self.timeout_s, 300.0))["results"])
 
-    def log(self, job_id: int, offset: int) -> dict[str, Any]:
-        return dict(self.request("GET", api.job_path(job_id, "log") + "?" + urlencode({"offset": offset})))
+    def log(self, job_id: int, offset: int, wait_s: float = 0.0) -> dict[str, Any]:
+        """Output from `offset`; with `wait_s`, the scheduler holds the answer until there is some
+        (or the job changes state), at most that long."""
+        query = {"offset": offset} | ({"wait": wait_s} if wait_s > 0 else {})
+        path = api.job_path(job_id, "log") + "?" + urlencode(query)
+        return dict(self.request("GET", path, timeout_s=wait_s + 30 if wait_s > 0 else None))
 
     def wait(self, job_id: int, timeout_s: float) -> dict[str, Any]:
         query = "?" + urlencode({"timeout": timeout_s})

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from cli import job_ids, ops, render
+from cli import logs as logs_cmd
 from cli.context import EXIT_USAGE, Context, emit_json, fail, pass_ctx
 from cli.env_capture import captured_env
 from cli.notify import notify_fields, notify_group, notify_options, print_new_secret
@@ -202,27 +203,6 @@ for command in (job_ids.cancel, job_ids.hold, job_ids.release):
 
 
 @main.command()
-@click.argument("job_id", type=job_ids.JOB_ID)
-@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
-@pass_ctx
-def logs(ctx: Context, job_id: int, follow: bool) -> None:
-    """Print a job's output (stdout and stderr)."""
-    client, offset = ctx.client(), 0
-    while True:
-        chunk = ctx.call(client.log, job_id, offset)
-        sys.stdout.write(chunk["data"])
-        sys.stdout.flush()
-        offset = chunk["offset"]
-        if chunk["more"]:
-            continue
-        if not follow or chunk["final"]:
-            if chunk["final"] and follow:  # the last lines may have landed after our read
-                sys.stdout.write(ctx.call(client.log, job_id, offset)["data"])
-            return
-        time.sleep(0.25)  # the log is a file on disk; poll it like `tail -f`
-
-
-@main.command()
 @click.argument("job_ids", type=job_ids.JOB_ID, nargs=-1, required=True)
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit 124).")
 @click.option("--json", "as_json", is_flag=True)
@@ -338,6 +318,7 @@ def up(ctx: Context, sim_gpus: str | None, name: str | None) -> None:
 
 for command in (ops.history, ops.top, ops.doctor):
     main.add_command(command)
+main.add_command(logs_cmd.logs)
 
 
 def run() -> None:

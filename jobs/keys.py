@@ -91,3 +91,20 @@ NOTIFY_SECRETS = f"{PREFIX}:notify:secrets"  # hash: user -> webhook signing sec
 def notify_stats(user: str) -> str:
     """Hash of one user's delivery counters (sent, failed, dropped) and last error (`notify show`)."""
     return f"{PREFIX}:notify:stats:{user}"
+
+
+def job_log(job_id: int | str) -> str:
+    """Stream of the job's output as shipped by its workers: entry id `<byte offset>-1`, field
+    `d` = the bytes; capped per job (head kept, oldest of the rest trimmed) and expiring
+    after [worker] log_retention_s without news (jobs/joblog.py)."""
+    return f"{PREFIX}:job:{job_id}:log"
+
+
+def job_log_meta(job_id: int | str) -> str:
+    """Hash beside `job_log`: `end` (offset after the last byte seen), `stored` (bytes in the
+    stream), `dropped` (bytes not kept), `attempt` (the newest attempt shipping)."""
+    return f"{PREFIX}:job:{job_id}:logmeta"
+
+
+DAEMONS = f"{PREFIX}:daemons"  # zset: daemon id -> expiry (Redis ms); live schedulers and workers
+DAEMON_INFO = f"{PREFIX}:daemons:info"  # hash: daemon id -> JSON {kind, name, host, pid, version, clock...}

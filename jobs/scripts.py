@@ -276,3 +276,169 @@ end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[4], 'last_error', ARGV[5], 'last_error_at', ARGV[3]) end
 return settled
 """
+
+LOG_APPEND = """
+-- KEYS: 1 the job's log stream, 2 its meta hash
+-- ARGV: 1 attempt, 2 bytes skipped before this data (not kept: the shipper's rate cap),
+--       3 data, 4 cap on bytes kept, 5 head bytes (never trimmed), 6 retention ms
+-- An older attempt than the newest seen is refused (a stale worker's late flush): -1.
+-- Appends at offset `end` (the entry id's first part is the byte offset), then trims the
+-- oldest entries after the head until at most ARGV[4] bytes are kept. Returns the new end.
+local attempt = tonumber(ARGV[1])
+local seen = tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0')
+if attempt < seen then return -1 end
+if attempt > seen then redis.call('HSET', KEYS[2], 'attempt', attempt) end
+local skip = tonumber(ARGV[2])
+local pos = tonumber(redis.call('HGET', KEYS[2], 'end') or '0') + skip
+local n = string.len(ARGV[3])
+local stored = tonumber(redis.call('HGET', KEYS[2], 'stored') or '0')
+local dropped = tonumber(redis.call('HGET', KEYS[2], 'dropped') or '0') + skip
+local newest = nil
+if n > 0 then
+  newest = string.format('%d-1', pos)
+  redis.call('XADD', KEYS[1], newest, 'd', ARGV[3])
+  stored = stored + n
+  pos = pos + n
+end
+local cap, head = tonumber(ARGV[4]), tonumber(ARGV[5])
+while stored > cap do
+  local oldest = redis.call('XRANGE', KEYS[1], string.format('%d-0', head), '+', 'COUNT', 1)
+  if #oldest == 0 or oldest[1][1] == newest then break end
+  local len = string.len(oldest[1][2][2])
+  redis.call('XDEL', KEYS[1], oldest[1][1])
+  stored = stored - len
+  dropped = dropped + len
+end
+redis.call('HSET', KEYS[2], 'end', string.format('%d', pos), 'stored', string.format('%d', stored),
+           'dropped', string.format('%d', dropped))
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
+return pos
+"""
+
+LOG_READ = """
+-- KEYS: 1 the job's log stream, 2 its meta hash
+-- ARGV: 1 offset, 2 most bytes to return
+-- Returns {end, start, data...}: `end` the offset after the last byte seen (0: no log),
+-- `start` the offset of the first byte returned (> ARGV[1] when bytes there were not kept),
+-- then contiguous pieces (the first may begin inside an entry: the caller cuts it).
+local e = tonumber(redis.call('HGET', KEYS[2], 'end') or '0')
+local offset = tonumber(ARGV[1])
+local budget = tonumber(ARGV[2])
+local out = {e, -1}
+if offset >= e then return out end
+local entries = redis.call('XREVRANGE', KEYS[1], string.format('%d-1', offset), '-', 'COUNT', 1)
+local nextpos = nil
+local from = string.format('%d-0', offset)
+if #entries == 1 then
+  local start = tonumber(string.match(entries[1][1], '^(%d+)'))
+  local data = entries[1][2][2]
+  if start + string.len(data) > offset then
+    local piece = string.sub(data, offset - start + 1, offset - start + budget)
+    out[2] = offset
+    table.insert(out, piece)
+    budget = budget - string.len(piece)
+    nextpos = offset + string.len(piece)
+  end
+  from = '(' .. entries[1][1]
+end
+while budget > 0 do
+  local batch = redis.call('XRANGE', KEYS[1], from, '+', 'COUNT', 16)
+  if #batch == 0 then break end
+  for _, entry in ipairs(batch) do
+    local start = tonumber(string.match(entry[1], '^(%d+)'))
+    if nextpos ~= nil and start ~= nextpos then return out end
+    if budget <= 0 then return out end
+    local piece = string.sub(entry[2][2], 1, budget)
+    if out[2] == -1 then out[2] = start end
+    table.insert(out, piece)
+    budget = budget - string.len(piece)
+    nextpos = start + string.len(piece)
+    from = '(' .. entry[1]
+  end
+end
+return out
+"""
+
+LOG_APPEND = """
+-- KEYS: 1 the job's log stream, 2 its meta hash
+-- ARGV: 1 attempt, 2 bytes skipped before this data (not kept: the shipper's rate cap),
+--       3 data, 4 cap on bytes kept, 5 head bytes (never trimmed), 6 retention ms
+-- An older attempt than the newest seen is refused (a stale worker's late flush): -1.
+-- Appends at offset `end` (the entry id's first part is the byte offset), then trims the
+-- oldest entries after the head until at most ARGV[4] bytes are kept. Returns the new end.
+local attempt = tonumber(ARGV[1])
+local seen = tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0')
+if attempt < seen then return -1 end
+if attempt > seen then redis.call('HSET', KEYS[2], 'attempt', attempt) end
+local skip = tonumber(ARGV[2])
+local pos = tonumber(redis.call('HGET', KEYS[2], 'end') or '0') + skip
+local n = string.len(ARGV[3])
+local stored = tonumber(redis.call('HGET', KEYS[2], 'stored') or '0')
+local dropped = tonumber(redis.call('HGET', KEYS[2], 'dropped') or '0') + skip
+local newest = nil
+if n > 0 then
+  newest = string.format('%d-1', pos)
+  redis.call('XADD', KEYS[1], newest, 'd', ARGV[3])
+  stored = stored + n
+  pos = pos + n
+end
+local cap, head = tonumber(ARGV[4]), tonumber(ARGV[5])
+while stored > cap do
+  local oldest = redis.call('XRANGE', KEYS[1], string.format('%d-0', head), '+', 'COUNT', 1)
+  if #oldest == 0 or oldest[1][1] == newest then break end
+  local len = string.len(oldest[1][2][2])
+  redis.call('XDEL', KEYS[1], oldest[1][1])
+  stored = stored - len
+  dropped = dropped + len
+end
+redis.call('HSET', KEYS[2], 'end', string.format('%d', pos), 'stored', string.format('%d', stored),
+           'dropped', string.format('%d', dropped))
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
+return pos
+"""
+
+LOG_READ = """
+-- KEYS: 1 the job's log stream, 2 its meta hash
+-- ARGV: 1 offset, 2 most bytes to return
+-- Returns {end, start, data...}: `end` the offset after the last byte seen (0: no log),
+-- `start` the offset of the first byte returned (> ARGV[1] when bytes there were not kept),
+-- then contiguous pieces (the first may begin inside an entry: the caller cuts it).
+local e = tonumber(redis.call('HGET', KEYS[2], 'end') or '0')
+local offset = tonumber(ARGV[1])
+local budget = tonumber(ARGV[2])
+local out = {e, -1}
+if offset >= e then return out end
+local entries = redis.call('XREVRANGE', KEYS[1], string.format('%d-1', offset), '-', 'COUNT', 1)
+local nextpos = nil
+local from = string.format('%d-0', offset)
+if #entries == 1 then
+  local start = tonumber(string.match(entries[1][1], '^(%d+)'))
+  local data = entries[1][2][2]
+  if start + string.len(data) > offset then
+    local piece = string.sub(data, offset - start + 1, offset - start + budget)
+    out[2] = offset
+    table.insert(out, piece)
+    budget = budget - string.len(piece)
+    nextpos = offset + string.len(piece)
+  end
+  from = '(' .. entries[1][1]
+end
+while budget > 0 do
+  local batch = redis.call('XRANGE', KEYS[1], from, '+', 'COUNT', 16)
+  if #batch == 0 then break end
+  for _, entry in ipairs(batch) do
+    local start = tonumber(string.match(entry[1], '^(%d+)'))
+    if nextpos ~= nil and start ~= nextpos then return out end
+    if budget <= 0 then return out end
+    local piece = string.sub(entry[2][2], 1, budget)
+    if out[2] == -1 then out[2] = start end
+    table.insert(out, piece)
+    budget = budget - string.len(piece)
+    nextpos = start + string.len(piece)
+    from = '(' .. entry[1]
+  end
+end
+return out
+"""

@@ -98,3 +98,34 @@ def why(job: dict[str, Any]) -> str:
     if job.get("state") == "FAILED" and job.get("exit_code") is not None and job.get("reason") == "ExitCode":
         parts = [f"ExitCode {job['exit_code']}"]
     return "; ".join(parts)
+
+
+# ---- a job's own output on a terminal (`gpulab logs`) --------------------------------------------
+# What progress bars and coloured logs need: SGR colours and cursor moves/erases (CSI with
+# digits and ';' only). Everything else that a terminal acts on - OSC (titles, clipboard,
+# hyperlinks), DCS/APC/PM strings, queries that make the terminal type an answer into the
+# reader's shell (`ESC[6n`, `ESC[21t`), resets, 8-bit C1 controls - is shown escaped.
+_CSI_ALLOWED_FINALS = frozenset("ABCDEFGHJKfm")
+_KEPT_CONTROLS = frozenset("\n\r\t\b")
+
+
+def terminal_output(text: str) -> str:
+    """A job's output made safe for a terminal, keeping what `tqdm`-like output needs."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\x1b" and i + 1 < n and text[i + 1] == "[":
+            j = i + 2
+            while j < n and (text[j].isdigit() or text[j] == ";"):
+                j += 1
+            if j < n and text[j] in _CSI_ALLOWED_FINALS and j - i <= 32:
+                out.append(text[i : j + 1])
+                i = j + 1
+                continue
+        if ch.isprintable() or ch in _KEPT_CONTROLS:
+            out.append(ch)
+        else:
+            out.append(_escape(ch))
+        i += 1
+    return "".join(out)

@@ -8,7 +8,6 @@ import os
 import stat
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -16,6 +15,7 @@ import redis
 from jobs import keys, lifecycle
 from jobs.api import MAX_WAIT_S, ApiError
 from jobs.config import Config
+from jobs.joblog import JobLog, LogChunk, utf8_cut
 from jobs.record import InvalidRecord, JobRecord, public_event
 from jobs.states import JobState
 from jobs.store import JobStore, TransitionRefused
@@ -27,6 +27,7 @@ from scheduler.submission import Submitter, is_admin
 
 MAX_LOG_CHUNK = 256 * 1024
 MAX_LOG_OFFSET = 2**53  # past any real log; larger ones overflow seek()
+MAX_LOG_WAIT_S = 10.0  # `logs -f` long-polls at most this long per request
 
 
 def _read_log(path: str, offset: int) -> bytes:
@@ -54,6 +55,7 @@ class SchedulerService:
         self.config = config
         self.redis = client
         self.store = JobStore(client)
+        self.joblog = JobLog(client)
         self.policy = accounting_policy(config)
         self.submitter = Submitter(config, client, self.store, self.policy)
 
@@ -115,28 +117,61 @@ class SchedulerService:
             raise ApiError(409, f"cannot {verb} job {transition.job_id}: it is {exc.current}") from None
         return {"id": transition.job_id, "state": transition.target.value}
 
-    def log(self, caller: Caller, job_id: int, offset: int) -> dict[str, Any]:
+    def log(self, caller: Caller, job_id: int, offset: int, wait_s: float = 0.0) -> dict[str, Any]:
+        """Bytes of the job's output from `offset`, from Redis (shipped by its worker, so from
+        any host), else from the log file if it is on this host. With `wait_s`, blocks until
+        output arrives or the job changes state (`logs -f`), at most MAX_LOG_WAIT_S."""
         if not 0 <= offset <= MAX_LOG_OFFSET:
             raise ApiError(400, f"'offset' must be between 0 and {MAX_LOG_OFFSET}")
         record = self._owned(caller, job_id, "read its log")
-        data = b""
+        answer = self._log_answer(record, offset)
+        if wait_s > 0 and not answer["data"] and not answer["skipped"] and not record.is_final:
+            self.joblog.wait(job_id, offset, min(wait_s, MAX_LOG_WAIT_S))
+            answer = self._log_answer(self._owned(caller, job_id, "read its log"), offset)
+        return answer
+
+    def _log_answer(self, record: JobRecord, offset: int) -> dict[str, Any]:
+        job_id = record.id
+        chunk = self.joblog.read(job_id, offset)
+        source = "redis"
+        if chunk.end == 0 and not self.joblog.exists(job_id):
+            chunk, source = self._log_file_chunk(record, offset), "file"
+        more = chunk.next_offset < chunk.end
+        cut = utf8_cut(chunk.data, final=not more and record.is_final)
+        return {
+            "data": chunk.data[:cut].decode(errors="replace"),
+            "start": chunk.start,
+            "offset": chunk.start + cut,
+            "skipped": chunk.skipped,
+            "end": chunk.end,
+            "more": more or cut < len(chunk.data),
+            "state": record.state.value,
+            "reason": record.reason,
+            "detail": record.detail,
+            "final": record.is_final,
+            "source": source,
+        }
+
+    def _log_file_chunk(self, record: JobRecord, offset: int) -> LogChunk:
+        """A job whose output is not in Redis (run by an older worker, or past
+        [worker] log_retention_s): its log file, if it is on this host."""
+        job_id, data = record.id, b""
         if record.log_path:
             try:
                 data = _read_log(record.log_path, offset)
             except FileNotFoundError:
-                if not Path(record.log_path).parent.exists():
-                    raise ApiError(404, f"job {job_id}'s log is on node {record.node} at {record.log_path}") from None
+                if record.is_final:
+                    raise ApiError(
+                        404,
+                        f"job {job_id}'s output is no longer in Redis ([worker] log_retention_s); "
+                        f"it is on node {record.node} at {record.log_path}",
+                    ) from None
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
                     raise ApiError(409, f"job {job_id}'s log is a symlink; not followed") from None
                 raise ApiError(500, f"cannot read job {job_id}'s log: {exc.strerror}") from None
-        return {
-            "data": data.decode(errors="replace"),
-            "offset": offset + len(data),
-            "more": len(data) == MAX_LOG_CHUNK,
-            "state": record.state.value,
-            "final": record.is_final,
-        }
+        end = offset + len(data) + (1 if len(data) == MAX_LOG_CHUNK else 0)
+        return LogChunk(start=offset, data=data, skipped=0, end=end)
 
     def wait(self, caller: Caller, job_id: int, timeout_s: float) -> dict[str, Any]:
         self._get(job_id)

@@ -35,6 +35,7 @@ from jobs.states import JobState
 from jobs.store import Fenced, JobStore, TransitionRefused
 from worker.identity import RunAs
 from worker.journal import EndRecorder, Entry, Journal
+from worker.logship import LogShipper
 from worker.probe import GpuProbe
 from worker.process_tree import find_shims, kill_tree, tree_pids
 from worker.runner import SHIM_ENV, SHIM_PATH, JobRunner, LaunchError
@@ -69,6 +70,7 @@ class WorkerDaemon:
         self._shim_python: dict[tuple[int, int], str] = {}
         folder = config.state_dir / "worker" / re.sub(r"[^A-Za-z0-9._-]", "_", node) / "journal"
         self.ends = EndRecorder(self.store, Journal(folder), lambda: self.fence, self._on_fenced)
+        self.logs = LogShipper(client, config)
 
     # ---- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -81,7 +83,10 @@ class WorkerDaemon:
         self.ends.replay()  # a predecessor's unrecorded ends, before any launch
         self.publish_heartbeat()
         self.store.wake_scheduler()  # a new node may fit waiting jobs
-        threads = ((self._monitor_loop, "monitor"), (self._control_loop, "control"), (self._journal_loop, "journal"))
+        threads = (
+            (self._monitor_loop, "monitor"), (self._control_loop, "control"), (self._journal_loop, "journal"),
+            (lambda: self.logs.run(self.stopping), "logship"),
+        )  # fmt: skip
         for target, name in threads:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -181,6 +186,7 @@ class WorkerDaemon:
             fence=self.fence,
             gpu_totals=self.gpu_totals,
             shim_python=self.shim_python,
+            on_log_open=self.logs.add,
         )
         with self._lock:
             self.runners[job_id] = runner
@@ -251,6 +257,7 @@ class WorkerDaemon:
     def _forget(self, runner: JobRunner) -> None:
         with self._lock:
             self.runners.pop(runner.job_id, None)
+        self.logs.finish(runner.job_id, runner.attempt)  # its last output, before its end is recorded
 
     # ---- monitor -------------------------------------------------------------------------------
     def _monitor_loop(self) -> None:

@@ -77,6 +77,7 @@ class JobRunner:
         fence: Fence | None = None,
         gpu_totals: Mapping[str, int] | None = None,
         shim_python: Callable[[RunAs | None], str] | None = None,
+        on_log_open: Callable[[int, int, int, int], None] | None = None,
     ) -> None:
         self.record = record
         self.job_id = record.id
@@ -91,6 +92,7 @@ class JobRunner:
         self.gpu_uuids = [g.uuid for g in record.gpus]
         self.gpu_totals: Mapping[str, int] = gpu_totals if gpu_totals is not None else {}  # the daemon's, kept current
         self.shim_python = shim_python or (lambda _run_as: sys.executable)
+        self.on_log_open = on_log_open  # (job id, attempt, read fd, start offset): the log shipper
         self.log_path = config.log_dir / f"{record.id}.log"
         self.run_dir = config.state_dir / "run" / str(record.id)
         self.status_path = self.run_dir / "status.json"
@@ -218,6 +220,11 @@ class JobRunner:
         jobfiles.remove_in_job_dir(state, "run", name, "status.json")  # an earlier attempt's
         jobfiles.job_dir(state, "checkpoints", name, uid, gid)
         log_fd = jobfiles.open_log(state, f"{name}.log", uid, gid)
+        if self.on_log_open is not None:
+            # A read fd on the very inode the job will write (not the path, which is only a
+            # name), from this attempt's first byte: the worker ships it into Redis.
+            read_fd = os.open(f"/proc/self/fd/{log_fd}", os.O_RDONLY | os.O_CLOEXEC)
+            self.on_log_open(self.job_id, self.attempt, read_fd, os.fstat(log_fd).st_size)
         if self.attempt > 1:
             os.write(log_fd, f"=== gpulab: job {self.job_id} attempt {self.attempt} on {self.node} ===\n".encode())
         return log_fd

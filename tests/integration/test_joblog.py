@@ -1,0 +1,124 @@
+"""A job's output in Redis (jobs/joblog.py) on a real redis-server: offsets, the per-job cap
+(head kept, oldest of the rest trimmed), stale attempts refused, retention, UTF-8 cuts."""
+
+from __future__ import annotations
+
+import random
+
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jobs import keys
+from jobs.joblog import JobLog, LogLimits, utf8_cut
+from scheduler.redis_server import RedisServer
+
+LIMITS = LogLimits(cap_bytes=4096, head_bytes=512, retention_s=60.0)
+
+
+def read_all(log: JobLog, job_id: int) -> tuple[bytes, int]:
+    """Everything kept, with the bytes not kept marked as a count."""
+    data, offset, skipped = b"", 0, 0
+    while True:
+        chunk = log.read(job_id, offset, max_bytes=700)
+        skipped += chunk.skipped
+        data += chunk.data
+        if chunk.next_offset >= chunk.end:
+            return data, skipped
+        assert chunk.next_offset > offset
+        offset = chunk.next_offset
+
+
+def test_offsets_are_bytes_across_appends_and_reads_resume_anywhere(redis_client: redis.Redis) -> None:
+    log = JobLog(redis_client)
+    assert log.append(1, 1, b"hello ", LIMITS) == 6
+    assert log.append(1, 1, b"world\n", LIMITS) == 12
+    assert log.read(1, 0).data == b"hello world\n"
+    middle = log.read(1, 3)
+    assert (middle.start, middle.data, middle.skipped, middle.end) == (3, b"lo world\n", 0, 12)
+    assert log.read(1, 12).data == b"" and log.read(1, 99).data == b""
+
+
+def test_cap_keeps_the_head_and_the_newest_and_counts_what_it_dropped(redis_client: redis.Redis) -> None:
+    log = JobLog(redis_client)
+    written = b""
+    for i in range(200):
+        piece = f"line {i:04d} ".encode() * 5 + b"\n"
+        written += piece
+        log.append(7, 1, piece, LIMITS)
+    meta = redis_client.hgetall(keys.job_log_meta(7))
+    stored, dropped = int(meta[b"stored"]), int(meta[b"dropped"])
+    assert stored <= LIMITS.cap_bytes and stored + dropped == len(written) == int(meta[b"end"])
+    data, skipped = read_all(log, 7)
+    assert skipped == dropped
+    assert written.startswith(data[: LIMITS.head_bytes])  # the head is whole
+    assert written.endswith(data[-1000:])  # and the newest output is there
+    assert b"line 0199" in data and b"line 0000" in data
+
+
+def test_skipped_bytes_from_the_shipper_show_as_a_gap(redis_client: redis.Redis) -> None:
+    log = JobLog(redis_client)
+    log.append(3, 1, b"a" * 10, LIMITS)
+    log.append(3, 1, b"b" * 10, LIMITS, skipped=1000)
+    first = log.read(3, 0)
+    assert first.data == b"a" * 10 and first.next_offset == 10
+    gap = log.read(3, 10)
+    assert (gap.skipped, gap.start, gap.data) == (1000, 1010, b"b" * 10)
+
+
+def test_an_older_attempt_cannot_append_once_a_newer_one_shipped(redis_client: redis.Redis) -> None:
+    log = JobLog(redis_client)
+    assert log.append(4, 1, b"first attempt\n", LIMITS) > 0
+    assert log.append(4, 2, b"second attempt\n", LIMITS) > 0
+    assert log.append(4, 1, b"late flush of a stale worker\n", LIMITS) == -1
+    assert read_all(log, 4)[0] == b"first attempt\nsecond attempt\n"
+
+
+def test_both_keys_expire_after_the_retention(redis_client: redis.Redis) -> None:
+    log = JobLog(redis_client)
+    log.append(5, 1, b"x", LogLimits(4096, 512, 2.5))
+    for key in (keys.job_log(5), keys.job_log_meta(5)):
+        assert 0 < redis_client.pttl(key) <= 2500
+    log.append(6, 1, b"", LIMITS)  # a job with no output yet: the meta says the log exists
+    assert log.exists(6) and log.read(6, 0).data == b""
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 900), st.integers(0, 3000)), min_size=1, max_size=40))
+def test_what_is_kept_is_bounded_and_every_byte_read_is_the_one_written(
+    redis_server: RedisServer, pieces: list[tuple[int, int]]
+) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    client.delete(keys.job_log(9), keys.job_log_meta(9))
+    log = JobLog(client)
+    rng = random.Random(len(pieces))
+    stream, offset = {}, 0  # offset -> byte, what was shipped
+    for size, skip in pieces:
+        data = bytes(rng.randrange(256) for _ in range(size))
+        offset += skip
+        for i, b in enumerate(data):
+            stream[offset + i] = b
+        offset += size
+        log.append(9, 1, data, LIMITS, skipped=skip)
+    meta = client.hgetall(keys.job_log_meta(9))
+    assert int(meta[b"stored"]) <= LIMITS.cap_bytes + 900  # the newest entry is never trimmed
+    pos = 0
+    while pos < offset:
+        chunk = log.read(9, pos, max_bytes=500)
+        for i, b in enumerate(chunk.data):
+            assert stream[chunk.start + i] == b
+        if not chunk.data:
+            break
+        pos = chunk.next_offset
+    client.close()
+
+
+def test_utf8_cut_never_splits_a_character() -> None:
+    text = "é€😀".encode()  # 2, 3 and 4 bytes
+    boundaries = {0, 2, 5, 9}
+    for end in range(2, len(text) + 1):
+        cut = utf8_cut(text[:end], final=False)
+        assert cut in boundaries and cut > end - 4  # whole characters, holding back only a partial one
+        assert utf8_cut(text[:end], final=True) == end
+    assert utf8_cut(b"\xff\xfe", final=False) == 2  # binary: handed out, never held forever
+    assert utf8_cut(b"\xe2", final=False) == 1  # nothing else to hand out
