@@ -84,7 +84,8 @@ def logs(ctx: Context, job_id: int, follow: bool, as_json: bool, raw: bool) -> N
     chunk: dict[str, Any] = {}
     final_reads = 0
     while True:
-        chunk = ctx.call(client.log, job_id, offset, FOLLOW_WAIT_S if follow else 0.0)
+        # The first answer at once (it says what a waiting job waits for), then long polls.
+        chunk = ctx.call(client.log, job_id, offset, FOLLOW_WAIT_S if follow and chunk else 0.0)
         offset = chunk["offset"]
         skipped += chunk.get("skipped", 0)
         status = (chunk.get("state"), chunk.get("reason"))

@@ -91,10 +91,14 @@ class JobLog:
             start = max(offset, end)
         return LogChunk(start=start, data=data, skipped=max(0, start - offset), end=end)
 
-    def wait(self, job_id: int, offset: int, timeout_s: float) -> None:
-        """Block until bytes at or past `offset` arrive, the job changes state, or time is up."""
+    def events_seen(self, job_id: int) -> bytes:
+        """The id of the job's newest history event: note it before reading, then `wait`."""
         events = self.redis.xrevrange(keys.job_events(job_id), count=1)
-        last_event = events[0][0] if events else b"0-0"
+        return bytes(events[0][0]) if events else b"0-0"
+
+    def wait(self, job_id: int, offset: int, last_event: bytes, timeout_s: float) -> None:
+        """Block until bytes at or past `offset` arrive, the job has an event after
+        `last_event` (a state change), or time is up."""
         self.redis.xread(
             {keys.job_log(job_id): f"{offset}-0", keys.job_events(job_id): last_event},
             block=max(1, int(timeout_s * 1000)),

@@ -123,10 +123,11 @@ class SchedulerService:
         output arrives or the job changes state (`logs -f`), at most MAX_LOG_WAIT_S."""
         if not 0 <= offset <= MAX_LOG_OFFSET:
             raise ApiError(400, f"'offset' must be between 0 and {MAX_LOG_OFFSET}")
+        seen = self.joblog.events_seen(job_id) if wait_s > 0 else b""  # before the reads: no change slips by
         record = self._owned(caller, job_id, "read its log")
         answer = self._log_answer(record, offset)
         if wait_s > 0 and not answer["data"] and not answer["skipped"] and not record.is_final:
-            self.joblog.wait(job_id, offset, min(wait_s, MAX_LOG_WAIT_S))
+            self.joblog.wait(job_id, offset, seen, min(wait_s, MAX_LOG_WAIT_S))
             answer = self._log_answer(self._owned(caller, job_id, "read its log"), offset)
         return answer
 
