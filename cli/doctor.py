@@ -99,6 +99,24 @@ def check_clocks(client: redis.Redis, config: Config) -> Iterator[Check]:
         yield Check("FAIL", "workers", "no worker is heartbeating; start `gpulab worker` (systemd: gpulab-worker)")
 
 
+def check_leader(client: redis.Redis, config: Config) -> Iterator[Check]:
+    """One scheduler holds the leader lease (docs/ARCHITECTURE.md, "Leader and fencing")."""
+    from scheduler.leader import read_leader
+
+    view = read_leader(client, alive_within_s=max(3 * config.scheduler.leader_lease_s, 10.0))
+    alive = f"{len(view.alive)} scheduler(s) alive"
+    if view.holder is None:
+        if view.alive:
+            fix = "the leader died moments ago (retry in a few seconds), or the schedulers cannot write to Redis"
+            yield Check("FAIL", "leader", f"no scheduler holds the leader lease while {alive}: {fix}")
+        else:
+            yield Check("FAIL", "leader", "no scheduler is alive: start `gpulab scheduler` (or `gpulab up`)")
+        return
+    held = f"held for {view.held_for_s:.1f}s" if view.held_for_s is not None else "held"
+    renewed = f", renewed {view.renewed_ago_s:.2f}s ago" if view.renewed_ago_s is not None else ""
+    yield Check("ok", "leader", f"{view.holder}, epoch {view.epoch}, {held}{renewed}; {alive}")
+
+
 def check_redis(config: Config) -> Iterator[Check]:
     url = config.effective_redis_url
     try:
@@ -119,6 +137,7 @@ def check_redis(config: Config) -> Iterator[Check]:
         yield Check("ok", "redis", f"reachable at {redact(url)}")
         yield from check_persistence(client)
         yield from check_clocks(client, config)
+        yield from check_leader(client, config)
         yield from check_invariants(client)
     finally:
         client.close()

@@ -50,6 +50,10 @@ class SchedulerConfig:
     eta_interval_s: float = 10.0
     max_eta_steps: int = 200
     eta_default_runtime_s: float = 3600.0
+    # Several schedulers may share one Redis: each serves the API, one (the leader, holding
+    # a Redis lease of this length, renewed every third of it) runs the scheduling loop. A
+    # leader killed with -9 is replaced within about this long plus half a second.
+    leader_lease_s: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,8 @@ def _section(cls: type, table: dict[str, Any], where: str) -> Any:
                 value = tuple(str(v) for v in value)
             elif name.endswith("_s") or name.startswith("weight_"):
                 value = float(value)
+                if name == "leader_lease_s" and not 0.5 <= value <= 3600:
+                    raise ValueError("must be between 0.5 and 3600 seconds")
             elif (name.startswith("max_") or name.endswith("_port")) and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 0
             ):

@@ -24,6 +24,13 @@ WAITING_COUNT = f"{PREFIX}:waiting"  # hash: user -> number of PENDING/HELD jobs
 WAITING_BYTES = f"{PREFIX}:waiting_bytes"  # hash: user -> bytes of their PENDING/HELD specs (max_stored_per_user)
 DURATIONS = f"{PREFIX}:durations"  # hash: "user\tname" -> {"n", "mean"}: learned run times (start estimates)
 QUARANTINE = f"{PREFIX}:quarantine"  # stream: records a daemon refused (admin-visible, `gpulab doctor`)
+# Leader election among schedulers (scheduler/leader.py, docs/ARCHITECTURE.md "Leader and fencing").
+LEADER = f"{PREFIX}:leader"  # string "<epoch>:<token>" of the leader, with a PX TTL: the lease
+LEADER_EPOCH = f"{PREFIX}:leader:epoch"  # counter, INCRed by each new leadership
+LEADER_FENCE = f"{PREFIX}:leader:fence"  # "<epoch>:<token>" of the newest leadership (no TTL);
+# every write of the scheduling loop checks it atomically, so an ex-leader cannot write
+LEADER_INFO = f"{PREFIX}:leader:info"  # hash: holder, epoch, since_ms, lease_ms (for `gpulab doctor`)
+SCHEDULERS = f"{PREFIX}:schedulers"  # zset: scheduler process (host:pid socket) -> Redis time last seen
 
 
 def job(job_id: int | str) -> str:

@@ -148,10 +148,13 @@ return lost
 """
 
 SET_PENDING_INFO = """
--- KEYS: job, job_events; ARGV: reason, detail, expected start ('' = none), now.
+-- KEYS: job, job_events, the leader's fence key; ARGV: reason, detail, expected start
+--       ('' = none), now, the scheduler's fence ('' = none).
 -- Set a job's reason and detail only while it is still PENDING (a blind write could
 -- overwrite the reason of a state it has moved on to), with a history event when they
 -- change. The expected start (which moves as jobs end) is written without an event.
+-- Returns -1 (nothing written) when a newer leader holds the fence.
+if ARGV[5] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[5] then return -1 end
 if redis.call('HGET', KEYS[1], 'state') ~= 'PENDING' then return 0 end
 local old = redis.call('HMGET', KEYS[1], 'reason', 'detail')
 redis.call('HSET', KEYS[1], 'reason', ARGV[1], 'detail', ARGV[2])
@@ -441,4 +444,51 @@ while budget > 0 do
   end
 end
 return out
+"""
+
+# ---- leader election (scheduler/leader.py; docs/ARCHITECTURE.md "Leader and fencing") -------
+# Lease times are Redis's (PX TTLs, TIME), never a scheduler's clock: a clock jump on a host
+# cannot extend or cut a lease. The fence "<epoch>:<token>" changes only when a new leadership
+# begins; the epoch alone could repeat after a failover that lost its INCR, the token cannot.
+
+LEADER_ACQUIRE = """
+-- KEYS: 1 lease, 2 epoch counter, 3 fence, 4 leader info, 5 schedulers (presence zset)
+-- ARGV: 1 random token, 2 holder (host:pid socket), 3 lease ttl ms
+-- Records this scheduler as alive; takes the lease if no one holds it. Returns the new fence
+-- "<epoch>:<token>", or '' when another scheduler holds the lease. A lease already holding
+-- this token is returned as it is (a retried call whose first reply was lost).
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[5], now_ms, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now_ms - 86400000)
+local current = redis.call('GET', KEYS[1])
+if current then
+  if string.match(current, ':(.*)$') == ARGV[1] then return current end
+  return ''
+end
+local epoch = redis.call('INCR', KEYS[2])
+local fence = epoch .. ':' .. ARGV[1]
+redis.call('SET', KEYS[3], fence)
+redis.call('SET', KEYS[1], fence, 'PX', ARGV[3])
+redis.call('HSET', KEYS[4], 'holder', ARGV[2], 'epoch', epoch, 'since_ms', now_ms, 'lease_ms', ARGV[3])
+return fence
+"""
+
+LEADER_RENEW = """
+-- KEYS: 1 lease, 2 schedulers (presence zset). ARGV: 1 fence, 2 holder, 3 lease ttl ms
+-- Extends the lease if it is still this leadership's. Returns 1, or 0 when it lapsed or
+-- another scheduler holds it (this one must stop scheduling).
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[2])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+LEADER_RELEASE = """
+-- KEYS: 1 lease, 2 schedulers (presence zset). ARGV: 1 fence, 2 holder
+-- A scheduler that stops: no longer alive, and the lease freed at once if it is still its own.
+redis.call('ZREM', KEYS[2], ARGV[2])
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
+return 0
 """

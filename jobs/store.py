@@ -249,13 +249,24 @@ class JobStore:
         pipe.rpush(keys.node_control(node), f"cancel {job_id} {attempt}")
 
     def set_pending_info(
-        self, pipe: redis.client.Pipeline, job_id: int, reason: str, detail: str, est_start: float | None, now: str
+        self,
+        pipe: redis.client.Pipeline,
+        job_id: int,
+        reason: str,
+        detail: str,
+        est_start: float | None,
+        now: str,
+        fence: Fence | None = None,
     ) -> None:
         """Queue why a pending job waits (and when it may start); written only while it is
-        still PENDING, since a blind write could overwrite a newer state's reason."""
+        still PENDING, since a blind write could overwrite a newer state's reason, and only
+        while `fence` (the scheduler's leadership) is current. The reply is -1 when fenced."""
         est = "" if est_start is None else repr(est_start)
+        fence = fence or Fence(keys.job(job_id), "")  # unused key when there is no token
         self._pending_info(
-            keys=[keys.job(job_id), keys.job_events(job_id)], args=[reason, detail, est, now], client=pipe
+            keys=[keys.job(job_id), keys.job_events(job_id), fence.key],
+            args=[reason, detail, est, now, fence.token],
+            client=pipe,
         )
 
     def observe(

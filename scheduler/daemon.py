@@ -20,14 +20,16 @@ import redis
 
 from jobs import keys, lifecycle
 from jobs.config import Config
+from jobs.lifecycle import Fence, Transition
 from jobs.record import JobRecord
 from jobs.states import JobState, Reason
-from jobs.store import JobStore, TransitionRefused
+from jobs.store import Fenced, JobStore, TransitionRefused
 from scheduler.active import Active, ActiveReader
 from scheduler.cluster import read_heartbeats, read_ledger
 from scheduler.dependencies import DependencyReader
 from scheduler.dispatch import Dispatcher
 from scheduler.forecast import Forecaster
+from scheduler.leader import Leadership
 from scheduler.pending import PendingReader
 from scheduler.policy.accounting import AccountingPolicy, build_accounts
 from scheduler.policy.dependencies import evaluate
@@ -60,8 +62,12 @@ def read_drained(client: redis.Redis) -> dict[str, str]:
 
 
 class Scheduler:
-    def __init__(self, config: Config, client: redis.Redis) -> None:
+    def __init__(self, config: Config, client: redis.Redis, leader: Leadership | None = None) -> None:
         self.config = config
+        # With `leader`, passes run only while this scheduler holds the lease, and every write
+        # carries its fence; without (tests, benchmarks), it is the only scheduler.
+        self.leader = leader
+        self.fence: Fence | None = None
         self.redis = client
         self.store = JobStore(client)
         self.policy = accounting_policy(config)
@@ -80,11 +86,17 @@ class Scheduler:
         interval = self.config.scheduler.housekeeping_interval_s
         backoff = 0.1
         while not stop.is_set():
+            if not self._lead(stop):
+                continue
             try:
                 self.run_pass()
                 self.redis.blpop([keys.WAKE], timeout=interval)
                 self.redis.delete(keys.WAKE)  # coalesce: one pass answers every wake so far
                 backoff = 0.1
+            except Fenced as exc:
+                assert self.leader is not None
+                self.leader.step_down(f"a write was refused: a newer leader holds the fence ({exc})")
+                continue
             except redis.ConnectionError as exc:
                 log.warning("redis unreachable (%s); retrying in %.1fs", exc, backoff)
             except redis.ResponseError as exc:  # MISCONF, READONLY, OOM: writes refused for now
@@ -95,6 +107,20 @@ class Scheduler:
                 continue
             stop.wait(backoff)
             backoff = min(backoff * 2, min(interval, 5.0))
+
+    def _lead(self, stop: threading.Event) -> bool:
+        """Whether to run a pass now: as the leader, with its fence for every write; a follower
+        waits (a short while) for the lease instead."""
+        if self.leader is None:
+            return True
+        self.fence = self.dispatcher.fence = self.leader.fence()
+        if self.fence is None and self.leader.gained.wait(self.leader.poll_s):
+            stop.wait(self.leader.poll_s)  # leads, but its lease is not confirmed (Redis away)
+        return self.fence is not None
+
+    def _fenced(self, t: Transition) -> Transition:
+        """The loop's transitions carry the leader's fence (refused once a newer leader exists)."""
+        return t if self.fence is None else replace(t, fence=self.fence)
 
     def run_pass(self) -> PassStats:
         started = time.perf_counter()
@@ -177,7 +203,9 @@ class Scheduler:
         # If it moved meanwhile (cancelled, released), the next pass looks again.
         with contextlib.suppress(TransitionRefused):
             self.store.transition(
-                lifecycle.cancel(record.id, record.state, detail, time.time(), Reason.DEPENDENCY_NEVER_SATISFIED)
+                self._fenced(
+                    lifecycle.cancel(record.id, record.state, detail, time.time(), Reason.DEPENDENCY_NEVER_SATISFIED)
+                )
             )
 
     def quarantine(self, invalid: dict[int, str]) -> None:
@@ -190,7 +218,7 @@ class Scheduler:
             if state is None or state.value not in {s.value for s in lifecycle.QUARANTINABLE}:
                 continue
             with contextlib.suppress(TransitionRefused):
-                self.store.transition(lifecycle.quarantine(job_id, state, why, time.time()))
+                self.store.transition(self._fenced(lifecycle.quarantine(job_id, state, why, time.time())))
 
     def _write_reasons(self, pending: list[JobRecord], waiting: dict[int, Waiting]) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -203,10 +231,12 @@ class Scheduler:
             if (record.reason, record.detail) != (why.reason.value, why.detail) or not same_estimate(
                 record.est_start_at, why.est_start, float(now)
             ):
-                self.store.set_pending_info(pipe, record.id, why.reason.value, why.detail, why.est_start, now)
+                self.store.set_pending_info(
+                    pipe, record.id, why.reason.value, why.detail, why.est_start, now, self.fence
+                )
                 changed = True
-        if changed:
-            pipe.execute()
+        if changed and -1 in pipe.execute():
+            raise Fenced("pending reasons refused")
 
     def reap(self, active: list[Active] | None = None) -> int:
         """Jobs whose lease expired: their worker is gone (or never took them)."""
@@ -228,7 +258,7 @@ class Scheduler:
                 time.time(),
             )
             try:
-                self.store.transition(verdict)
+                self.store.transition(self._fenced(verdict))
                 reaped += 1
             except TransitionRefused:
                 pass  # it finished or moved in the meantime: nothing to do

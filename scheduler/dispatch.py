@@ -3,12 +3,17 @@ node's queue, for a whole batch in one MULTI/EXEC guarded by WATCH on the job re
 
 If anything touched one of the jobs since we read it (a cancel, a hold), EXEC fails and
 nothing of the batch is written; the next pass sees the new state. A crash before EXEC
-writes nothing; after it, everything.
+writes nothing; after it, everything. With a leader's fence, the fence key is WATCHed too
+and must still hold it: once a newer leader exists, this scheduler's EXEC writes nothing
+(raises Fenced).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 import time
 
 import redis
@@ -16,14 +21,20 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from jobs import keys, lifecycle
+from jobs.lifecycle import Fence
 from jobs.states import JobState
-from jobs.store import JobStore
+from jobs.store import Fenced, JobStore
 from scheduler.policy.placement import Assignment
 
 LAUNCH_FUNCTION = "worker.tasks.launch"
 # The RQ job only hands the launch to the worker; the training run itself is supervised by
 # gpulab's leases, so this timeout bounds the hand-over, not the job (RQ's default is 180 s).
 LAUNCH_TIMEOUT_S = 120
+# Test hook (tests/integration/test_leader.py): "1" makes the scheduler SIGSTOP itself once,
+# right before its first dispatch EXEC, the worst moment for a leader to freeze.
+STOP_BEFORE_EXEC_ENV = "GPULAB_TEST_STOP_BEFORE_DISPATCH_EXEC"
+
+log = logging.getLogger("gpulab.dispatch")
 
 
 class Dispatcher:
@@ -31,6 +42,7 @@ class Dispatcher:
         self.client = client
         self.store = store
         self.assign_timeout_s = assign_timeout_s
+        self.fence: Fence | None = None  # the leader's, set by the loop before each pass
         self._queues: dict[str, Queue] = {}
 
     def queue(self, node: str) -> Queue:
@@ -43,14 +55,19 @@ class Dispatcher:
         if not assignments:
             return []
         job_keys = [keys.job(a.job_id) for a in assignments]
+        fence = self.fence
         with self.client.pipeline(transaction=True) as pipe:
             try:
-                pipe.watch(*job_keys)
+                pipe.watch(*job_keys, *([fence.key] if fence else []))
                 # Read on another connection: WATCH still catches any change made after it.
                 reader = self.client.pipeline(transaction=False)
                 for key in job_keys:
                     reader.hmget(key, "state", "attempt")
+                if fence:
+                    reader.get(fence.key)
                 current = reader.execute()
+                if fence and _text(current.pop()) != fence.token:
+                    raise Fenced("dispatch refused: a newer leader holds the fence")
                 pipe.multi()
                 written = []
                 for assignment, (state, attempt) in zip(assignments, current, strict=True):
@@ -59,9 +76,13 @@ class Dispatcher:
                     self._queue_one(pipe, assignment, int(attempt or b"0") + 1)
                     written.append(assignment)
                 if written:
+                    _stop_here_if_asked()
                     pipe.execute()
                 return written
             except redis.WatchError:
+                if fence and _text(self.client.get(fence.key)) != fence.token:
+                    log.warning("dispatch of %d jobs refused: a newer leader holds the fence", len(assignments))
+                    raise Fenced("dispatch refused: a newer leader holds the fence") from None
                 return []
 
     def _queue_one(self, pipe: redis.client.Pipeline, a: Assignment, attempt: int) -> None:
@@ -79,3 +100,13 @@ class Dispatcher:
             description=json.dumps({"gpulab_job": a.job_id, "attempt": attempt}),
             pipeline=pipe,
         )
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode() if value is not None else None
+
+
+def _stop_here_if_asked() -> None:
+    if os.environ.pop(STOP_BEFORE_EXEC_ENV, "") == "1":
+        print("test hook: stopping before dispatch EXEC", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)

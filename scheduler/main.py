@@ -1,5 +1,8 @@
 """`gpulab scheduler`: the API server and the scheduling loop in one process.
 
+Any number of them may share one Redis: each serves the API on its own socket, and the one
+holding the leader lease (scheduler/leader.py) runs the loop.
+
 It holds `<state_dir>/scheduler.lock` for its whole life: a second scheduler on the same
 state directory says so and exits 1, and never touches the running one's socket.
 """
@@ -16,6 +19,7 @@ from jobs.redis_conn import connect_redis, redact
 from scheduler.api_server import ApiServer, SocketInUse
 from scheduler.daemon import Scheduler
 from scheduler.instance import AlreadyRunning, LockUnavailable, private_dir, refusal, scheduler_lock
+from scheduler.leader import Leadership, holder_name
 from scheduler.notify.notifier import start_notifier
 from scheduler.service import SchedulerService
 from scheduler.web import start_web
@@ -62,9 +66,13 @@ def _serve(config: Config) -> int:
     print(
         f"gpulab scheduler ready: socket {config.socket_path}, redis {redact(config.effective_redis_url)}", flush=True
     )
+    leader = Leadership(client, config.scheduler.leader_lease_s, holder_name(config.socket_path))
+    leader_thread = leader.start(stop)
     try:
-        Scheduler(config, client).run_forever(stop)
+        Scheduler(config, client, leader).run_forever(stop)
     finally:
+        stop.set()
+        leader_thread.join(timeout=5)  # frees the lease: a successor takes over at once
         server.shutdown()
         server.server_close()
         server.remove_socket()  # ours only: while we held the lock no one else could bind it

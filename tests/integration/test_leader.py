@@ -1,0 +1,105 @@
+"""Several schedulers on one Redis, as real processes with their own state dirs and sockets
+(one per "host"): every one serves the API, one leads the loop, a kill -9 of the leader
+hands the loop over with no job lost or doubled, and a leader frozen at the worst moment
+(right before its dispatch EXEC) cannot write when it wakes after its successor took over."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from jobs import keys
+from jobs.invariants import violations
+from jobs.states import JobState
+from scheduler.dispatch import STOP_BEFORE_EXEC_ENV
+from tests.helpers.stack import Stack, release
+
+# A short lease keeps the tests quick; the default (3 s) is what BENCHMARKS.md measures.
+LEASE = {"leader_lease_s": 1.5}
+LEADS = "this scheduler leads now"
+FINAL = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+def _ran_once(stack: Stack, job_id: int) -> None:
+    """Dispatched exactly once, on its first attempt."""
+    record = stack.store.get(job_id)
+    assert record is not None and record.attempt == 1, record
+    assigned = [e for e in stack.store.history(job_id) if e["state"] == "ASSIGNED"]
+    assert len(assigned) == 1, stack.store.history(job_id)
+
+
+def test_any_scheduler_serves_the_api_and_a_killed_leader_is_replaced(make_stack: Callable[..., Stack]) -> None:
+    first: Stack = make_stack(scheduler=LEASE)
+    second: Stack = make_stack(scheduler=LEASE)
+    first.start_scheduler().wait_line(LEADS)
+    follower = second.start_scheduler()
+    second.start_worker("n1", "2x24GiB")
+
+    # Every user path through the follower's socket.
+    fifo = second.fifo("long")
+    running = second.submit("--mem", "1GiB", *second.hold_job_args("1GiB", fifo))
+    second.wait_state(running, JobState.RUNNING)
+    held = second.submit("--hold", "--", "true")
+    cancelled = second.submit("--after", str(running), "--", "true")  # waits for `running`
+    listed = second.cli("queue")
+    assert listed.returncode == 0 and str(running) in listed.stdout and str(held) in listed.stdout
+    assert second.cli("show", str(running)).returncode == 0
+    assert second.cli("hold", str(cancelled)).returncode == 0
+    assert second.cli("cancel", str(cancelled)).returncode == 0
+    assert second.cli("release", str(held)).returncode == 0
+    assert second.cli("wait", str(held)).returncode == 0
+    assert second.cli("logs", str(held)).returncode == 0
+    assert "leads now" not in "\n".join(follower.lines)
+    before = [second.submit("--mem", "1GiB", "--", "true") for _ in range(3)]
+    for job_id in before:
+        second.wait_state(job_id, *FINAL)
+
+    assert first.scheduler is not None
+    first.scheduler.stop(signal.SIGKILL)
+    follower.wait_line(LEADS)
+    after = [second.submit("--mem", "1GiB", "--", "true") for _ in range(3)]
+    for job_id in after:
+        assert second.wait_state(job_id, *FINAL).state == JobState.COMPLETED
+    # The running job was untouched by the failover: same attempt, still running, ends well.
+    assert second.store.get(running).state == JobState.RUNNING  # type: ignore[union-attr]
+    release(fifo, 0)
+    assert second.wait_state(running, *FINAL).state == JobState.COMPLETED
+    for job_id in [running, held, *before, *after]:
+        _ran_once(second, job_id)
+    assert second.store.get(cancelled).state == JobState.CANCELLED  # type: ignore[union-attr]
+    assert violations(second.redis) == []
+    assert int(second.redis.get(keys.LEADER_EPOCH)) == 2
+
+
+def test_a_leader_frozen_before_its_dispatch_exec_cannot_write_after_a_successor(
+    make_stack: Callable[..., Stack],
+) -> None:
+    frozen: Stack = make_stack(scheduler=LEASE)
+    successor: Stack = make_stack(scheduler=LEASE)
+    frozen.env[STOP_BEFORE_EXEC_ENV] = "1"
+    old = frozen.start_scheduler()
+    old.wait_line(LEADS)
+    new = successor.start_scheduler()
+    successor.start_worker("n1", "1x24GiB")
+
+    job_id = successor.submit("--mem", "20GiB", "--", "true")
+    old.wait_line("test hook: stopping before dispatch EXEC")  # planned, MULTI queued, EXEC not sent
+    new.wait_line(LEADS)  # the frozen leader's lease ran out in Redis; the follower took over
+    assert successor.wait_state(job_id, *FINAL).state == JobState.COMPLETED
+    epoch = int(successor.redis.get(keys.LEADER_EPOCH))
+    assert epoch == 2
+
+    old.proc.send_signal(signal.SIGCONT)  # it wakes and sends its EXEC
+    old.wait_line("dispatch of 1 jobs refused: a newer leader holds the fence")
+    old.wait_line("epoch 1 ends")
+    _ran_once(successor, job_id)
+    queued: Any = successor.redis.lrange(keys.rq_queue("n1"), 0, -1)
+    assert queued == []  # no second launch entry was left for the worker
+    assert successor.redis.hlen(keys.LEDGER) == 0
+    assert violations(successor.redis) == []
+    # The woken ex-leader is a follower now: jobs still flow, through its own socket too.
+    later = frozen.submit("--mem", "20GiB", "--", "true")
+    assert successor.wait_state(later, *FINAL).state == JobState.COMPLETED
+    _ran_once(successor, later)
+    assert int(successor.redis.get(keys.LEADER_EPOCH)) == epoch
