@@ -20,7 +20,7 @@ from cli.client import ApiClient, DaemonUnreachable
 from jobs import keys
 from jobs.config import Config, ConfigError
 from jobs.invariants import violations
-from jobs.redis_conn import redact
+from jobs.redis_conn import BadRedisUrl, make_client, redact
 from jobs.text import safe
 
 SKEW_WARN_S = 1.0
@@ -124,7 +124,11 @@ def check_redis(config: Config) -> Iterator[Check]:
     except ConfigError as exc:
         yield Check("FAIL", "redis password", str(exc))
         return
-    client = redis.Redis.from_url(url, password=password, socket_connect_timeout=3, socket_timeout=5)
+    try:
+        client = make_client(url, password, timeout_s=5)  # redis://, unix://, redis+sentinel://
+    except BadRedisUrl as exc:
+        yield Check("FAIL", "redis", f"bad [redis] url: {exc}")
+        return
     try:
         client.ping()
     except redis.AuthenticationError as exc:

@@ -1,12 +1,22 @@
-"""Daemons' Redis connections: one URL, retries with backoff, one clear line when down."""
+"""Daemons' Redis connections: one URL, retries with backoff, one clear line when down.
+
+A URL is `redis://`, `rediss://` (TLS), `unix://`, or, for a Sentinel-managed primary with
+replicas, `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`: the client
+asks the sentinels where the primary is, and asks again after a failover (README "Several
+hosts"). The password is the data nodes'; the sentinels are asked without one.
+"""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+SENTINEL_SCHEME = "redis+sentinel"
 
 
 class RedisUnavailable(RuntimeError):
@@ -23,23 +33,71 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def make_client(url: str, password: str | None = None) -> redis.Redis:
+class BadRedisUrl(ValueError):
+    """The URL does not parse; `str()` is the one line to print."""
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """`redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    sentinels = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise BadRedisUrl(f"{redact(url)}: each sentinel must be HOST:PORT, got {item.strip()!r}")
+        sentinels.append((host.strip("[]"), int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not 1 <= len(path) <= 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise BadRedisUrl(f"{redact(url)}: the path must be /SERVICE_NAME or /SERVICE_NAME/DB")
+    return SentinelUrl(
+        sentinels,
+        unquote(path[0]),
+        int(path[1]) if len(path) == 2 else 0,
+        unquote(user) or None,
+        unquote(password) or None,
+    )
+
+
+def make_client(url: str, password: str | None = None, timeout_s: float = 15) -> redis.Redis:
     """`rediss://` URLs get TLS from redis-py. A password in the URL wins over `password`."""
     # Blocking reads (BLPOP, XREAD) block for at most 2 s, well inside the socket timeout.
-    return redis.Redis.from_url(
-        url,
-        password=password,
-        socket_connect_timeout=5,
-        socket_timeout=15,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=3),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        health_check_interval=30,
-    )
+    options = {
+        "socket_connect_timeout": min(5, timeout_s),
+        "socket_timeout": timeout_s,
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=3),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "health_check_interval": 30,
+    }
+    if urlsplit(url).scheme == SENTINEL_SCHEME:
+        target = parse_sentinel_url(url)
+        sentinel = Sentinel(target.sentinels, sentinel_kwargs={"socket_timeout": 2, "socket_connect_timeout": 2})
+        # The pool asks the sentinels for the primary on every new connection: after a
+        # failover the retries land on the new one (and READONLY from a demoted one drops the
+        # connection).
+        client: redis.Redis = sentinel.master_for(
+            target.service, db=target.db, username=target.username, password=target.password or password, **options
+        )
+        return client
+    return redis.Redis.from_url(url, password=password, **options)
 
 
 def connect_redis(url: str, who: str, password: str | None = None) -> redis.Redis:
     """A client that has answered PING, or RedisUnavailable naming the URL and the cause."""
-    client = make_client(url, password)
+    try:
+        client = make_client(url, password)
+    except BadRedisUrl as exc:
+        raise RedisUnavailable(f"{who}: bad [redis] url: {exc}") from None
     try:
         client.ping()
     except redis.AuthenticationError as exc:
