@@ -6,6 +6,7 @@
     python -m bench footprint [--window 10] [--held 10000]
     python -m bench soak [--jobs 2000] [--chaos-every 2.0]   kills, freezes, Redis restarts
     python -m bench bulk [--jobs 2000]   cancel/hold/release: one call per id vs one bulk call
+    python -m bench failover [--kills 10] [--schedulers 2] [--lease 3.0]   kill -9 of the leader
 
 Each writes what it printed to bench/results/ as markdown (replay also a .png).
 """
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import bulk_actions, chaos_soak, footprint, latency, training_overhead
+from bench import bulk_actions, chaos_soak, failover, footprint, latency, training_overhead
 from bench.replay import run as replay
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
     training_overhead.add_arguments(sub.add_parser("training", help="training loop under gpulab vs bare"))
     bulk_actions.add_arguments(sub.add_parser("bulk", help="cancel/hold/release of thousands of jobs"))
     chaos_soak.add_arguments(sub.add_parser("soak", help="short jobs under worker kills/freezes, Redis restarts"))
+    failover.add_arguments(sub.add_parser("failover", help="kill -9 of the leading scheduler: time to a new leader"))
     return p
 
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         save("chaos_soak_quick" if args.quick else "chaos_soak", chaos_soak.run(args))
     elif args.command == "bulk":
         save("bulk_actions", bulk_actions.run(args))
+    elif args.command == "failover":
+        save("failover_quick" if args.quick else "failover", failover.run(args))
     elif args.command == "replay":
         replay.run(args)
     else:
