@@ -7,6 +7,7 @@
     python -m bench soak [--jobs 2000] [--chaos-every 2.0]   kills, freezes, Redis restarts
     python -m bench bulk [--jobs 2000]   cancel/hold/release: one call per id vs one bulk call
     python -m bench failover [--kills 10] [--schedulers 2] [--lease 3.0]   kill -9 of the leader
+    python -m bench notify [--events 10000] [--users 1]      a burst of job ends through the notifier
 
 Each writes what it printed to bench/results/ as markdown (replay also a .png).
 """
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import bulk_actions, chaos_soak, failover, footprint, latency, training_overhead
+from bench import bulk_actions, chaos_soak, failover, footprint, latency, notify_burst, training_overhead
 from bench.replay import run as replay
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -38,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     bulk_actions.add_arguments(sub.add_parser("bulk", help="cancel/hold/release of thousands of jobs"))
     chaos_soak.add_arguments(sub.add_parser("soak", help="short jobs under worker kills/freezes, Redis restarts"))
     failover.add_arguments(sub.add_parser("failover", help="kill -9 of the leading scheduler: time to a new leader"))
+    notify_burst.add_arguments(sub.add_parser("notify", help="a burst of job ends through the notifier"))
     return p
 
 
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         save("bulk_actions", bulk_actions.run(args))
     elif args.command == "failover":
         save("failover_quick" if args.quick else "failover", failover.run(args))
+    elif args.command == "notify":
+        save(f"notify_burst_{args.users}users", notify_burst.run(args))
     elif args.command == "replay":
         replay.run(args)
     else:

@@ -33,6 +33,10 @@ class Refused(NotifyError):
     """The destination is not one gpulab may connect to; `str()` says why, in one line."""
 
 
+class Unresolved(Refused):
+    """The host did not resolve (now): refused at submit, tried again at delivery (DNS may be back)."""
+
+
 def networks(allow: Sequence[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(n, strict=False) for n in allow)
 
@@ -76,14 +80,14 @@ def _resolve(host: str, port: int) -> list[Address]:
     try:
         infos = future.result(timeout=RESOLVE_TIMEOUT_S)
     except concurrent.futures.TimeoutError:
-        raise Refused(f"cannot resolve {host} (no answer within {RESOLVE_TIMEOUT_S:.0f}s)") from None
+        raise Unresolved(f"cannot resolve {host} (no answer within {RESOLVE_TIMEOUT_S:.0f}s)") from None
     except (OSError, UnicodeError) as exc:
-        raise Refused(f"cannot resolve {host} ({getattr(exc, 'strerror', None) or exc})") from None
+        raise Unresolved(f"cannot resolve {host} ({getattr(exc, 'strerror', None) or exc})") from None
     addresses: list[Address] = []
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if address not in addresses:
             addresses.append(address)
     if not addresses:
-        raise Refused(f"cannot resolve {host}")
+        raise Unresolved(f"cannot resolve {host}")
     return addresses

@@ -38,7 +38,7 @@ import redis
 from jobs import keys, scripts
 from jobs.config import Config
 from jobs.notify import EVENTS
-from jobs.record import InvalidRecord, JobRecord
+from jobs.record import JobRecord
 from jobs.store import JobStore
 from jobs.text import safe
 from scheduler.notify import mail, settings, webhook
@@ -224,8 +224,7 @@ class Notifier:
         self.ensure_group()
         # Ours first (read before a restart, not acknowledged), then others' left too long, then new.
         entries = self._read("0", None) or self._reclaim() or self._read(">", block_ms)
-        for entry_id, fields in entries:
-            self._take(entry_id, fields)
+        self._take(entries)
         if entries:
             self._wake.set()
         return len(entries)
@@ -249,21 +248,25 @@ class Notifier:
         )
         return [(_text(i), {_text(k): _text(v) for k, v in f.items()}) for i, f in reply[1] if f]
 
-    def _take(self, entry_id: str, fields: dict[str, str]) -> None:
-        items: list[dict[str, Any]] = []
-        user = ""
-        try:
-            record = self.store.get(int(fields.get("job", "0")))
-        except (InvalidRecord, ValueError):
-            record = None
-        if record is not None:
-            user = record.user
-            items = deliveries(entry_id, fields, record, self.cfg.started_late_after_s)
-        pairs = [x for item in items for x in (item["id"], json.dumps(item, sort_keys=True))]
-        self._intake(
-            keys=[keys.NOTIFY_OUTBOX, keys.NOTIFY_DUE, keys.NOTIFY_QUEUED, keys.notify_stats(user), keys.NOTIFY_EVENTS],
-            args=[keys.NOTIFY_GROUP, entry_id, user, self.cfg.max_queued_per_user, repr(time.time()), *pairs],
-        )
+    def _take(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        """Each event's deliveries into the outbox, the event acknowledged with them: the
+        records in one round trip, the scripts in one pipeline (a burst of 10,000 ends)."""
+        job_ids = {int(f["job"]) for _, f in entries if f.get("job", "").isdigit() and len(f["job"]) < 16}
+        records = {r.id: r for r in self.store.get_many(sorted(job_ids), invalid={})}
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id, fields in entries:
+            job = fields.get("job", "")
+            record = records.get(int(job)) if job.isdigit() and len(job) < 16 else None
+            user = record.user if record is not None else ""
+            items = deliveries(entry_id, fields, record, self.cfg.started_late_after_s) if record else []
+            pairs = [x for item in items for x in (item["id"], json.dumps(item, sort_keys=True))]
+            intake_keys = [keys.NOTIFY_OUTBOX, keys.NOTIFY_DUE, keys.NOTIFY_QUEUED, keys.notify_stats(user)]
+            self._intake(
+                keys=[*intake_keys, keys.NOTIFY_EVENTS],
+                args=[keys.NOTIFY_GROUP, entry_id, user, self.cfg.max_queued_per_user, repr(time.time()), *pairs],
+                client=pipe,
+            )
+        pipe.execute()
 
     # ---- sending ------------------------------------------------------------------------------
     def send_once(self) -> int:

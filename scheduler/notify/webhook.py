@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-from scheduler.notify.guard import Network, Refused, resolve_allowed
+from scheduler.notify.guard import Network, Refused, Unresolved, resolve_allowed
 
 MAX_ANSWER_BYTES = 64 * 1024
 MAX_REDIRECTS = 3
@@ -49,7 +49,9 @@ def post(
         try:
             addresses = resolve_allowed(url, allow)
             status, location = _exchange(url, addresses, body, headers, deadline)
-        except Refused as exc:
+        except Unresolved as exc:  # DNS may answer again later
+            return Outcome(False, True, 0, str(exc))
+        except Refused as exc:  # an address gpulab may not reach: trying again will not change that
             return Outcome(False, False, 0, str(exc))
         except (OSError, ValueError) as exc:  # refused, reset, timed out, TLS, a malformed answer
             return Outcome(False, True, 0, f"{type(exc).__name__}: {exc}"[:300])

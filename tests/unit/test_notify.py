@@ -146,3 +146,19 @@ def test_deliveries_follow_the_jobs_choice_and_the_late_start_threshold() -> Non
     assert deliveries("18-0", {"event": "started-late"}, early, 3600.0) == []
     assert deliveries("19-0", {"event": "fail"}, record, 3600.0) == []  # not asked for
     assert deliveries("20-0", {"event": "bogus"}, record, 3600.0) == []
+
+
+def test_other_users_never_see_a_jobs_webhook_or_address() -> None:
+    record = _record()
+    public = record.to_json(private=False)["spec"]
+    assert public["notify_url"] == "(hidden)" and public["mail"] == "(hidden)"
+    assert record.to_json(private=True)["spec"]["notify_url"] == "https://example.org/h"
+
+
+def test_delivery_to_an_address_that_does_not_resolve_is_retried_one_that_is_internal_is_not() -> None:
+    from scheduler.notify.webhook import post
+
+    unresolved = post("http://no-such-host.invalid/", b"{}", {}, (), 1.0)
+    internal = post("http://169.254.169.254/", b"{}", {}, (), 1.0)
+    assert not unresolved.ok and unresolved.retry
+    assert not internal.ok and not internal.retry and "allow_networks" in internal.error
