@@ -133,20 +133,17 @@ def test_receiver_down_then_up_gets_every_delivery_once_after_dedupe(notify_stac
         ("--notify-url", "http://169.254.169.254/latest/meta-data/"),  # cloud metadata
         ("--notify-url", "http://[::ffff:169.254.169.254]/"),
         ("--notify-url", "http://10.0.0.1/hook"),  # a private network nobody allowed
-        ("--notify-url", "http://[::1]:6379/"),
-        ("--notify-url", "http://0.0.0.0:6379/"),
         ("--notify-url", "file:///etc/passwd"),
         ("--notify-url", "gopher://127.0.0.1:6379/_FLUSHALL"),
         ("--notify-url", "http://user:pw@127.0.0.1/"),
         ("--notify-url", "http://127.0.0.1/a\r\nX-Injected: 1"),
-        ("--notify-url", "http://" + "a" * 3000 + ".org/"),
         ("--mail", "alice@example.org\r\nBcc: eve@example.org"),
         ("--mail", "alice@example.org,eve@example.org"),
-        ("--mail", "Eve <eve@example.org>"),
         ("--notify-on", "end,reboot"),
     ],
 )
 def test_hostile_destination_refused_at_submit_with_exit_2(notify_stack: Stack, flag: str, value: str) -> None:
+    """(More forms, without a daemon, in tests/unit/test_notify.py.)"""
     before = notify_stack.redis.get(keys.NEXT_JOB_ID)
     extra = ["--mail", "a@example.org"] if flag == "--notify-on" else []
     result = notify_stack.cli("submit", flag, value, *extra, *_quick_job())
