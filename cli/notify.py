@@ -22,9 +22,7 @@ def notify_options(fn: Any) -> Any:
     options = [
         click.option("--notify-url", metavar="URL", help="POST a signed JSON event here (http/https)."),
         click.option("--mail", metavar="ADDR", help="Mail this address (needs [notify] smtp_host)."),
-        click.option(
-            "--notify-on", metavar="EVENTS", help=f"When to notify: {EVENT_HELP} (default: end,fail,held)."
-        ),
+        click.option("--notify-on", metavar="EVENTS", help=f"When to notify: {EVENT_HELP} (default: end,fail,held)."),
     ]
     for option in reversed(options):
         fn = option(fn)

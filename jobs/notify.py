@@ -27,7 +27,9 @@ DEFAULT_EVENTS = ("end", "fail", "held")
 STATE_EVENTS = {"COMPLETED": "end", "FAILED": "fail", "HELD": "held", "RUNNING": "started-late"}
 MAX_URL = 2048
 MAX_MAIL = 254
-_MAIL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$")  # noqa: E501
+_MAIL_RE = re.compile(
+    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$"
+)
 _HOST_RE = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
 
 

@@ -51,7 +51,10 @@ def send(config: NotifyConfig, message: EmailMessage) -> None:
     except smtplib.SMTPRecipientsRefused as exc:
         raise MailFailed(f"recipient refused: {safe(str(exc), 200)}", retry=False) from None
     except smtplib.SMTPResponseException as exc:
-        raise MailFailed(f"SMTP {exc.smtp_code}: {safe(str(exc.smtp_error), 200)}", retry=exc.smtp_code >= 400 and exc.smtp_code < 500) from None  # noqa: E501
+        raise MailFailed(
+            f"SMTP {exc.smtp_code}: {safe(str(exc.smtp_error), 200)}",
+            retry=exc.smtp_code >= 400 and exc.smtp_code < 500,
+        ) from None
     except (OSError, smtplib.SMTPException) as exc:
         raise MailFailed(f"{type(exc).__name__}: {safe(str(exc), 200)}", retry=True) from None
 

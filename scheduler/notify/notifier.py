@@ -103,7 +103,9 @@ def job_summary(record: JobRecord) -> dict[str, Any]:
     }
 
 
-def deliveries(entry_id: str, fields: dict[str, str], record: JobRecord, started_late_after_s: float) -> list[dict[str, Any]]:  # noqa: E501
+def deliveries(
+    entry_id: str, fields: dict[str, str], record: JobRecord, started_late_after_s: float
+) -> list[dict[str, Any]]:
     """The deliveries one event makes (none if the job did not ask for it)."""
     event = fields.get("event", "")
     spec = record.spec

@@ -41,9 +41,7 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def post(
-    url: str, body: bytes, headers: Mapping[str, str], allow: Sequence[Network], timeout_s: float
-) -> Outcome:
+def post(url: str, body: bytes, headers: Mapping[str, str], allow: Sequence[Network], timeout_s: float) -> Outcome:
     deadline = time.monotonic() + timeout_s
     for _ in range(MAX_REDIRECTS + 1):
         try:

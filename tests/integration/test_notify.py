@@ -174,37 +174,78 @@ def test_user_default_applies_and_redirects_to_other_hosts_are_not_followed(
     assert _show(notify_stack)["default"] is None
 
 
-def test_many_events_for_one_user_are_batched_and_each_arrives(
-    redis_server: RedisServer, receiver: WebhookReceiver
-) -> None:
-    """300 events at once (raised through the `emit` hook, as the idle detector does) reach
-    the receiver in batches of at most max_batch, each event once. A Redis database of its
-    own, so the module's running scheduler does not take these events."""
+@pytest.fixture
+def own_db(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A Redis database of its own, so the module's running scheduler does not take the
+    events a test raises for a Notifier it drives itself."""
     client = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/7")
     client.flushdb()
+    yield client
+    client.close()
+
+
+def _jobs_wanting_idle(client: redis.Redis, url: str, n: int, user: str = "bulk") -> list[int]:
+    store = JobStore(client)
+    spec = JobSpec(command=("true",), cwd="/", notify_url=url, notify_on=("idle",))
+    ids = store.submit_reserved(store.reserve_ids(n), [spec] * n, user=user, uid=1)
+    for job_id in ids:
+        emit(client, job_id, "idle", "GPU idle for 30 min")
+    return ids
+
+
+def _drive(notifier: Notifier, client: redis.Redis, user: str) -> None:
+    while notifier.intake_once(block_ms=1):
+        pass
+
+    def drained() -> bool:
+        notifier.send_once()
+        return not client.hget(keys.NOTIFY_QUEUED, user)
+
+    eventually(drained)
+
+
+def test_a_receiver_that_fails_forever_is_given_up_after_max_attempts_and_a_4xx_at_once(own_db: redis.Redis) -> None:
+    answers = {"/500": 500, "/404": 404}
+    failing = WebhookReceiver(answer=lambda p: (answers[p.path], {}, 0.0)).start()
     try:
-        store = JobStore(client)
-        spec = JobSpec(command=("true",), cwd="/", notify_url=receiver.url("/bulk"), notify_on=("idle",))
-        ids = store.submit_reserved(store.reserve_ids(300), [spec] * 300, user="bulk", uid=1)
-        for job_id in ids:
-            emit(client, job_id, "idle", "GPU idle for 30 min")
-        config = Config(notify=NotifyConfig(allow_networks=("127.0.0.0/8",), max_batch=50, max_per_minute=0))
-        notifier = Notifier(config, client, consumer="bulk-test")
-        while notifier.intake_once(block_ms=1):
-            pass
-        assert int(client.hget(keys.NOTIFY_QUEUED, "bulk") or 0) == 300
-
-        def drained() -> bool:
-            notifier.send_once()
-            return not client.hget(keys.NOTIFY_QUEUED, "bulk")
-
-        eventually(drained)
-        bulk = [p for p in receiver.posts if p.path == "/bulk"]
-        assert len(bulk) == math.ceil(300 / 50) and all(len(p.json["events"]) <= 50 for p in bulk)
-        got = [e["job"]["id"] for p in bulk for e in p.json["events"]]
-        assert sorted(got) == ids
+        _jobs_wanting_idle(own_db, failing.url("/500"), 1, user="u500")
+        _jobs_wanting_idle(own_db, failing.url("/404"), 1, user="u404")
+        notify = NotifyConfig(allow_networks=("127.0.0.0/8",), max_attempts=3, retry_base_s=0.05, retry_max_s=0.1)
+        notifier = Notifier(Config(notify=notify), own_db, consumer="fail-test")
+        _drive(notifier, own_db, "u500")
+        _drive(notifier, own_db, "u404")
+        assert [p.path for p in failing.posts].count("/500") == 3  # max_attempts in all
+        assert [p.path for p in failing.posts].count("/404") == 1  # a 4xx is not retried
+        stats = {k.decode(): v.decode() for k, v in own_db.hgetall(keys.notify_stats("u500")).items()}
+        assert stats["failed"] == "1" and "HTTP 500" in stats["last_error"]
     finally:
-        client.close()
+        failing.stop()
+
+
+def test_a_users_queue_is_bounded_and_what_is_dropped_is_counted(own_db: redis.Redis) -> None:
+    _jobs_wanting_idle(own_db, "http://127.0.0.1:9/never", 10, user="flood")
+    notify = NotifyConfig(allow_networks=("127.0.0.0/8",), max_queued_per_user=4)
+    notifier = Notifier(Config(notify=notify), own_db, consumer="cap-test")
+    while notifier.intake_once(block_ms=1):
+        pass
+    assert int(own_db.hget(keys.NOTIFY_QUEUED, "flood") or 0) == 4
+    assert int(own_db.hget(keys.notify_stats("flood"), "dropped") or 0) == 6
+    assert own_db.xpending(keys.NOTIFY_EVENTS, keys.NOTIFY_GROUP)["pending"] == 0  # all acknowledged
+
+
+def test_many_events_for_one_user_are_batched_and_each_arrives(own_db: redis.Redis, receiver: WebhookReceiver) -> None:
+    """300 events at once (raised through the `emit` hook, as the idle detector does) reach
+    the receiver in batches of at most max_batch, each event once."""
+    ids = _jobs_wanting_idle(own_db, receiver.url("/bulk"), 300)
+    config = Config(notify=NotifyConfig(allow_networks=("127.0.0.0/8",), max_batch=50, max_per_minute=0))
+    notifier = Notifier(config, own_db, consumer="bulk-test")
+    while notifier.intake_once(block_ms=1):
+        pass
+    assert int(own_db.hget(keys.NOTIFY_QUEUED, "bulk") or 0) == 300
+    _drive(notifier, own_db, "bulk")
+    bulk = [p for p in receiver.posts if p.path == "/bulk"]
+    assert len(bulk) == math.ceil(300 / 50) and all(len(p.json["events"]) <= 50 for p in bulk)
+    assert sorted(e["job"]["id"] for p in bulk for e in p.json["events"]) == ids
 
 
 def _show(stack: Stack) -> dict[str, object]:
