@@ -175,7 +175,9 @@ class Notifier:
         self.redis = client
         self.store = JobStore(client)
         self.allow = networks(self.cfg.allow_networks)
-        self.consumer = consumer or f"{socket.gethostname()}"
+        # Stable across restarts (a restarted notifier reads its own unacknowledged events
+        # first) and distinct per scheduler: every scheduler, leader or standby, runs one.
+        self.consumer = consumer or f"{socket.gethostname()}:{config.socket_path}"
         self._intake = client.register_script(scripts.NOTIFY_INTAKE)
         self._claim = client.register_script(scripts.NOTIFY_CLAIM)
         self._settle = client.register_script(scripts.NOTIFY_SETTLE)
