@@ -73,6 +73,11 @@ class ApiClient:
         query = "?" + urlencode({"all": "1"}) if all_jobs else ""
         return list(self.request("GET", api.jobs_path() + query)["jobs"])
 
+    def jobs_page(self, query: dict[str, Any]) -> dict[str, Any]:
+        """One page of `GET /v1/jobs` (filters: user, me, state, name; all, limit, cursor)."""
+        params = urlencode({k: v for k, v in query.items() if v not in (None, "", False)})
+        return dict(self.request("GET", api.jobs_path() + (f"?{params}" if params else "")))
+
     def job(self, job_id: int) -> dict[str, Any]:
         return dict(self.request("GET", api.job_path(job_id)))
 

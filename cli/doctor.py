@@ -174,8 +174,13 @@ def check_socket(config: Config) -> Iterator[Check]:
     yield Check("ok", "scheduler socket", f"{path} answers (mode {mode:o})")
 
 
-def run_doctor(config: Config) -> int:
+def run_doctor(config: Config, as_json: bool = False) -> int:
     checks = [*check_redis(config), check_nvml(config), *check_socket(config)]
+    code = 1 if any(c.level == "FAIL" for c in checks) else 0
+    if as_json:  # the messages as they are: JSON escapes what a terminal must not see
+        rows = [{"level": c.level, "check": c.name, "message": c.message} for c in checks]
+        click.echo(json.dumps({"ok": code == 0, "checks": rows}, indent=2, sort_keys=True))
+        return code
     for check in checks:
         style = {"ok": "green", "WARN": "yellow", "FAIL": "red"}[check.level]
         level = click.style(f"{check.level:<4}", fg=style) if not os.environ.get("NO_COLOR") else f"{check.level:<4}"

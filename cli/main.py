@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from cli import job_ids, ops, render
+from cli import job_ids, ops, queue, render
 from cli import logs as logs_cmd
 from cli.context import EXIT_USAGE, Context, emit_json, fail, pass_ctx
 from cli.env_capture import captured_env
@@ -167,19 +167,8 @@ def train(
     _submit(ctx, spec, as_json, policy.get("as_user"))
 
 
-@main.command(name="queue")
-@click.option("--all", "all_jobs", is_flag=True, help="Include finished jobs.")
-@click.option("--json", "as_json", is_flag=True)
-@pass_ctx
-def queue_cmd(ctx: Context, all_jobs: bool, as_json: bool) -> None:
-    """Jobs, their state, GPUs, memory, age and why they wait."""
-    data = ctx.call(lambda: ctx.client().jobs(all_jobs=all_jobs))
-    if as_json:
-        emit_json({"jobs": data})
-    else:
-        render.table_console().print(render.queue_table(data))
-
-
+queue_cmd = queue.queue_cmd
+main.add_command(queue_cmd)
 main.add_command(queue_cmd, name="q")
 main.add_command(node_group)
 main.add_command(notify_group)

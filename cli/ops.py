@@ -114,17 +114,23 @@ def history(
 @click.command()
 @click.option("--once", is_flag=True, help="Print one frame and exit.")
 @click.option("--interval", type=click.FloatRange(0.2, 60), default=1.5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One snapshot as JSON (nodes and live jobs); implies --once.")
 @pass_ctx
-def top(ctx: Context, /, once: bool, interval: float) -> None:
+def top(ctx: Context, /, once: bool, interval: float, as_json: bool) -> None:
     """Live view: GPUs (gpulab / others / free), running jobs, head of the queue. Ctrl-C quits."""
     from cli.top import run_top
 
+    if as_json:
+        gpus, jobs = ctx.call(lambda: (ctx.client().gpus(), ctx.client().jobs()))
+        click.echo(json.dumps({"nodes": gpus["nodes"], "jobs": jobs}, indent=2, sort_keys=True))
+        return
     run_top(lambda: ctx.call(lambda: (ctx.client().gpus(), ctx.client().jobs())), once=once, interval=interval)
 
 @click.command()
+@click.option("--json", "as_json", is_flag=True, help="The checks as JSON: {ok, checks: [{level, check, message}]}.")
 @pass_ctx
-def doctor(ctx: Context, /) -> None:
+def doctor(ctx: Context, /, as_json: bool) -> None:
     """Check Redis, NVML, the scheduler socket, workers and clocks; exit 1 on any FAIL."""
     from cli.doctor import run_doctor
 
-    sys.exit(run_doctor(ctx.config))
+    sys.exit(run_doctor(ctx.config, as_json))

@@ -108,7 +108,7 @@ def queue_table(jobs: list[dict[str, Any]], now: float | None = None) -> Table:
     now = now or time.time()
     table = Table(box=None, header_style="bold", pad_edge=False)
     columns = (
-        "ID", "NAME", "USER", "STATE", "GPUS", "MEM/GPU", "PEAK", "AGE", "TIME", "START", "PRIORITY",
+        "ID", "NAME", "USER", "STATE", "GPUS", "MEM/GPU", "PEAK", "AGE", "TIME", "START", "PRIORITY=PRIO+FAIR+AGE",
         "REASON / PROGRESS",
     )  # fmt: skip
     for column in columns:

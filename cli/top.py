@@ -40,10 +40,14 @@ def memory_bar(total: int, gpulab: int, others: int, width: int = BAR_WIDTH) -> 
     return bar
 
 
-def gpu_table(nodes: list[dict[str, Any]]) -> Table:
+NARROW = 120  # below this many columns: short bars, no GPU model names, names cut
+
+
+def gpu_table(nodes: list[dict[str, Any]], width: int = NARROW) -> Table:
+    narrow = width < NARROW
     table = Table(title="GPUs  (█ gpulab  ▓ others  ░ free)", box=None, header_style="bold", pad_edge=False)
     for column in ("NODE", "GPU", "MEMORY", "GPULAB", "OTHERS", "FREE", "AVAIL", "JOBS"):
-        table.add_column(column, no_wrap=True)
+        table.add_column(column, no_wrap=True, max_width=16 if column == "NODE" and narrow else None)
     for node in nodes:
         if not node["online"]:
             table.add_row(cell(node["name"]), "-", Text("offline", style="red"), "", "", "", "", "")
@@ -51,19 +55,24 @@ def gpu_table(nodes: list[dict[str, Any]]) -> Table:
             total, gpulab = gpu["total_bytes"], max(gpu["gpulab_reserved_bytes"], gpu["gpulab_used_bytes"])
             others = gpu["others_used_bytes"]
             free = max(0, total - gpulab - others)
-            label = f"{node['name']}" + (" (draining)" if node.get("draining") else "")
+            label = f"{node['name']}" + ((" (drain)" if narrow else " (draining)") if node.get("draining") else "")
             table.add_row(
-                cell(label), cell(f"{gpu['index']} {gpu['name']}"), memory_bar(total, gpulab, others),
+                cell(label), cell(str(gpu["index"]) if narrow else f"{gpu['index']} {gpu['name']}"),
+                memory_bar(total, gpulab, others, 10 if narrow else BAR_WIDTH),
                 format_size(gpulab), format_size(others), format_size(free), format_size(gpu["available_bytes"]),
                 str(gpu["jobs"]),
             )  # fmt: skip
     return table
 
 
-def running_table(jobs: list[dict[str, Any]], now: float) -> Table:
+def running_table(jobs: list[dict[str, Any]], now: float, width: int = NARROW) -> Table:
     table = Table(title="Running", box=None, header_style="bold", pad_edge=False)
+    cut = width < NARROW
     for column in ("ID", "NAME", "USER", "GPUS", "MEM NOW/PEAK", "TIME", "PROGRESS"):
-        table.add_column(column, no_wrap=column not in ("NAME", "PROGRESS"))
+        limit = {"NAME": 12, "USER": 8, "GPUS": 12}.get(column) if cut else None
+        table.add_column(
+            column, no_wrap=column != "PROGRESS", max_width=limit, min_width=8 if column == "PROGRESS" else None
+        )
     for job in jobs:
         if job["state"] not in ("RUNNING", "ASSIGNED"):
             continue
@@ -79,12 +88,14 @@ def running_table(jobs: list[dict[str, Any]], now: float) -> Table:
     return table
 
 
-def queue_head(jobs: list[dict[str, Any]], now: float) -> Table:
+def queue_head(jobs: list[dict[str, Any]], now: float, width: int = NARROW) -> Table:
     waiting = [j for j in jobs if j["state"] in ("PENDING", "HELD")]
     waiting.sort(key=lambda j: (-(j.get("priority") or {}).get("total", 0), j["id"]))
     table = Table(title=f"Queue ({len(waiting)} waiting)", box=None, header_style="bold", pad_edge=False)
+    cut = width < NARROW
     for column in ("ID", "NAME", "USER", "STATE", "WAIT", "REASON"):
-        table.add_column(column, no_wrap=column not in ("NAME", "REASON"))
+        limit = {"NAME": 14, "USER": 10}.get(column) if cut else None
+        table.add_column(column, no_wrap=column != "REASON", max_width=limit)
     for job in waiting[:QUEUE_HEAD]:
         table.add_row(
             str(job["id"]), cell(job["name"]), cell(job["user"]), cell(job["state"]),
@@ -93,21 +104,22 @@ def queue_head(jobs: list[dict[str, Any]], now: float) -> Table:
     return table
 
 
-def frame(gpus: dict[str, Any], jobs: list[dict[str, Any]], now: float | None = None) -> Group:
+def frame(gpus: dict[str, Any], jobs: list[dict[str, Any]], now: float | None = None, width: int = NARROW) -> Group:
+    """One screen for a terminal `width` columns wide (80 and up: nothing cut that matters)."""
     now = now or time.time()
     header = Text(f"gpulab top  {time.strftime('%H:%M:%S', time.localtime(now))}  (Ctrl-C quits)", style="bold")
-    return Group(header, gpu_table(gpus["nodes"]), running_table(jobs, now), queue_head(jobs, now))
+    return Group(header, gpu_table(gpus["nodes"], width), running_table(jobs, now, width), queue_head(jobs, now, width))
 
 
 def run_top(fetch: Fetch, *, once: bool, interval: float) -> None:
     console = Console()
     if once:
-        console.print(frame(*fetch()))
+        console.print(frame(*fetch(), width=console.width))
         return
     try:
-        with Live(frame(*fetch()), console=console, screen=False, auto_refresh=False) as live:
+        with Live(frame(*fetch(), width=console.width), console=console, screen=False, auto_refresh=False) as live:
             while True:
                 time.sleep(interval)  # the refresh period of a terminal view, not synchronisation
-                live.update(frame(*fetch()), refresh=True)
+                live.update(frame(*fetch(), width=console.width), refresh=True)
     except KeyboardInterrupt:
         pass

@@ -33,6 +33,7 @@ from jobs.config import Config
 from scheduler.bulk import bulk_action
 from scheduler.connections import BoundedConnections, ConnectionLimits
 from scheduler.history import history_view
+from scheduler.job_listing import parse_query
 from scheduler.notify.api import notify_route
 from scheduler.service import Caller, SchedulerService
 
@@ -145,7 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == f"{API_PREFIX}/jobs":
             if method == "POST":
                 return svc.submit(caller, body)
-            return svc.list_jobs(caller, all_jobs=query.get("all") == "1")
+            return svc.list_jobs(caller, all_jobs=False, query=parse_query(query, caller.user))
         if path == f"{API_PREFIX}/gpus" and method == "GET":
             return svc.gpus(caller)
         if path == f"{API_PREFIX}/history" and method == "GET":

@@ -21,6 +21,7 @@ from jobs.states import JobState
 from jobs.store import JobStore, TransitionRefused
 from scheduler.cluster import read_heartbeats, read_ledger
 from scheduler.daemon import accounting_policy, read_drained
+from scheduler.job_listing import JobQuery, list_jobs
 from scheduler.policy.accounting import build_accounts
 from scheduler.queue_view import priority_views
 from scheduler.submission import Submitter, is_admin
@@ -63,18 +64,16 @@ class SchedulerService:
     def submit(self, caller: Caller, body: Any) -> dict[str, Any]:
         return self.submitter.submit(caller.uid, caller.user, body)
 
-    def list_jobs(self, caller: Caller, *, all_jobs: bool) -> dict[str, Any]:
-        records = self.store.waiting() + self.store.active()
-        if all_jobs:
-            records += self.store.finished(limit=1000)
-        records.sort(key=lambda r: r.id)
-        now = time.time()
-        views = [self._view(caller, r) for r in records]
-        parts = priority_views(self.redis, self.config.policy, records, now)
-        for view in views:
-            if view["id"] in parts:
-                view["priority"] = parts[view["id"]]
-        return {"jobs": views, "now": now}
+    def list_jobs(self, caller: Caller, *, all_jobs: bool, query: JobQuery | None = None) -> dict[str, Any]:
+        """The queue in scheduling order, filtered and paged (scheduler/job_listing.py)."""
+        return list_jobs(self, caller, query or JobQuery(all_jobs=all_jobs))
+
+    def priority_parts(self, records: list[JobRecord], now: float) -> dict[int, dict[str, Any]]:
+        """Each pending job's priority and its parts, as the next pass computes them."""
+        return priority_views(self.redis, self.config.policy, records, now)
+
+    def public_view(self, caller: Caller, record: JobRecord) -> dict[str, Any]:
+        return self._view(caller, record)
 
     def show(self, caller: Caller, job_id: int) -> dict[str, Any]:
         record = self._get(job_id)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -130,3 +131,75 @@ def test_version(daily: Stack) -> None:
     assert result.returncode == 0 and result.stdout.startswith("gpulab "), result
     short = daily.cli("-V")
     assert short.stdout == result.stdout
+
+
+def _queue(stack: Stack, *args: str) -> dict[str, Any]:
+    result = stack.cli("queue", "--json", *args)
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_queue_filters_order_and_priority_parts(daily: Stack, blocker: int) -> None:
+    low = _submit_waiting(daily, blocker, "--name", "sweep-low")
+    high = _submit_waiting(daily, blocker, "--name", "sweep-high", "--priority", "5")
+    other = _submit_waiting(daily, blocker, "--name", "other")
+    held = _submit_waiting(daily, blocker, "--name", "sweep-held", "--hold")
+    ours = {low, high, other, held}
+
+    pending = [j for j in _queue(daily, "-t", "PENDING")["jobs"] if j["id"] in ours]
+    assert [j["id"] for j in pending] == [high, low, other]  # priority first, then oldest
+    assert [j["queue_position"] for j in pending] == sorted(j["queue_position"] for j in pending)
+    for job in pending:
+        assert set(job["priority"]) >= {"total", "priority", "fairshare", "age"}
+    assert pending[0]["priority"]["priority"] > pending[1]["priority"]["priority"]
+
+    both = [j["id"] for j in _queue(daily, "-t", "pending,HELD")["jobs"] if j["id"] in ours]
+    assert both == [high, low, other, held]
+    assert [j["id"] for j in _queue(daily, "-t", "PENDING", "-t", "HELD", "--name", "sweep-*")["jobs"]] == [
+        high, low, held,
+    ]  # fmt: skip
+    assert _queue(daily, "-u", "nobody-here")["jobs"] == []
+    assert {j["id"] for j in _queue(daily, "--me")["jobs"]} >= ours | {blocker}
+    table = daily.cli("queue", "--name", "sweep-*")
+    assert "PRIORITY=PRIO+FAIR+AGE" in table.stdout and "sweep-high" in table.stdout and "other" not in table.stdout
+
+    bad = daily.cli("queue", "-t", "SLEEPING")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "SLEEPING" in bad.stderr, bad
+    assert daily.cli("cancel", *(str(j) for j in ours)).returncode == 0
+
+
+def test_queue_all_pages_past_a_thousand_finished_jobs(daily: Stack, blocker: int) -> None:
+    arrays = []
+    for _ in range(2):
+        out = daily.cli("submit", "--mem", "1GiB", "--after", str(blocker), "--array", "0-509", "--json",
+                        "--", sys.executable, "-c", "pass")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        arrays.append(json.loads(out.stdout)["array_id"])
+    cancel = daily.cli("cancel", "--array", str(arrays[0]), "--array", str(arrays[1]))
+    assert cancel.returncode == 0, cancel.stderr
+    finished = daily.redis.zcard("gpulab:finished")
+    assert finished > 1020  # more than one page (1,000)
+
+    everything = _queue(daily, "--all")["jobs"]
+    ended = [j for j in everything if j["state"] in ("COMPLETED", "FAILED", "CANCELLED")]
+    assert len(ended) == finished and len({j["id"] for j in ended}) == finished
+    assert len([j for j in _queue(daily, "--all", "--limit", "7")["jobs"] if j["state"] == "CANCELLED"]) == 7
+
+    first = _queue(daily, "--cursor", "0", "--limit", "5", "-t", "CANCELLED")
+    second = _queue(daily, "--cursor", str(first["next_cursor"]), "--limit", "5", "-t", "CANCELLED")
+    assert first["next_cursor"] == 5 and second["next_cursor"] == 10
+    ids = [j["id"] for j in first["jobs"] + second["jobs"]]
+    assert len(ids) == len(set(ids)) == 10 and ids == sorted(ids, reverse=True)
+
+
+def test_top_and_doctor_speak_json(daily: Stack, blocker: int) -> None:
+    top = daily.cli("top", "--json")
+    assert top.returncode == 0, top.stderr
+    snapshot = json.loads(top.stdout)
+    assert [n["name"] for n in snapshot["nodes"]] == ["n1"] and len(snapshot["nodes"][0]["gpus"]) == 1
+    assert blocker in {j["id"] for j in snapshot["jobs"]}
+    doctor = daily.cli("doctor", "--json")
+    report = json.loads(doctor.stdout)
+    assert report["ok"] == (doctor.returncode == 0)
+    assert {c["level"] for c in report["checks"]} <= {"ok", "WARN", "FAIL"}
+    assert "scheduler socket" in {c["check"] for c in report["checks"]}

@@ -105,3 +105,12 @@ def test_every_documented_command_and_option_exists() -> None:
 def _is_group_only(command: click.Command) -> bool:
     """A group with no options of its own (`gpulab node`) is documented through its subcommands."""
     return isinstance(command, click.Group) and not options_of(command)
+
+
+READ_COMMANDS = ("queue", "show", "wait", "gpus", "history", "top", "doctor", "cancel", "hold", "release")
+
+
+def test_read_commands_take_json() -> None:
+    commands = cli_commands()
+    lacking = [name for name in READ_COMMANDS if "--json" not in options_of(commands[name])]
+    assert not lacking, f"read commands without --json: {lacking}"
