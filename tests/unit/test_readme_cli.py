@@ -107,7 +107,7 @@ def _is_group_only(command: click.Command) -> bool:
     return isinstance(command, click.Group) and not options_of(command)
 
 
-READ_COMMANDS = ("queue", "show", "wait", "gpus", "history", "top", "doctor", "cancel", "hold", "release")
+READ_COMMANDS = ("queue", "show", "logs", "wait", "gpus", "history", "top", "doctor", "cancel", "hold", "release")
 
 
 def test_read_commands_take_json() -> None:
