@@ -14,14 +14,14 @@ from typing import Any
 
 import click
 
-from cli import job_ids, ops, queue, render
+from cli import job_ids, memory, ops, queue, render
 from cli import logs as logs_cmd
 from cli.context import EXIT_USAGE, Context, emit_json, fail, pass_ctx
 from cli.env_capture import captured_env
 from cli.notify import notify_fields, notify_group, notify_options, print_new_secret
 from cli.policy_options import node_group, policy_options, spec_fields
 from jobs.config import ConfigError
-from jobs.spec import JobSpec, SpecError, parse_mem, parse_time_limit, validate_spec
+from jobs.spec import JobSpec, SpecError, parse_time_limit, validate_spec
 from jobs.version import gpulab_version
 
 # Variables that describe the submitting shell's GPU view, not the job's: the worker sets them.
@@ -46,11 +46,13 @@ def build_spec(
 ) -> JobSpec:  # fmt: skip
     try:
         env = captured_env(os.environ, NOT_CAPTURED, export=export, env_file=env_file)
+        mem_bytes, mem_auto = memory.parse_mem_option(mem)
         spec = JobSpec(
             command=command,
             cwd=os.getcwd(),
             gpus=gpus,
-            mem_bytes=parse_mem(mem) if mem is not None else None,
+            mem_bytes=mem_bytes,
+            mem_auto=mem_auto,
             name=name or "",
             env=env,
             time_limit_s=parse_time_limit(time_limit) if time_limit is not None else None,
@@ -70,7 +72,11 @@ def build_spec(
 def submit_options(fn: Any) -> Any:
     options = [
         click.option("--gpus", type=int, default=1, show_default=True, help="GPUs on one node."),
-        click.option("--mem", help="Memory per GPU (12GiB, 12G, 12000MiB). Without it: a whole idle GPU."),
+        click.option(
+            "--mem",
+            help="Memory per GPU (12GiB, 12G, 12000MiB), or auto: learned from this job's earlier runs. "
+            "Without it: learned once the job has enough runs, else a whole idle GPU.",
+        ),
         click.option("--name", help="Job name (default: the program's name)."),
         click.option("--priority", type=int, default=0, show_default=True, help="Higher starts first."),
         click.option("--time", "time_limit", help="Time limit: 30m, 2h, 1-12:00:00, 90:00."),
@@ -90,6 +96,7 @@ def _submit(ctx: Context, spec: JobSpec, as_json: bool, as_user: str | None = No
     answer = ctx.call(client.submit_answer, body)
     job_id = int(answer["id"])
     print_new_secret(answer)
+    memory.announce(answer)
     if as_json:
         emit_json(ctx.call(client.job, job_id))
     else:
@@ -119,7 +126,14 @@ def submit(
     spec = build_spec(
         command, gpus, mem, name, priority, time_limit, hold, _requeue(requeue, kind), kind, policy, export, env_file
     )
+    if factory:
+        spec = memory.with_estimate(ctx, spec, _estimate_argv(spec.command))
     _submit(ctx, spec, as_json, policy.get("as_user"))
+
+
+def _estimate_argv(command: tuple[str, ...]) -> list[str]:
+    """The estimate's arguments from the loop's argv: the factory, the loop's own options, -- ARGS."""
+    return list(command[command.index("worker.training") + 1 :])
 
 
 def training_command(factory: str, loop_args: list[str], factory_args: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
@@ -164,6 +178,7 @@ def train(
             loop_args += [flag, str(value)]
     command, stem = training_command(factory, loop_args, factory_args)
     spec = build_spec(command, gpus, mem, name or stem, priority, time_limit, hold, requeue, "training", policy)
+    spec = memory.with_estimate(ctx, spec, _estimate_argv(command))
     _submit(ctx, spec, as_json, policy.get("as_user"))
 
 
@@ -308,6 +323,7 @@ def up(ctx: Context, sim_gpus: str | None, name: str | None) -> None:
 for command in (ops.history, ops.top, ops.doctor):
     main.add_command(command)
 main.add_command(logs_cmd.logs)
+main.add_command(memory.profile)
 
 
 def run() -> None:

@@ -17,14 +17,14 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.context import Context, pass_ctx
-from cli.render import table_console
+from cli.render import estimate_vs_peak, table_console
 from jobs.sizes import format_size
 from jobs.spec import SpecError, parse_time_limit
 from jobs.text import duration, safe
 
 HISTORY_COLUMNS = (
     "id", "name", "user", "placement", "submitted", "started", "ended", "wall", "peak", "request", "state",
-    "reason", "exit_code",
+    "reason", "exit_code", "estimate", "mem_origin",
 )  # fmt: skip
 
 
@@ -66,12 +66,15 @@ def history_row(job: dict[str, Any]) -> dict[str, str]:
         "state": job["state"],
         "reason": safe(job.get("reason") or ""),
         "exit_code": "" if job.get("exit_code") is None else str(job["exit_code"]),
+        "estimate": estimate_vs_peak(job),
+        "mem_origin": safe(job.get("mem_origin") or ""),
     }
 
 
 def history_table(jobs: list[dict[str, Any]]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("ID", "NAME", "USER", "NODE:GPUS", "SUBMITTED", "STARTED", "ENDED", "WALL", "PEAK/REQ", "STATE"):
+    columns = ("ID", "NAME", "USER", "NODE:GPUS", "SUBMITTED", "STARTED", "ENDED", "WALL", "PEAK/REQ", "EST", "STATE")
+    for column in columns:
         table.add_column(column, no_wrap=column != "NAME")
     for job in jobs:
         row = history_row(job)
@@ -80,7 +83,7 @@ def history_table(jobs: list[dict[str, Any]]) -> Table:
             state += f" exit {row['exit_code']}"
         table.add_row(
             row["id"], Text(row["name"]), Text(row["user"]), Text(row["placement"]), row["submitted"], row["started"],
-            row["ended"], row["wall"], f"{row['peak']}/{row['request']}", Text(state),
+            row["ended"], row["wall"], f"{row['peak']}/{row['request']}", row["estimate"] or "-", Text(state),
         )  # fmt: skip
     return table
 

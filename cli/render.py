@@ -198,6 +198,31 @@ def _policy_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def estimate_vs_peak(job: dict[str, Any]) -> str:
+    """`1.1 GiB, peak 1.2 GiB (-8%)`: the pre-run estimate against the measured peak."""
+    estimate = job["spec"].get("mem_estimate")
+    if not isinstance(estimate, int) or isinstance(estimate, bool):
+        return ""
+    peak = max(job.get("peak_bytes", {}).values(), default=0)
+    if not peak:
+        return format_size(estimate)
+    return f"{format_size(estimate)}, peak {format_size(peak)} ({(estimate - peak) / peak * 100:+.0f}%)"
+
+
+def memory_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where the request came from (a learned profile, an estimate) and the estimate's error."""
+    rows = []
+    if job.get("mem_origin"):
+        rows.append(("Mem from", str(job["mem_origin"])))
+    if job.get("profile_label"):
+        rows.append(("Profile", str(job["profile_label"])))
+    if estimate_vs_peak(job):
+        rows.append(("Estimate", estimate_vs_peak(job)))
+    if job.get("mem_warning"):
+        rows.append(("Mem warning", str(job["mem_warning"])))
+    return rows
+
+
 def show_job(console: Console, job: dict[str, Any]) -> None:
     spec = job["spec"]
     rows = [
@@ -211,6 +236,7 @@ def show_job(console: Console, job: dict[str, Any]) -> None:
             f"{spec['gpus']} GPU(s) x {_mem(job)}"
             + (f", time limit {duration(spec['time_limit_s'])}" if spec.get("time_limit_s") else ""),
         ),
+        *memory_rows(job),
         *_policy_rows(job),
         ("Placed", _gpus(job) if job["gpus"] else "-"),
         ("Attempt", str(job["attempt"])),

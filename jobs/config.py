@@ -124,6 +124,35 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """[memory]: learned requests (`--mem auto`), pre-run estimates, and enforcement of
+    requests on shared GPUs (README "Memory: learned requests, estimates, enforcement")."""
+
+    auto_quantile: float = 0.95  # learned request = this quantile of the recent peaks ...
+    auto_margin: float = 0.10  # ... plus this fraction
+    auto_min_runs: int = 3  # runs a profile needs before it is used (and the default without --mem)
+    auto_min_request_bytes: int = 256 * 2**20
+    outlier_factor: float = 4.0  # a peak over this x the median of the others is left out; 0 = never
+    profile_window: int = 20  # recent runs kept per profile
+    max_profiles_per_user: int = 1000
+    profile_ttl_days: float = 180.0
+    # Options (with their values) that do not change a job's memory: two runs that differ only
+    # in them share a profile. Every other argument counts (a changed batch size is a new profile).
+    profile_ignore_args: tuple[str, ...] = (
+        "--seed", "--epochs", "--lr", "--learning-rate", "--out", "--output", "--output-dir", "--log-dir",
+        "--logdir", "--run-name", "--name", "--resume", "--checkpoint", "--wandb-project", "--wandb-name",
+    )  # fmt: skip
+    estimate: bool = True  # `gpulab train` without --mem and without a profile: estimate one step first
+    estimate_timeout_s: float = 120.0
+    cuda_context_bytes: int = 640 * 2**20  # added to the traced peak (what the allocator never sees)
+    enforce: str = "stop"  # a job over its request while a co-tenant is at risk: warn | stop | never
+    enforce_grace_s: float = 30.0  # between the warning and the stop
+
+
+ENFORCE_POLICIES = ("warn", "stop", "never")
+
+
+@dataclass(frozen=True)
 class Config:
     redis_url: str = ""  # "" -> embedded redis on a unix socket in the state dir
     redis_password_file: str = ""  # a file holding the Redis password (never on a command line)
@@ -132,6 +161,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     source: str = "built-in defaults"
 
     @property
@@ -178,8 +208,10 @@ def default_state_dir() -> Path:
 _SIZE_KEYS = {
     "headroom", "spike_buffer", "idle_gpu_max_used", "max_mem_per_user", "max_submit_size", "max_stored_per_user",
     "log_rate", "log_burst", "log_redis_cap", "log_head",
+    "auto_min_request", "cuda_context",
 }  # fmt: skip
-_TUPLE_KEYS = {"simulate_gpus", "admin_users", "allow_networks"}
+_TUPLE_KEYS = {"simulate_gpus", "admin_users", "allow_networks", "profile_ignore_args"}
+_FLOAT_KEYS = {"auto_quantile", "auto_margin", "outlier_factor", "profile_ttl_days"}
 
 
 def _section(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -196,10 +228,20 @@ def _section(cls: type, table: dict[str, Any], where: str) -> Any:
                 if not isinstance(value, list):
                     raise ValueError("must be a list of strings")
                 value = tuple(str(v) for v in value)
+            elif name in _FLOAT_KEYS:
+                if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e12:
+                    raise ValueError("must be a number, 0 or more")
+                value = float(value)
             elif name.endswith("_s") or name.startswith("weight_"):
                 value = float(value)
                 if name == "leader_lease_s" and not 0.5 <= value <= 3600:
                     raise ValueError("must be between 0.5 and 3600 seconds")
+            elif name == "enforce" and value not in ENFORCE_POLICIES:
+                raise ValueError(f"must be one of {', '.join(ENFORCE_POLICIES)}")
+            elif name in ("auto_min_runs", "profile_window") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError("must be a whole number, 1 or more")
             elif (name.startswith("max_") or name.endswith("_port")) and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 0
             ):
@@ -237,7 +279,7 @@ def load_config(path: Path | None = None) -> Config:
 
 
 def _from_toml(data: dict[str, Any], where: str) -> Config:
-    unknown = set(data) - {"redis", "paths", "scheduler", "worker", "policy", "notify"}
+    unknown = set(data) - {"redis", "paths", "scheduler", "worker", "policy", "notify", "memory"}
     if unknown:
         raise ConfigError(f"{where}: unknown section [{sorted(unknown)[0]}]")
     redis_url = str(data.get("redis", {}).get("url", ""))
@@ -251,6 +293,7 @@ def _from_toml(data: dict[str, Any], where: str) -> Config:
         worker=_section(WorkerConfig, data.get("worker", {}), f"{where} [worker]"),
         policy=_section(PolicyConfig, data.get("policy", {}), f"{where} [policy]"),
         notify=_notify_section(data.get("notify", {}), f"{where} [notify]"),
+        memory=_memory(data.get("memory", {}), f"{where} [memory]"),
         source=where,
     )
 
@@ -263,3 +306,12 @@ def _notify_section(table: dict[str, Any], where: str) -> NotifyConfig:
         except ValueError:
             raise ConfigError(f"{where}: 'allow_networks': {network!r} is not a network like 10.0.0.0/8") from None
     return notify
+
+
+def _memory(table: dict[str, Any], where: str) -> MemoryConfig:
+    memory: MemoryConfig = _section(MemoryConfig, table, where)
+    if not 0 < memory.auto_quantile <= 1:
+        raise ConfigError(f"{where}: 'auto_quantile' must be more than 0 and at most 1")
+    if not isinstance(memory.estimate, bool):
+        raise ConfigError(f"{where}: 'estimate' must be true or false")
+    return memory

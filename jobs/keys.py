@@ -115,3 +115,14 @@ def job_log_meta(job_id: int | str) -> str:
 
 DAEMONS = f"{PREFIX}:daemons"  # zset: daemon id -> expiry (Redis ms); live schedulers and workers
 DAEMON_INFO = f"{PREFIX}:daemons:info"  # hash: daemon id -> JSON {kind, name, host, pid, version, clock...}
+
+
+def profile(digest: str) -> str:
+    """A learned memory profile: list of recent finished runs (JSON samples), newest first,
+    trimmed to [memory] profile_window, expiring [memory] profile_ttl_days after its last run."""
+    return f"{PREFIX}:profile:{digest}"
+
+
+def user_profiles(user: str) -> str:
+    """zset profile digest -> last run time: one user's profiles (`gpulab profile`)."""
+    return f"{PREFIX}:profiles:{user}"

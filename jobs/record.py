@@ -58,6 +58,9 @@ class JobRecord:
     array_id: int | None = None  # task of this array (the array's id = its first task's id)
     array_index: int | None = None
     est_start_at: float | None = None  # while PENDING with a reservation: expected start
+    profile_key: str = ""  # the learned memory profile its runs go to (set by the scheduler at submit)
+    profile_label: str = ""
+    mem_origin: str = ""  # where --mem came from: "11.2 GiB from 6 runs, p95 + 10%"
 
     @property
     def is_final(self) -> bool:
@@ -108,6 +111,9 @@ class JobRecord:
             array_id=_int(h.get("array_id")),
             array_index=_int(h.get("array_index")),
             est_start_at=_float(h.get("est_start_at")),
+            profile_key=h.get("profile_key", ""),
+            profile_label=h.get("profile_label", ""),
+            mem_origin=h.get("mem_origin", ""),
         )
 
     def to_json(self, *, private: bool = True) -> dict[str, Any]:
@@ -151,6 +157,9 @@ class JobRecord:
             "array_id": self.array_id,
             "array_index": self.array_index,
             "est_start_at": self.est_start_at if self.state == JobState.PENDING else None,
+            "profile_key": self.profile_key if private else "",
+            "profile_label": self.profile_label if private else "",
+            "mem_origin": self.mem_origin,
         }
 
 

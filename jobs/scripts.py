@@ -492,3 +492,41 @@ redis.call('ZREM', KEYS[2], ARGV[2])
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
 return 0
 """
+
+PROFILE_ADD = """
+-- KEYS: 1 profile list, 2 the user's profile index (zset), 3 the worker's fence key.
+-- ARGV: 1 fencing token, 2 sample JSON, 3 job id, 4 attempt, 5 window, 6 now, 7 max
+--       profiles per user, 8 digest, 9 ttl seconds.
+-- One finished attempt's measured peak, once (a replayed end adds nothing), only from the
+-- worker that holds the node now. Returns 1 if added, 0 if already there, -1 when fenced.
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+local window = tonumber(ARGV[5])
+for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, window - 1)) do
+  local ok, s = pcall(cjson.decode, raw)
+  if ok and type(s) == 'table' and tostring(s['job_id']) == ARGV[3] and tostring(s['attempt']) == ARGV[4] then
+    return 0
+  end
+end
+redis.call('LPUSH', KEYS[1], ARGV[2])
+redis.call('LTRIM', KEYS[1], 0, window - 1)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[9]))
+redis.call('ZADD', KEYS[2], tonumber(ARGV[6]), ARGV[8])
+-- Oldest profiles leave the index past the cap; their lists expire on their own.
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[7])
+if over > 0 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1) end
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[9]))
+return 1
+"""
+
+RUNNING_EVENT = """
+-- KEYS: 1 job, 2 job_events, 3 the worker's fence key. ARGV: 1 fencing token, 2 attempt,
+-- 3 detail, 4 now, 5 fields JSON.
+-- An event in a running attempt's history (a memory warning), with fields, only while that
+-- attempt is RUNNING and the worker's token is current. Returns 1, 0 (not running) or -1.
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+local h = redis.call('HMGET', KEYS[1], 'state', 'attempt')
+if h[1] ~= 'RUNNING' or h[2] ~= ARGV[2] then return 0 end
+for k, v in pairs(cjson.decode(ARGV[5])) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('XADD', KEYS[2], '*', 'state', 'RUNNING', 'reason', '', 'detail', ARGV[3], 'at', ARGV[4])
+return 1
+"""

@@ -63,6 +63,8 @@ class JobSpec:
     node: str = ""  # --node: only this node
     gpu_model: str = ""  # --gpu-model: GPU name contains this (case-insensitive)
     oom_retry: int = 0  # --oom-retry N: after a CUDA OOM, run again with more memory, N times
+    mem_auto: bool = False  # --mem auto: the scheduler sets mem_bytes from the job's profile
+    mem_estimate: int | None = None  # the pre-run estimate of one step's peak (bytes, `gpulab train`)
     notify_url: str = ""  # --notify-url: a webhook (JSON POST, signed) for notify_on events
     mail: str = ""  # --mail: an address for notify_on events
     notify_on: tuple[str, ...] = ()  # --notify-on end,fail,held,started-late,idle
@@ -123,6 +125,8 @@ class JobSpec:
             notify_url=_typed(data, "notify_url", str, ""),
             mail=_typed(data, "mail", str, ""),
             notify_on=_events(data),
+            mem_auto=_typed(data, "mem_auto", bool, False),
+            mem_estimate=_typed(data, "mem_estimate", int, None),
         )
         validate_spec(spec)
         return spec
@@ -186,6 +190,8 @@ def validate_spec(spec: JobSpec) -> None:
         raise SpecError("--gpus", f"must be between 1 and {MAX_GPUS_PER_JOB}, got {spec.gpus}")
     if spec.mem_bytes is not None and not 2**20 <= spec.mem_bytes <= 2**50:
         raise SpecError("--mem", "must be between 1MiB and 1PiB per GPU")
+    if spec.mem_estimate is not None and not 0 <= spec.mem_estimate <= 2**50:
+        raise SpecError("mem_estimate", "must be between 0 and 1PiB")
     if spec.name and (len(spec.name) > MAX_NAME or not _NAME_RE.match(spec.name)):
         raise SpecError("--name", f"use up to {MAX_NAME} letters, digits and ._:+@=- (starting with a letter or digit)")
     if any("\x00" in k or "=" in k or not k or "\x00" in v for k, v in spec.env.items()):

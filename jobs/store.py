@@ -18,6 +18,7 @@ import redis
 
 from jobs import keys, scripts
 from jobs.lifecycle import Fence, Transition
+from jobs.profiles import Sample
 from jobs.record import InvalidRecord, JobRecord, checked_status
 from jobs.spec import JobSpec
 from jobs.states import JobState, Reason, sources_of
@@ -54,6 +55,8 @@ class JobStore:
         self._fields = client.register_script(scripts.JOB_FIELDS)
         self._observe = client.register_script(scripts.OBSERVE)
         self._pending_info = client.register_script(scripts.SET_PENDING_INFO)
+        self._profile_add = client.register_script(scripts.PROFILE_ADD)
+        self._running_event = client.register_script(scripts.RUNNING_EVENT)
 
     # ---- writes -------------------------------------------------------------------------
     def reserve_ids(self, count: int) -> int:
@@ -61,15 +64,18 @@ class JobStore:
         return int(self.redis.incrby(keys.NEXT_JOB_ID, count)) - count + 1
 
     def submit(
-        self, spec: JobSpec, *, user: str, uid: int, max_waiting: int | None = None, max_bytes: int | None = None
-    ) -> int:
+        self, spec: JobSpec, *, user: str, uid: int, max_waiting: int | None = None, max_bytes: int | None = None,
+        extra: Mapping[str, str] | None = None,
+    ) -> int:  # fmt: skip
         # Both caps are checked again atomically below; checking first spares an id.
         if max_waiting is not None and self.waiting_count(user) >= max_waiting:
             raise TooManyWaiting(user)
         if max_bytes is not None and self.waiting_bytes(user) + spec_size(spec) > max_bytes:
             raise TooMuchStored(user)
         first = self.reserve_ids(1)
-        self.submit_reserved(first, [spec], user=user, uid=uid, max_waiting=max_waiting, max_bytes=max_bytes)
+        self.submit_reserved(
+            first, [spec], user=user, uid=uid, max_waiting=max_waiting, max_bytes=max_bytes, extra=extra
+        )
         return first
 
     def submit_reserved(
@@ -82,6 +88,7 @@ class JobStore:
         max_waiting: int | None = None,
         array_indexes: list[int] | None = None,
         max_bytes: int | None = None,
+        extra: Mapping[str, str] | None = None,
     ) -> list[int]:
         """Store jobs `first`, `first + 1`, ... all at once (an array's tasks appear together).
         Raise TooManyWaiting (nothing stored) past the user's `max_waiting` PENDING/HELD jobs,
@@ -98,6 +105,7 @@ class JobStore:
                 "uid": str(uid),
                 "submitted_at": now,
                 "attempt": "0",
+                **(extra or {}),  # the scheduler's own fields (profile key, where --mem came from)
             }
             if spec.notify.wanted:  # the events the TRANSITION script raises for this job
                 fields["notify"] = ",".join(spec.notify_on)
@@ -276,6 +284,83 @@ class JobStore:
         fields = json.dumps({k: _field(v) for k, v in _checked(observed).items()})
         self._observe(keys=[keys.job(job_id), fence.key], args=[fence.token, str(attempt), fields], client=pipe)
 
+    def running_event(self, job_id: int, attempt: int, fence: Fence, detail: str, fields: Mapping[str, Any]) -> int:
+        """An event in a running attempt's history (see scripts.RUNNING_EVENT): 1 written,
+        0 when that attempt no longer runs; raise Fenced when the worker's token is stale."""
+        written = int(
+            self._running_event(
+                keys=[keys.job(job_id), keys.job_events(job_id), fence.key],
+                args=[
+                    fence.token,
+                    str(attempt),
+                    detail,
+                    repr(time.time()),
+                    json.dumps({k: _field(v) for k, v in fields.items()}),
+                ],
+            )
+        )
+        if written < 0:
+            raise Fenced(f"job {job_id}: this worker's token for its node is stale")
+        return written
+
+    # ---- memory profiles ----------------------------------------------------------------
+    def add_profile_sample(
+        self, user: str, sample: Sample, digest: str, fence: Fence, *, window: int, max_profiles: int, ttl_s: int
+    ) -> bool:
+        """Record one finished attempt's peak in its profile (once per attempt); False if it
+        was there already. Raise Fenced when the worker's token is stale."""
+        added = int(
+            self._profile_add(
+                keys=[keys.profile(digest), keys.user_profiles(user), fence.key],
+                args=[
+                    fence.token,
+                    json.dumps(sample.to_json()),
+                    str(sample.job_id),
+                    str(sample.attempt),
+                    str(max(1, window)),
+                    repr(sample.at),
+                    str(max(1, max_profiles)),
+                    digest,
+                    str(max(1, ttl_s)),
+                ],
+            )
+        )
+        if added < 0:
+            raise Fenced(f"job {sample.job_id}: this worker's token for its node is stale")
+        return added == 1
+
+    def profile_samples(self, digest: str) -> list[Sample]:
+        """A profile's recent runs, newest first; entries that do not parse are skipped."""
+        found = []
+        for raw in self.redis.lrange(keys.profile(digest), 0, -1):
+            try:
+                sample = Sample.from_json(json.loads(raw))
+            except ValueError:
+                sample = None
+            if sample is not None:
+                found.append(sample)
+        return found
+
+    def user_profiles(self, user: str, limit: int = 1000) -> dict[str, list[Sample]]:
+        """A user's profiles, most recently run first: digest -> its runs (newest first)."""
+        digests = [d.decode() for d in self.redis.zrevrange(keys.user_profiles(user), 0, limit - 1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for digest in digests:
+            pipe.lrange(keys.profile(digest), 0, -1)
+        profiles: dict[str, list[Sample]] = {}
+        for digest, raws in zip(digests, pipe.execute(), strict=True):
+            samples = []
+            for raw in raws:
+                try:
+                    sample = Sample.from_json(json.loads(raw))
+                except ValueError:
+                    sample = None
+                if sample is not None:
+                    samples.append(sample)
+            if samples:
+                profiles[digest] = samples
+        return profiles
+
     def wake_scheduler(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
         pipe.lpush(keys.WAKE, "wake")
@@ -327,9 +412,7 @@ class JobStore:
         flat = json.loads(self._fields(keys=job_keys, args=[len(fields), "1" if with_lease else "0", *fields]))
         width = len(fields) + int(with_lease)
         rows = [flat[n * width : (n + 1) * width] for n in range(len(job_ids))]
-        return [
-            (tuple(v or None for v in row[: len(fields)]), bool(with_lease and row[-1])) for row in rows
-        ]
+        return [(tuple(v or None for v in row[: len(fields)]), bool(with_lease and row[-1])) for row in rows]
 
     def raw_state(self, job_id: int) -> JobState | None:
         raw = self.redis.hget(keys.job(job_id), "state")

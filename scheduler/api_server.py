@@ -156,6 +156,10 @@ class _Handler(BaseHTTPRequestHandler):
         bulk_match = _BULK_RE.match(path)
         if bulk_match and method == "POST":
             return bulk_action(svc, caller, bulk_match[1], body)
+        if path == f"{API_PREFIX}/profiles" and method == "GET":
+            return svc.profiles(caller, query.get("user", ""))
+        if path == f"{API_PREFIX}/profiles/resolve" and method == "POST":
+            return svc.preview_memory(caller, body)
         node_match = _NODE_RE.match(path)
         if node_match and method == "POST":
             why = body.get("reason", "") if isinstance(body, dict) else ""

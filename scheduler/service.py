@@ -238,6 +238,17 @@ class SchedulerService:
         pipe.execute()
         return {"node": node, "draining": not resume}
 
+    # ---- memory profiles ------------------------------------------------------------------------
+    def profiles(self, caller: Caller, user: str) -> dict[str, Any]:
+        """A user's learned memory profiles (their labels quote commands: the owner's or an admin's)."""
+        user = user or caller.user
+        if user != caller.user and not is_admin(self.config, caller.uid, caller.user):
+            raise ApiError(403, f"profiles of {user} are theirs; only they or an admin may read them")
+        return {"user": user, "profiles": self.submitter.memory.list_profiles(user)}
+
+    def preview_memory(self, caller: Caller, body: Any) -> dict[str, Any]:
+        return self.submitter.memory.preview(body, caller.user)
+
     # ---- helpers ------------------------------------------------------------------------------
     def _get(self, job_id: int) -> JobRecord:
         try:

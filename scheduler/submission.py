@@ -22,6 +22,7 @@ from jobs.spec import MAX_JOB_ID, JobSpec, SpecError, validate_spec
 from jobs.states import Reason
 from jobs.store import JobStore, TooManyWaiting, TooMuchStored, spec_size
 from scheduler.cluster import read_heartbeats
+from scheduler.memory import MemoryResolver
 from scheduler.notify import settings as notify_settings
 from scheduler.policy.accounting import AccountingPolicy, build_accounts
 from scheduler.policy.feasibility import Feasibility, Shape
@@ -39,6 +40,7 @@ class Submitter:
         self.redis = client
         self.store = store
         self.policy = policy
+        self.memory = MemoryResolver(config, store)
 
     def submit(self, uid: int, user: str, body: Any) -> dict[str, Any]:
         on_behalf = None
@@ -52,18 +54,27 @@ class Submitter:
         if on_behalf is not None:
             user, uid = self._on_behalf(uid, user, on_behalf)
         self._check_dependencies(spec)
+        memory = self.memory.resolve(spec, user)
+        if memory.spec.mem_bytes != spec.mem_bytes:
+            try:  # a learned or estimated request no node can offer: a whole GPU instead
+                self._check_feasible(memory.spec)
+            except ApiError as exc:
+                memory = self.memory.whole_gpu_instead(memory, f"refused: {exc.message}")
+        spec, extra = memory.spec, memory.fields()
         self._check_feasible(spec)
         spec, secret = notify_settings.for_submit(self.config, self.redis, user, spec)
         shown = {"notify_secret": secret} if secret else {}  # a new webhook secret: shown once
         if spec.array:
-            ids = self._submit_array(spec, user, uid)
-            return {"id": ids[0], "array_id": ids[0], "ids": ids, **shown}
+            ids = self._submit_array(spec, user, uid, extra)
+            return {"id": ids[0], "array_id": ids[0], "ids": ids, **shown, "mem_origin": memory.origin}
         limit = self.config.scheduler.max_pending_per_user
         size = spec_size(spec)
         self._check_submit_size(size, 1)
         try:
-            job_id = self.store.submit(spec, user=user, uid=uid, max_waiting=limit, max_bytes=self._max_bytes)
-            return {"id": job_id, **shown}
+            job_id = self.store.submit(
+                spec, user=user, uid=uid, max_waiting=limit, max_bytes=self._max_bytes, extra=extra
+            )
+            return {"id": job_id, **shown, "mem_origin": memory.origin}
         except TooManyWaiting:
             raise self._too_many(user, 1) from None
         except TooMuchStored:
@@ -138,7 +149,7 @@ class Submitter:
         if why is not None:
             raise ApiError(400, f"{Reason.INFEASIBLE.value}: {why}")
 
-    def _submit_array(self, spec: JobSpec, user: str, uid: int) -> list[int]:
+    def _submit_array(self, spec: JobSpec, user: str, uid: int, extra: dict[str, str] | None = None) -> list[int]:
         indexes = list(parse_array(spec.array).indexes)
         limit = self.config.policy.max_array_size
         if len(indexes) > limit:
@@ -161,7 +172,7 @@ class Submitter:
         try:
             return self.store.submit_reserved(
                 first, tasks, user=user, uid=uid, max_waiting=waiting_limit, array_indexes=indexes,
-                max_bytes=max_bytes,
+                max_bytes=max_bytes, extra=extra,
             )  # fmt: skip
         except TooManyWaiting:
             raise self._too_many(user, len(tasks)) from None

@@ -29,16 +29,18 @@ import redis
 
 from jobs import keys
 from jobs.config import Config
-from jobs.gpus import JobGpuUsage, NodeHeartbeat
+from jobs.gpus import GpuSnapshot, JobGpuUsage, NodeHeartbeat
 from jobs.lifecycle import Fence, Transition
+from jobs.profiles import Sample
 from jobs.states import JobState
 from jobs.store import Fenced, JobStore, TransitionRefused
+from worker.enforcement import Enforcer, GpuState, JobOnGpu
 from worker.identity import RunAs
 from worker.journal import EndRecorder, Entry, Journal
 from worker.logship import LogShipper
 from worker.probe import GpuProbe
 from worker.process_tree import find_shims, kill_tree, tree_pids
-from worker.runner import SHIM_ENV, SHIM_PATH, JobRunner, LaunchError
+from worker.runner import MEMORY_STOP, SHIM_ENV, SHIM_PATH, JobRunner, LaunchError
 from worker.shim import PR_SET_CHILD_SUBREAPER, prctl
 
 log = logging.getLogger("gpulab.worker")
@@ -71,6 +73,8 @@ class WorkerDaemon:
         folder = config.state_dir / "worker" / re.sub(r"[^A-Za-z0-9._-]", "_", node) / "journal"
         self.ends = EndRecorder(self.store, Journal(folder), lambda: self.fence, self._on_fenced)
         self.logs = LogShipper(client, config)
+        memory = config.memory
+        self.enforcer = Enforcer(memory.enforce, memory.enforce_grace_s, config.scheduler.headroom_bytes)
 
     # ---- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -187,6 +191,7 @@ class WorkerDaemon:
             gpu_totals=self.gpu_totals,
             shim_python=self.shim_python,
             on_log_open=self.logs.add,
+            record_profile=self._record_profile,
         )
         with self._lock:
             self.runners[job_id] = runner
@@ -212,6 +217,25 @@ class WorkerDaemon:
     def _record_end(self, ending: Transition, late_ok: bool) -> None:
         """Every end of an attempt goes through the journal (see worker/journal.py)."""
         self.ends.record(Entry(ending, self.node, late_ok))
+
+    def _record_profile(self, runner: JobRunner, sample: Sample) -> None:
+        """A finished attempt's peak into its learned profile. Learning data, not state: if
+        Redis cannot take it now, the run is left out of the profile (logged)."""
+        memory = self.config.memory
+        try:
+            self.store.add_profile_sample(
+                runner.record.user,
+                sample,
+                runner.record.profile_key,
+                self.fence,
+                window=memory.profile_window,
+                max_profiles=memory.max_profiles_per_user,
+                ttl_s=int(memory.profile_ttl_days * 86400),
+            )
+        except Fenced:
+            log.warning("worker: job %s's run not added to its profile: this worker was fenced", runner.job_id)
+        except redis.RedisError as exc:
+            log.warning("worker: job %s's run not added to its profile (%s)", runner.job_id, exc)
 
     def shim_python(self, run_as: RunAs | None) -> str:
         """An interpreter the job's user can run the shim with: this worker's own if it can
@@ -389,12 +413,48 @@ class WorkerDaemon:
                     usage.append(
                         JobGpuUsage(runner.job_id, device.uuid, runner.current[device.uuid], runner.peak[device.uuid])
                     )
+        self._enforce(snapshot, runners, foreign_now)
         # Outside processes are held at their peak until they exit (they leave the list).
         self.foreign_peak = {k: max(v, self.foreign_peak.get(k, 0)) for k, v in foreign_now.items()}
         foreign_by_gpu: dict[str, int] = defaultdict(int)
         for (uuid, _pid), peak in self.foreign_peak.items():
             foreign_by_gpu[uuid] += peak
         return NodeHeartbeat(self.node, snapshot, tuple(usage), dict(foreign_by_gpu), False, time.time())
+
+    def _enforce(self, snapshot: GpuSnapshot, runners: list[JobRunner], outside: dict[tuple[str, int], int]) -> None:
+        """Warn, then stop, a job over its request while a co-tenant is at risk (worker/enforcement.py)."""
+        live = [r for r in runners if r.pid is not None and not r.done.is_set()]
+        gpus = []
+        for device in snapshot.devices:
+            if not device.healthy:
+                continue
+            jobs = tuple(
+                JobOnGpu(
+                    r.job_id,
+                    None if r.record.spec.whole_gpu else r.record.spec.mem_bytes,
+                    r.current.get(device.uuid, 0),
+                )
+                for r in live
+                if device.uuid in r.gpu_uuids
+            )
+            outside_used = sum(v for (uuid, _pid), v in outside.items() if uuid == device.uuid)
+            gpus.append(GpuState(device.uuid, device.index, device.free_bytes, jobs, outside_used))
+        by_id = {r.job_id: r for r in live}
+        for decision in self.enforcer.check(gpus, time.monotonic()):
+            runner = by_id[decision.job_id]
+            log.warning("worker: job %s: %s", runner.job_id, decision.detail)
+            if decision.action == "warn":
+                runner.memory_warning(decision.detail)
+                try:
+                    self.store.running_event(
+                        runner.job_id, runner.attempt, self.fence, decision.detail, {"mem_warning": decision.detail}
+                    )
+                except Fenced:
+                    self._on_fenced()
+                except redis.RedisError as exc:
+                    log.warning("worker: could not record job %s's memory warning (%s)", runner.job_id, exc)
+            else:
+                runner.stop(MEMORY_STOP + decision.detail)
 
     # ---- control -------------------------------------------------------------------------------
     def _control_loop(self) -> None:

@@ -30,6 +30,7 @@ import psutil
 from jobs import lifecycle
 from jobs.config import Config
 from jobs.lifecycle import Attempt, Fence, Transition
+from jobs.profiles import Sample
 from jobs.record import JobRecord
 from jobs.sizes import MiB, format_size
 from jobs.spec import SpecError, validate_spec
@@ -50,6 +51,7 @@ SHIM_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
 SHIM_ANSWER_S = 30.0  # the shim starts a Python interpreter: generous on a loaded node
 FINAL_KILL_AFTER_S = 5.0  # past the kill grace, the shim itself is killed too
 MAX_MEM_BYTES = 2**50  # what jobs.spec.validate_spec accepts for --mem
+MEMORY_STOP = "memory: "  # stop reason of a job stopped over its request (worker/enforcement.py)
 
 
 STOP_WHY = {
@@ -78,6 +80,7 @@ class JobRunner:
         gpu_totals: Mapping[str, int] | None = None,
         shim_python: Callable[[RunAs | None], str] | None = None,
         on_log_open: Callable[[int, int, int, int], None] | None = None,
+        record_profile: Callable[[JobRunner, Sample], None] | None = None,
     ) -> None:
         self.record = record
         self.job_id = record.id
@@ -93,6 +96,7 @@ class JobRunner:
         self.gpu_totals: Mapping[str, int] = gpu_totals if gpu_totals is not None else {}  # the daemon's, kept current
         self.shim_python = shim_python or (lambda _run_as: sys.executable)
         self.on_log_open = on_log_open  # (job id, attempt, read fd, start offset): the log shipper
+        self.record_profile = record_profile
         self.log_path = config.log_dir / f"{record.id}.log"
         self.run_dir = config.state_dir / "run" / str(record.id)
         self.status_path = self.run_dir / "status.json"
@@ -513,6 +517,13 @@ class JobRunner:
             status=status,
             log_tail=self._log_tail(),
         )
+        if self._stop_reason.startswith(MEMORY_STOP):
+            # Stopped over its request while a co-tenant was at risk: out of memory, as Slurm
+            # calls a job its cgroup killed (and --oom-retry applies), however it exited.
+            outcome = Outcome(
+                JobState.FAILED, Reason.OOM, self._stop_reason.removeprefix(MEMORY_STOP), outcome.exit_code
+            )
+        sample = self._profile_sample(outcome, status, now)
         fields: dict[str, Any] = {
             "exit_code": outcome.exit_code,
             "peak_bytes": self.peak,
@@ -530,6 +541,51 @@ class JobRunner:
         # Only a job that ended on its own has a result worth keeping over a requeue.
         ended_on_its_own = not self._stop_reason and target in (JobState.COMPLETED, JobState.FAILED)
         self.record_end(ending, ended_on_its_own)
+        if sample is not None and self.record_profile is not None:
+            self.record_profile(self, sample)
+
+    def _gpu_size(self) -> int | None:
+        return min((self.gpu_totals[u] for u in self.gpu_uuids if u in self.gpu_totals), default=None)
+
+    def _plausible(self, status: dict[str, Any] | None, key: str) -> int | None:
+        """A byte count the job wrote in its status file, if it could be true: no process
+        holds more than its GPU has (or than any request could be)."""
+        claimed = jobfiles.status_number(status, key)
+        limit = self._gpu_size() or MAX_MEM_BYTES
+        return int(claimed) if claimed is not None and 0 <= claimed <= limit else None
+
+    def _profile_sample(self, outcome: Outcome, status: dict[str, Any] | None, now: float) -> Sample | None:
+        """This attempt's run for its learned profile: only runs whose peak says what the job
+        needs (it completed, ran to its time limit, or ran out of memory: a lower bound). A
+        cancelled, failed or lost run may have stopped before its peak. The peak is the
+        worker's own measurement; the allocator's figure from the job's status file is taken
+        only where it is plausible, and can only raise the job's own future requests."""
+        if not self.record.profile_key:
+            return None
+        oom = outcome.reason == Reason.OOM
+        if outcome.state != JobState.COMPLETED and outcome.reason != Reason.TIMEOUT and not oom:
+            return None
+        measured = max(self.peak.values(), default=0)
+        allocator = self._plausible(status, "peak_bytes")
+        estimate = self.record.spec.mem_estimate
+        if estimate is None:
+            estimate = self._plausible(status, "mem_estimate_bytes")
+        return Sample(
+            job_id=self.job_id,
+            attempt=self.attempt,
+            peak=max(measured, allocator or 0),
+            at=now,
+            request=self.record.spec.mem_bytes,
+            oom=oom,
+            allocator_peak=allocator,
+            estimate=estimate,
+            label=self.record.profile_label,
+        )
+
+    def memory_warning(self, detail: str) -> None:
+        """Over its request while a co-tenant is at risk: say so in the job's own log."""
+        self.mem_warning = detail
+        self._log_line(f"gpulab: {detail}")
 
     def _finish_unstarted(self, returncode: int, now: float) -> None:
         """RUNNING in Redis, but the shim never reported the command started. If it never
@@ -588,7 +644,8 @@ class JobRunner:
             detail = f"CUDA out of memory; cannot retry with --mem {format_size(raised)}: {exc}"
             return Outcome(JobState.FAILED, Reason.OOM, detail, outcome.exit_code), {}
         detail = f"CUDA out of memory; retry {retries}/{spec.oom_retry} with --mem {format_size(raised)}"
-        fields = {"spec": new_spec.to_json(), "oom_retries": retries}
+        origin = f"{format_size(raised)} after running out of memory: 1.25 x {format_size(seen)}"
+        fields = {"spec": new_spec.to_json(), "oom_retries": retries, "mem_origin": origin}
         return Outcome(JobState.PENDING, Reason.REQUEUED, detail, outcome.exit_code), fields
 
     def _requeue_or_final(self, outcome: Outcome) -> tuple[JobState, Outcome]:

@@ -3,6 +3,9 @@ blocks on a FIFO until the test writes an exit code into it. No sleeps: the test
 
     python -m tests.helpers.hold_job SIZE FIFO [--child]
 
+SIZE may be `@FILE`: the size is read from that file (runs with the same argv that hold
+different amounts, as reruns of one job do).
+
 With --child it also starts a child process that holds on (for process-tree tests) and
 prints the child's pid.
 """
@@ -19,6 +22,8 @@ from jobs.sizes import parse_size
 
 def main() -> int:
     size_text, fifo = sys.argv[1], sys.argv[2]
+    if size_text.startswith("@"):
+        size_text = Path(size_text[1:]).read_text().strip()
     size = 0 if size_text == "0" else parse_size(size_text)
     sim_dir = os.environ.get("GPULAB_SIM_DIR")
     gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
