@@ -8,6 +8,7 @@
     python -m bench bulk [--jobs 2000]   cancel/hold/release: one call per id vs one bulk call
     python -m bench failover [--kills 10] [--schedulers 2] [--lease 3.0]   kill -9 of the leader
     python -m bench notify [--events 10000] [--users 1]      a burst of job ends through the notifier
+    python -m bench memprof [--sigma 0.05]   learned --mem auto vs users' requests (openb)
 
 Each writes what it printed to bench/results/ as markdown (replay also a .png).
 """
@@ -20,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import bulk_actions, chaos_soak, failover, footprint, latency, notify_burst, training_overhead
+from bench import bulk_actions, chaos_soak, failover, footprint, latency, memprof, notify_burst, training_overhead
 from bench.replay import run as replay
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
     chaos_soak.add_arguments(sub.add_parser("soak", help="short jobs under worker kills/freezes, Redis restarts"))
     failover.add_arguments(sub.add_parser("failover", help="kill -9 of the leading scheduler: time to a new leader"))
     notify_burst.add_arguments(sub.add_parser("notify", help="a burst of job ends through the notifier"))
+    memprof.add_arguments(sub.add_parser("memprof", help="learned --mem auto vs users' requests on openb"))
     return p
 
 
@@ -85,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         save(f"notify_burst_{args.users}users", notify_burst.run(args))
     elif args.command == "replay":
         replay.run(args)
+    elif args.command == "memprof":
+        text = memprof.run(args)
+        print(text)
+        save(f"memprof_sigma{args.sigma:g}_margin{args.margin:g}", text)
     else:
         every = ["latency", "footprint", "replay"]
         for name in every:

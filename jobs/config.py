@@ -129,7 +129,7 @@ class MemoryConfig:
     requests on shared GPUs (README "Memory: learned requests, estimates, enforcement")."""
 
     auto_quantile: float = 0.95  # learned request = this quantile of the recent peaks ...
-    auto_margin: float = 0.10  # ... plus this fraction
+    auto_margin: float = 0.05  # ... plus this fraction (BENCHMARKS.md, "Learned requests")
     auto_min_runs: int = 3  # runs a profile needs before it is used (and the default without --mem)
     auto_min_request_bytes: int = 256 * 2**20
     outlier_factor: float = 4.0  # a peak over this x the median of the others is left out; 0 = never

@@ -90,7 +90,7 @@ def _bounded(value: Any) -> int | None:
 @dataclass(frozen=True)
 class LearnPolicy:
     quantile: float = 0.95
-    margin: float = 0.10
+    margin: float = 0.05
     min_runs: int = 3
     outlier_factor: float = 4.0  # a peak over this x the median of the others is left out; 0 = never
     min_request: int = 256 * MiB

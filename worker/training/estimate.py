@@ -40,12 +40,19 @@ TRACED_STEPS = 2  # the optimizer's state (Adam: 2x the parameters) appears in t
 
 
 def _optimizer(spec: TrainSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The factory's optimizer for `model`'s parameters, stepping as it would on a GPU: with
+    `foreach` left to PyTorch, CUDA parameters take the multi-tensor path (temporaries for
+    all parameters at once) and CPU ones the per-parameter loop, so it is set here."""
     opt = spec.optimizer
     if isinstance(opt, torch.optim.Optimizer):  # built for the real parameters: rebuild alike
-        return type(opt)(model.parameters(), **opt.defaults)
-    built = opt(model.parameters())
+        built = type(opt)(model.parameters(), **opt.defaults)
+    else:
+        built = opt(model.parameters())
     if not isinstance(built, torch.optim.Optimizer):
         raise FactoryError("the factory's optimizer callable did not return a torch.optim.Optimizer")
+    for group in built.param_groups:
+        if "foreach" in group and group["foreach"] is None:
+            group["foreach"] = True
     return built
 
 
@@ -54,7 +61,7 @@ def _step_peak(model: torch.nn.Module, spec: TrainSpec, x: Any, y: Any) -> int:
     optimizer = _optimizer(spec, model)
     loss_fn = spec.loss_fn or torch.nn.CrossEntropyLoss()
     tracker = MemTracker()
-    tracker.track_external(model, optimizer)
+    tracker.track_external(model, optimizer, *(t for t in (x, y) if isinstance(t, torch.Tensor)))
     with tracker:
         for _ in range(TRACED_STEPS):
             loss = loss_fn(model(x), y)
