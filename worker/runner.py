@@ -542,6 +542,8 @@ class JobRunner:
         ended_on_its_own = not self._stop_reason and target in (JobState.COMPLETED, JobState.FAILED)
         self.record_end(ending, ended_on_its_own)
         if sample is not None and self.record_profile is not None:
+            # After the end is journaled and applied: learning data never delays the record of
+            # how the job ended (a reader may see the end a moment before the run in its profile).
             self.record_profile(self, sample)
 
     def _gpu_size(self) -> int | None:

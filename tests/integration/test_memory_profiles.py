@@ -16,7 +16,7 @@ from jobs.profiles import Sample
 from jobs.sizes import GiB, MiB
 from jobs.states import JobState, Reason
 from scheduler.redis_server import RedisServer
-from tests.helpers.stack import Stack, release, test_config
+from tests.helpers.stack import Stack, eventually, release, test_config
 
 GRACE_S = 1.0
 
@@ -40,7 +40,9 @@ def run_holding(stack: Stack, size_file: Path, size: int, fifo: Path, *submit: s
     job_id = stack.submit(*submit, "--", sys.executable, "-m", "tests.helpers.hold_job", f"@{size_file}", str(fifo))
     stack.wait_for(job_id, lambda r: max(r.peak_bytes.values(), default=0) >= size)
     release(fifo)
-    stack.wait_state(job_id, JobState.COMPLETED)
+    record = stack.wait_state(job_id, JobState.COMPLETED)
+    # The run goes into its profile just after its end is recorded.
+    eventually(lambda: any(s.job_id == job_id for s in stack.store.profile_samples(record.profile_key)))
     return job_id
 
 
@@ -106,7 +108,9 @@ def test_a_job_lying_about_its_peak_cannot_lower_or_blow_up_its_profile(mstack: 
         mstack.wait_for(job_id, lambda r: max(r.peak_bytes.values(), default=0) >= 2 * GiB)
         release(fifo)
         record = mstack.wait_state(job_id, JobState.COMPLETED)
-        [sample] = [s for s in mstack.store.profile_samples(record.profile_key) if s.job_id == job_id]
+        [sample] = eventually(
+            lambda: [s for s in mstack.store.profile_samples(record.profile_key) if s.job_id == job_id]  # noqa: B023
+        )
         assert sample.peak == 2 * GiB
         assert sample.allocator_peak == (None if claim == 2**50 else 1)
 
@@ -144,7 +148,7 @@ def test_over_request_job_is_warned_then_stopped_and_its_behaving_neighbour_runs
     release(fifo)
     mstack.wait_state(neighbour, JobState.COMPLETED)
     # The stopped run taught its profile: a lower bound, marked as out of memory.
-    [sample] = [s for s in mstack.store.profile_samples(ended.profile_key) if s.job_id == hog]
+    [sample] = eventually(lambda: [s for s in mstack.store.profile_samples(ended.profile_key) if s.job_id == hog])
     assert sample.oom and sample.peak >= 20 * GiB
 
 
