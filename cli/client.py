@@ -107,10 +107,6 @@ class ApiClient:
         params = urlencode({k: v for k, v in query.items() if v not in (None, "")})
         return list(self.request("GET", f"{api.API_PREFIX}/history" + (f"?{params}" if params else ""))["jobs"])
 
-    def submit_full(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Submit; the whole answer (the id, and where a learned --mem came from)."""
-        return dict(self.request("POST", api.jobs_path(), spec))
-
     def profiles(self, user: str = "") -> dict[str, Any]:
         query = "?" + urlencode({"user": user}) if user else ""
         return dict(self.request("GET", f"{api.API_PREFIX}/profiles" + query))
