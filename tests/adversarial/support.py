@@ -97,10 +97,7 @@ def cli_argv(stack: Stack) -> list[str]:
     """The argv prefix the stack runs the CLI with (`python -m <module>`)."""
     if stack.scheduler is not None:
         return list(stack.scheduler.proc.args[:-1])  # [python, -m, module] + ["scheduler"]
-    usage = stack.cli("--help").stdout
-    match = re.search(r"python(?:3[\d.]*)? -m ([\w.]+)", usage)
-    assert match, f"cannot tell how the CLI is run from its --help:\n{usage}"
-    return [sys.executable, "-m", match[1]]
+    return [sys.executable, "-m", "cli"]
 
 
 def unblock_fifo(path: Path | str, data: str = "0") -> None:
