@@ -1,6 +1,6 @@
 """gpulab benchmarks (results in BENCHMARKS.md).
 
-    python -m bench [--quick]            all of them (--quick: the < 2 minute version)
+    python -m bench [--quick]            latency, footprint, replay (--quick: the < 2 minute version)
     python -m bench latency [--jobs 200] [--backlog 1000] [--profile DIR]
     python -m bench replay [--trace openb|philly] [--quick] [--nodes N] ...
     python -m bench footprint [--window 10] [--held 10000]
@@ -9,6 +9,9 @@
     python -m bench failover [--kills 10] [--schedulers 2] [--lease 3.0]   kill -9 of the leader
     python -m bench notify [--events 10000] [--users 1]      a burst of job ends through the notifier
     python -m bench memprof [--sigma 0.05]   learned --mem auto vs users' requests (openb)
+    python -m bench placement [--quick] [--sizes 1000,10000,100000]   place() and run_pass() at scale
+    python -m bench training [--runs 3]  the training loop under gpulab vs bare
+    python -m bench drain [--tasks 1000] [--runs 1]   a 1,000-task array of `true` vs xargs -P 8
 
 Each writes what it printed to bench/results/ as markdown (replay also a .png).
 """
@@ -21,7 +24,18 @@ import sys
 import time
 from pathlib import Path
 
-from bench import bulk_actions, chaos_soak, failover, footprint, latency, memprof, notify_burst, training_overhead
+from bench import (
+    array_drain,
+    bulk_actions,
+    chaos_soak,
+    failover,
+    footprint,
+    latency,
+    memprof,
+    notify_burst,
+    placement_throughput,
+    training_overhead,
+)
 from bench.replay import run as replay
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="every benchmark, in under two minutes")
+    p.add_argument("--quick", action="store_true", help="latency, footprint and replay, in under two minutes")
     sub = p.add_subparsers(dest="command")
     latency.add_arguments(sub.add_parser("latency", help="submit -> start latency on a real stack"))
     replay.add_arguments(sub.add_parser("replay", help="trace replay through place() and baselines"))
@@ -42,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     failover.add_arguments(sub.add_parser("failover", help="kill -9 of the leading scheduler: time to a new leader"))
     notify_burst.add_arguments(sub.add_parser("notify", help="a burst of job ends through the notifier"))
     memprof.add_arguments(sub.add_parser("memprof", help="learned --mem auto vs users' requests on openb"))
+    placement_throughput.add_arguments(sub.add_parser("placement", help="place() and run_pass() at 1k-100k pending"))
+    array_drain.add_arguments(sub.add_parser("drain", help="a 1,000-task array of `true` vs xargs -P 8"))
     return p
 
 
@@ -85,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         save("failover_quick" if args.quick else "failover", failover.run(args))
     elif args.command == "notify":
         save(f"notify_burst_{args.users}users", notify_burst.run(args))
+    elif args.command == "drain":
+        save("array_drain_quick" if args.quick else "array_drain", array_drain.run(args))
+    elif args.command == "placement":
+        save("placement_quick" if args.quick else "placement", placement_throughput.run(args))
     elif args.command == "replay":
         replay.run(args)
     elif args.command == "memprof":

@@ -16,7 +16,10 @@ faces the full backlog.
    Redis (NodeHeartbeat JSON at keys.node(name), names in keys.NODES), jobs submitted
    straight into the store; between passes the same share of the assigned jobs "runs and
    completes" (ASSIGNED -> RUNNING -> COMPLETED), as workers would report.
-Prints a markdown table.
+Prints a markdown table. On a shared machine wall time is what the load makes it; the last
+column, placements per CPU-second spent by this process and redis-server during the passes,
+moves far less with the load (compare before/after pairs taken together all the same).
+`--only-run-pass` skips the place()-alone rows.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import psutil
 import redis
 
 from jobs import keys
@@ -56,15 +60,17 @@ class Row:
     placed: int
     busy_s: float
     pass_times: list[float]
+    cpu_s: float | None = None  # CPU the passes took: this process plus redis-server (run_pass only)
 
     def markdown(self) -> str:
         p50 = statistics.median(self.pass_times) * 1000
         p99 = sorted(self.pass_times)[max(0, int(len(self.pass_times) * 0.99) - 1)] * 1000
         rate = self.placed / self.busy_s if self.busy_s else 0.0
         per_pass = self.placed / max(1, self.passes)
+        per_cpu = f"{self.placed / self.cpu_s:,.0f}" if self.cpu_s else "-"
         return (
             f"| {self.what} | {self.pending:,} | {self.passes} | {per_pass:,.0f} | {rate:,.0f} "
-            f"| {p50:,.1f} | {p99:,.1f} |"
+            f"| {p50:,.1f} | {p99:,.1f} | {per_cpu} |"
         )
 
 
@@ -190,7 +196,9 @@ def complete_some(store: JobStore, rng: random.Random, share: float) -> int:
     return len(done)
 
 
-def bench_run_pass(url: str, pending_n: int, passes: int, share: float, seed: int = 2) -> Row:
+def bench_run_pass(
+    url: str, pending_n: int, passes: int, share: float, seed: int = 2, redis_pid: int | None = None
+) -> Row:
     from scheduler.daemon import Scheduler
 
     client = redis.Redis.from_url(url)
@@ -202,19 +210,30 @@ def bench_run_pass(url: str, pending_n: int, passes: int, share: float, seed: in
     sched_config = replace(SchedulerConfig(), assign_timeout_s=86400.0)
     scheduler = Scheduler(Config(scheduler=sched_config, policy=PolicyConfig(reserve_after_s=600.0)), client)
     scheduler.run_pass()  # warm-up: the first pass parses every record once (cached after)
-    placed, busy, times = 0, 0.0, []
+    placed, busy, times, cpu = 0, 0.0, [], 0.0
+    server = psutil.Process(redis_pid) if redis_pid else None
+
+    def cpu_now() -> float:
+        own = time.process_time()
+        if server is None:
+            return own
+        t = server.cpu_times()
+        return own + t.user + t.system
+
     for _ in range(passes):
         complete_some(store, rng, share)
         missing = pending_n - client.zcard(keys.PENDING)
         if missing > 0:
             submit_many(store, rng, missing, 0)
+        before = cpu_now()
         stats = scheduler.run_pass()
+        cpu += cpu_now() - before
         busy += stats.duration_s
         times.append(stats.duration_s)
         placed += stats.placed
     client.close()
     what = f"Scheduler.run_pass(), {share:.0%} of running jobs end per pass"
-    return Row(what, pending_n, passes, placed, busy, times)
+    return Row(what, pending_n, passes, placed, busy, times, cpu if server is not None else None)
 
 
 def free_port() -> int:
@@ -223,14 +242,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.placement_throughput", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="1k and 10k pending, fewer passes (about a minute)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="1k and 10k pending, fewer passes (10-30 s)")
     p.add_argument("--sizes", help="pending queue lengths, comma separated (default 1000,10000,100000)")
-    p.add_argument("--passes", type=int, help="passes per size (default 200 / 50 / 10; quick: 50 / 10)")
+    p.add_argument("--passes", type=int, help="place() passes per size (default 200 / 50 / 5; quick: 50 / 10); "
+                   "run_pass() gets a fifth of them, at least 3")  # fmt: skip
     p.add_argument("--share", type=float, default=0.1, help="share of running jobs ending between passes (0.1)")
     p.add_argument("--redis-url", help="use this Redis (it is FLUSHED) instead of a private redis-server")
-    args = p.parse_args(argv)
+    p.add_argument("--only-run-pass", action="store_true", help="only the Scheduler.run_pass() rows")
+
+
+def run(args: argparse.Namespace) -> str:
     default_sizes = [1000, 10000] if args.quick else [1000, 10000, 100000]
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else default_sizes
 
@@ -242,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return (10 if args.quick else 50) if n <= 10000 else 5
 
     rows: list[Row] = []
-    for n in sizes:
+    for n in [] if args.only_run_pass else sizes:
         fill, stepped = bench_place(n, passes_for(n), args.share)
         rows += [fill, stepped, bench_place(n, passes_for(n), None)[1]]
     server = None
@@ -254,15 +276,26 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         url = server.url
     try:
-        rows += [bench_run_pass(url, n, max(3, passes_for(n) // 5), args.share) for n in sizes]
+        pid = server.proc.pid if server is not None and server.proc is not None else None
+        rows += [bench_run_pass(url, n, max(3, passes_for(n) // 5), args.share, redis_pid=pid) for n in sizes]
     finally:
         if server is not None:
             server.stop()
-    print(f"Placement throughput: {NODES} nodes x {GPUS} GPUs x {GPU_BYTES // GIB} GiB, queue held at its length\n")
-    print("| what | pending | passes | placed/pass | placements/s | p50 pass ms | p99 pass ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print(row.markdown())
+    lines = [
+        f"Placement throughput: {NODES} nodes x {GPUS} GPUs x {GPU_BYTES // GIB} GiB, queue held at its length\n",
+        "| what | pending | passes | placed/pass | placements/s | p50 pass ms | p99 pass ms | placements/CPU-s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *(row.markdown() for row in rows),
+    ]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.placement_throughput", description=__doc__)
+    add_arguments(p)
+    run(p.parse_args(argv))
     return 0
 
 

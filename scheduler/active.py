@@ -4,6 +4,10 @@ Like scheduler/pending.py: each record is parsed once (its spec and user never c
 and then refreshed from the few fields the scheduler uses, read for every active job in
 one script call per page together with whether its lease still exists, instead of a full
 record and two more commands per job. A cache: rebuilt from Redis after a restart.
+
+`read` checks every active job and its lease (what the reaper needs); between such checks
+`update` re-reads only the jobs the event stream says changed (scheduler/changes.py) and
+reports every lease as held, so only a checked pass reaps.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from jobs.states import JobState
 from jobs.store import JobStore
 
 FIELDS = ("state", "attempt", "node", "gpus", "assigned_at", "started_at", "peak_bytes", "cancel_requested")
+ACTIVE_STATES = frozenset({JobState.ASSIGNED.value, JobState.RUNNING.value})
 PAGE = 2000
 
 
@@ -34,6 +39,33 @@ class ActiveReader:
         self.redis = client
         self.store = JobStore(client)
         self._cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
+        self._active: dict[int, Active] = {}  # as of the last read or update, leases as then
+
+    def update(self, changed: set[int], invalid: dict[int, str] | None = None) -> list[Active]:
+        """Apply the jobs that changed since the last read; every lease counts as held."""
+        ids = sorted(changed)
+        rows: dict[int, tuple[str | None, ...]] = {}
+        for start in range(0, len(ids), PAGE):
+            page = ids[start : start + PAGE]
+            for job_id, row in zip(page, self.store.job_fields(page, FIELDS), strict=True):
+                if row[0] in ACTIVE_STATES:
+                    rows[job_id] = row
+                else:
+                    self._cache.pop(job_id, None)
+                    self._active.pop(job_id, None)
+        parsed = {r.id: r for r in self.store.get_many((i for i in rows if i not in self._cache), invalid)}
+        for job_id, row in rows.items():
+            if job_id in self._cache:
+                seen, record = self._cache[job_id]
+                if row != seen:
+                    record = _refreshed(record, row)
+            elif job_id in parsed:
+                record = _refreshed(parsed[job_id], row)
+            else:
+                continue
+            self._cache[job_id] = (row, record)
+            self._active[job_id] = Active(record, True, row[-1] == "1")
+        return list(self._active.values())
 
     def read(self, invalid: dict[int, str] | None = None) -> list[Active]:
         ids = sorted(int(i) for i in self.redis.smembers(keys.ACTIVE))
@@ -60,6 +92,7 @@ class ActiveReader:
             cache[job_id] = (row, record)
             out.append(Active(record, leases[job_id], row[-1] == "1"))
         self._cache = cache
+        self._active = {a.record.id: Active(a.record, True, a.cancel_requested) for a in out}
         return out
 
 

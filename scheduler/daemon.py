@@ -4,7 +4,10 @@
 Event-driven: it blocks on the wake list (pushed by submit, finish, cancel, node up) with a
 short timeout for housekeeping, so a submit on an idle cluster starts within milliseconds.
 All state is in Redis; this process keeps nothing it cannot rebuild, so it can be killed
-and restarted at any moment.
+and restarted at any moment. What it keeps between passes (the waiting and active jobs) is
+kept current from the event stream (scheduler/changes.py): a pass re-reads the jobs that
+changed, not the whole queue; it reads everything again at start, on a gap in the stream,
+when the count of waiting jobs disagrees with Redis, and every RESYNC_S.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from jobs.record import JobRecord
 from jobs.states import JobState, Reason
 from jobs.store import Fenced, JobStore, TransitionRefused
 from scheduler.active import Active, ActiveReader
+from scheduler.changes import ChangeFeed
 from scheduler.cluster import read_heartbeats, read_ledger
 from scheduler.dependencies import DependencyReader
 from scheduler.dispatch import Dispatcher
@@ -35,10 +39,12 @@ from scheduler.policy.accounting import AccountingPolicy, build_accounts
 from scheduler.policy.dependencies import evaluate
 from scheduler.policy.forecast import same_estimate
 from scheduler.policy.inputs import pending_job, running_job
-from scheduler.policy.placement import PendingJob, Waiting, place
+from scheduler.policy.placement import Waiting, WaitingQueue, place_queue
 from scheduler.usage import UsageTracker
 
 log = logging.getLogger("gpulab.scheduler")
+
+RESYNC_S = 60.0  # a full read of every waiting and active job at least this often, as a check
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,11 @@ class Scheduler:
         self.dependencies = DependencyReader(client)
         self.usage = UsageTracker(client, config.policy.fairshare_half_life_s)
         self.forecaster = Forecaster(client, config)
-        self._jobs: dict[tuple[int, int], PendingJob] = {}  # by (id, attempt): spec, user, submit time
+        self._queue = WaitingQueue()  # the eligible jobs, grouped for placement
+        self._queued: dict[int, int] = {}  # job id -> the attempt queued
+        self.changes = ChangeFeed(client)
+        self._last_full = -RESYNC_S  # time.monotonic() of the last full read of the waiting jobs
+        self._last_lease_check = -RESYNC_S  # ... of the active jobs and their leases
 
     def run_forever(self, stop: threading.Event) -> None:
         """Pass after pass until `stop`. Nothing a user stored or Redis answered ends the loop:
@@ -113,7 +123,12 @@ class Scheduler:
         waits (a short while) for the lease instead."""
         if self.leader is None:
             return True
+        previous = self.fence
         self.fence = self.dispatcher.fence = self.leader.fence()
+        if self.fence != previous:
+            # A new term: another leader may have written meanwhile (reasons make no event),
+            # so what this one kept in memory is read again whole.
+            self.changes.forget()
         if self.fence is None and self.leader.gained.wait(self.leader.poll_s):
             stop.wait(self.leader.poll_s)  # leads, but its lease is not confirmed (Redis away)
         return self.fence is not None
@@ -123,17 +138,48 @@ class Scheduler:
         return t if self.fence is None else replace(t, fence=self.fence)
 
     def run_pass(self) -> PassStats:
-        started = time.perf_counter()
-        now = time.time()
-        invalid: dict[int, str] = {}
-        current = self.active.read(invalid)
+        try:
+            return self._run_pass()
+        except BaseException:
+            self.changes.forget()  # the events read this pass may not have been applied
+            raise
+
+    def _read_jobs(self, invalid: dict[int, str]) -> tuple[list[Active], int, list[JobRecord]]:
+        """(active jobs, how many were reaped, waiting jobs): re-read what the event stream
+        says changed, everything when it cannot say; leases are checked (and expired ones
+        reaped) once per housekeeping interval."""
+        clock = time.monotonic()
+        changed, waiting_count = self.changes.poll()
+        full = changed is None or clock - self._last_full >= RESYNC_S
+        if full:
+            self.changes.mark()  # before reading everything: later changes show in the next poll
+        if full or clock - self._last_lease_check >= self.config.scheduler.housekeeping_interval_s:
+            self._last_lease_check = clock
+            current = self.active.read(invalid)
+        else:
+            current = self.active.update(changed or set(), invalid)
         reaped = self.reap(current)
         if reaped:
             current = self.active.read(invalid)
+        if not full and changed is not None:
+            waiting = self.pending.update(changed, invalid)
+            if not changed and waiting_count != len(waiting):
+                log.warning("waiting jobs: %d in Redis, %d known; reading them all", waiting_count, len(waiting))
+                full = True
+                self.changes.mark()
+        if full:
+            self._last_full = clock
+            waiting = self.pending.read(invalid)
+        return current, reaped, waiting
+
+    def _run_pass(self) -> PassStats:
+        started = time.perf_counter()
+        now = time.time()
+        invalid: dict[int, str] = {}
+        current, reaped, waiting = self._read_jobs(invalid)
         active = [a.record for a in current]
         beats, _down = read_heartbeats(self.redis)
         ledger = {r.job_id: r for r in read_ledger(self.redis)}
-        waiting = self.pending.read(invalid)
         if invalid:
             self.quarantine(invalid)
         accounts = build_accounts(beats, list(ledger.values()), self.policy)
@@ -142,12 +188,10 @@ class Scheduler:
         usage = self.usage.update(now, active, ledger, whole_gpu_bytes)
         eligible, reasons = self._dependencies(waiting)
         running = [running_job(r, ledger.get(r.id)) for r in active]
-        # Placement inputs are derived from what does not change within an attempt.
-        jobs = {(r.id, r.attempt): self._jobs.get((r.id, r.attempt)) or pending_job(r) for r in eligible}
-        self._jobs = jobs
+        self._sync_queue(eligible)
         place_started = time.perf_counter()
-        result = place(
-            list(jobs.values()),
+        result = place_queue(
+            self._queue,
             accounts,
             self.policy,
             config=self.config.policy,
@@ -162,7 +206,7 @@ class Scheduler:
             self.store.wake_scheduler()  # something changed under us: look again at once
         reasons.update(result.waiting)
         starts = self.forecaster.update(
-            now, {j.id: j for j in jobs.values()}, {r.id: r for r in eligible}, accounts, self.policy,
+            now, self._queue.by_id, {r.id: r for r in eligible}, accounts, self.policy,
             running, active, usage, unavailable,
         )  # fmt: skip
         _add_estimates(reasons, starts)
@@ -183,6 +227,19 @@ class Scheduler:
         )
         pending = sum(1 for r in waiting if r.state == JobState.PENDING)
         return PassStats(pending, len(placed), reaped, duration, len(result.reservations), place_s)
+
+    def _sync_queue(self, eligible: list[JobRecord]) -> None:
+        """Keep the grouped queue placement works on (scheduler/policy/queue.py) equal to the
+        eligible jobs: a job's placement inputs do not change within an attempt, so only jobs
+        that came, went or started a new attempt are touched."""
+        now_queued = {r.id: r.attempt for r in eligible}
+        for job_id in [i for i in self._queued if i not in now_queued]:
+            self._queue.discard(job_id)
+            del self._queued[job_id]
+        for record in eligible:
+            if self._queued.get(record.id) != record.attempt:
+                self._queue.add(pending_job(record))
+                self._queued[record.id] = record.attempt
 
     def _dependencies(self, waiting: list[JobRecord]) -> tuple[list[JobRecord], dict[int, Waiting]]:
         """PENDING jobs free to run; reason Dependency for the others; cancel the hopeless."""
@@ -234,6 +291,7 @@ class Scheduler:
                 self.store.set_pending_info(
                     pipe, record.id, why.reason.value, why.detail, why.est_start, now, self.fence
                 )
+                self.pending.remember_reason(record.id, why.reason.value, why.detail, why.est_start)
                 changed = True
         if changed and -1 in pipe.execute():
             raise Fenced("pending reasons refused")

@@ -6,6 +6,13 @@ nothing of the batch is written; the next pass sees the new state. A crash befor
 writes nothing; after it, everything. With a leader's fence, the fence key is WATCHed too
 and must still hold it: once a newer leader exists, this scheduler's EXEC writes nothing
 (raises Fenced).
+
+The launches of one batch travel in one RQ job per node (up to LAUNCHES_PER_ENTRY each,
+`worker.tasks.launch_many`) instead of one RQ job per launch: RQ's cost per job (enqueue
+here, dequeue and bookkeeping in the worker) was most of a launch's hand-over. A lone
+launch keeps its own entry (`worker.tasks.launch`, id `launch_entry_id`), which a cancel
+can take back; a launch inside a shared entry is taken back by the worker's check that
+the job is still ASSIGNED to that attempt on that node when it comes to it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ LAUNCH_TIMEOUT_S = 120
 # Test hook (tests/integration/test_leader.py): "1" makes the scheduler SIGSTOP itself once,
 # right before its first dispatch EXEC, the worst moment for a leader to freeze.
 STOP_BEFORE_EXEC_ENV = "GPULAB_TEST_STOP_BEFORE_DISPATCH_EXEC"
+
+LAUNCH_MANY_FUNCTION = "worker.tasks.launch_many"
+# Launches per shared RQ job: each takes a shim start (~30-40 ms), so 64 stay far inside
+# LAUNCH_TIMEOUT_S even on a loaded host, and a node's first jobs do not wait for its last.
+LAUNCHES_PER_ENTRY = 64
 
 log = logging.getLogger("gpulab.dispatch")
 
@@ -70,11 +82,16 @@ class Dispatcher:
                     raise Fenced("dispatch refused: a newer leader holds the fence")
                 pipe.multi()
                 written = []
+                launches: dict[str, list[tuple[int, int]]] = {}
                 for assignment, (state, attempt) in zip(assignments, current, strict=True):
                     if state is None or state.decode() != JobState.PENDING.value:
                         continue
                     self._queue_one(pipe, assignment, int(attempt or b"0") + 1)
+                    launches.setdefault(assignment.node, []).append((assignment.job_id, int(attempt or b"0") + 1))
                     written.append(assignment)
+                for node, pairs in launches.items():
+                    for start in range(0, len(pairs), LAUNCHES_PER_ENTRY):
+                        self._queue_launches(pipe, node, pairs[start : start + LAUNCHES_PER_ENTRY])
                 if written:
                     _stop_here_if_asked()
                     pipe.execute()
@@ -90,14 +107,30 @@ class Dispatcher:
         reservation = {"node": a.node, "gpus": a.reserved_bytes, "whole_gpu": a.whole_gpu}
         assigned = lifecycle.assign(a.job_id, attempt, a.node, gpus, reservation, self.assign_timeout_s, time.time())
         self.store.queue_transition(pipe, assigned)
-        self.queue(a.node).enqueue_call(
+
+    def _queue_launches(self, pipe: redis.client.Pipeline, node: str, pairs: list[tuple[int, int]]) -> None:
+        if len(pairs) > 1:
+            first, first_attempt = pairs[0]
+            self.queue(node).enqueue_call(
+                LAUNCH_MANY_FUNCTION,
+                args=([list(p) for p in pairs],),
+                timeout=LAUNCH_TIMEOUT_S,
+                result_ttl=600,
+                failure_ttl=7 * 86400,
+                job_id=f"gpulab-batch-{first}-{first_attempt}",  # (job, attempt) is dispatched once
+                description=json.dumps({"gpulab_jobs": [p[0] for p in pairs]}),
+                pipeline=pipe,
+            )
+            return
+        [(job_id, attempt)] = pairs
+        self.queue(node).enqueue_call(
             LAUNCH_FUNCTION,
-            args=(a.job_id, attempt),
+            args=(job_id, attempt),
             timeout=LAUNCH_TIMEOUT_S,
             result_ttl=600,
             failure_ttl=7 * 86400,
-            job_id=lifecycle.launch_entry_id(a.job_id, attempt),
-            description=json.dumps({"gpulab_job": a.job_id, "attempt": attempt}),
+            job_id=lifecycle.launch_entry_id(job_id, attempt),
+            description=json.dumps({"gpulab_job": job_id, "attempt": attempt}),
             pipeline=pipe,
         )
 

@@ -5,6 +5,12 @@ once and kept (a cache: rebuilt from Redis after a restart); later passes read o
 fields that do change, for thousands of jobs per script call (jobs.scripts.JOB_FIELDS),
 and build a new record only for a job whose fields changed. With 10k waiting jobs this is
 the difference between parsing 10k JSON specs per pass and reading one reply.
+
+Kept current between passes (`update`): given the ids the event stream says changed
+(scheduler/changes.py), only those are read again, so a pass over 10k or 100k waiting jobs
+costs what changed. `read` (everything) is the full resync: on a gap in the stream, at
+start, and every RESYNC_S as a check; the scheduler's own reason writes, which make no
+event, are remembered here (`remember_reason`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from jobs.states import JobState
 from jobs.store import JobStore
 
 MUTABLE = ("state", "reason", "detail", "attempt", "est_start_at")
+WAITING = frozenset({JobState.PENDING.value, JobState.HELD.value})
 PAGE = 2000  # jobs per script call: keeps each call short for Redis's other clients
 
 
@@ -27,6 +34,59 @@ class PendingReader:
         self.redis = client
         self.store = JobStore(client)
         self._cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def records(self) -> list[JobRecord]:
+        """The waiting jobs as last read, in id order."""
+        return [record for _, record in self._cache.values()]
+
+    def update(self, changed: set[int], invalid: dict[int, str] | None = None) -> list[JobRecord]:
+        """Apply the jobs that changed since the last read; return every waiting job, in id
+        order. A job that left the waiting states is dropped, one that (re)entered is read whole."""
+        if not changed:
+            return self.records()
+        ids = sorted(changed)
+        current: dict[int, tuple[str | None, ...]] = {}
+        for start in range(0, len(ids), PAGE):
+            page = ids[start : start + PAGE]
+            for job_id, values in zip(page, self.store.job_fields(page, MUTABLE), strict=True):
+                if values[0] in WAITING:
+                    current[job_id] = values
+                else:
+                    self._cache.pop(job_id, None)  # started, ended, or gone
+        cache = self._cache
+        fresh = [i for i, values in current.items() if i not in cache or _attempt(cache[i][0]) != _attempt(values)]
+        parsed = {r.id: r for r in self.store.get_many(fresh, invalid)}
+        appended_before_end = False
+        last = next(reversed(self._cache), 0) if self._cache else 0
+        for job_id, values in current.items():
+            if job_id in parsed:
+                record = parsed[job_id]
+                if record.state.value not in WAITING:
+                    self._cache.pop(job_id, None)
+                    continue
+                entry = (tuple(_field(record, f) for f in MUTABLE), record)
+            elif job_id in self._cache:
+                seen, record = self._cache[job_id]
+                entry = (values, record if values == seen else _refreshed(record, values))
+            else:
+                continue  # its hash went away between the two reads
+            if job_id not in self._cache and job_id < last:
+                appended_before_end = True
+            self._cache[job_id] = entry
+        if appended_before_end:  # a requeued job comes back: keep id order
+            self._cache = dict(sorted(self._cache.items()))
+        return self.records()
+
+    def remember_reason(self, job_id: int, reason: str, detail: str, est_start: float | None) -> None:
+        """The scheduler wrote this job's reason (no event): keep the cached record in step."""
+        entry = self._cache.get(job_id)
+        if entry is None:
+            return
+        record = replace(entry[1], reason=reason, detail=detail, est_start_at=est_start)
+        self._cache[job_id] = (tuple(_field(record, f) for f in MUTABLE), record)
 
     def read(self, invalid: dict[int, str] | None = None) -> list[JobRecord]:
         """Every PENDING and HELD job, in id (submission) order. Records that do not parse

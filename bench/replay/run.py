@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start-day", type=float, help="replay jobs arriving from this day of the trace")
     p.add_argument("--days", type=float, help="... for this many days (0: to the end)")
     p.add_argument("--seed", type=int, default=0, help="Philly memory draw")
-    p.add_argument("--policies", help="comma-separated subset of policy names")
+    p.add_argument(
+        "--policy",
+        action="append",
+        metavar="NAME",
+        help="run only this policy (repeatable); names may contain commas: --policy 'gpulab, no reservation'",
+    )
+    p.add_argument(
+        "--policies",
+        help="comma-separated subset of policy names; a name with commas is matched whole "
+        "('best-fit,gpulab, no reservation' selects both)",
+    )
     p.add_argument("--quick", action="store_true", help="a shorter window where the trace is long")
     p.add_argument("--out", type=Path, default=RESULTS)
 
 
-def policies(names: str | None) -> list[Policy]:
+def policies(names: list[str] | None) -> list[Policy]:
     from jobs.config import PolicyConfig
 
     base = PolicyConfig()
@@ -58,8 +69,33 @@ def policies(names: str | None) -> list[Policy]:
     ]
     if not names:
         return every
-    wanted = [n.strip() for n in names.split(",")]
+    wanted = set(names)
+    unknown = sorted(wanted - {p.name for p in every})
+    if unknown:
+        known = "; ".join(p.name for p in every)
+        print(f"bench replay: unknown policy {unknown[0]!r} (known: {known})", file=sys.stderr)
+        raise SystemExit(2)
     return [p for p in every if p.name in wanted]
+
+
+def policy_names(policy: list[str] | None, policies: str | None) -> list[str] | None:
+    """The names `--policy` (whole, repeatable) and `--policies` (a comma-separated list)
+    select. Names contain commas ("gpulab, no reservation"), so the list is split on commas
+    and neighbouring pieces are joined again wherever together they make a known name."""
+    chosen = [n.strip() for n in policy or []]
+    if policies:
+        known = {p.name for p in ALL_NAMES}
+        pieces = [piece.strip() for piece in policies.split(",")]
+        start = 0
+        while start < len(pieces):
+            # the longest run of pieces from `start` that forms a known name, else one piece
+            end = next((e for e in range(len(pieces), start, -1) if ", ".join(pieces[start:e]) in known), start + 1)
+            chosen.append(", ".join(pieces[start:end]))
+            start = end
+    return chosen or None
+
+
+ALL_NAMES = policies(None)
 
 
 def load(args: argparse.Namespace) -> tuple[list[SimJob], list[list[int]], str]:
@@ -86,7 +122,7 @@ def run(args: argparse.Namespace) -> list[Summary]:
     print(f"replay {setup}")
     results: list[SimResult] = []
     summaries: list[Summary] = []
-    for policy in policies(args.policies):
+    for policy in policies(policy_names(args.policy, args.policies)):
         started = time.perf_counter()
         result = simulate(jobs, policy, cluster)
         summaries.append(summarise(result, time.perf_counter() - started))

@@ -12,6 +12,7 @@ job, on one node for multi-GPU jobs - to keep large holes whole.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping
 
@@ -23,6 +24,7 @@ from scheduler.policy.cluster_state import IGNORE_HOLDS, INF, ClusterState, clon
 from scheduler.policy.fairshare import fairshare_factors
 from scheduler.policy.feasibility import Feasibility, Shape
 from scheduler.policy.limits import UserLimits
+from scheduler.policy.queue import WaitingQueue
 from scheduler.policy.reservations import reserve
 from scheduler.policy.types import (
     Assignment,
@@ -33,7 +35,17 @@ from scheduler.policy.types import (
     Waiting,
 )
 
-__all__ = ["Assignment", "PendingJob", "PlacementResult", "RunningJob", "Waiting", "order_jobs", "place"]
+__all__ = [
+    "Assignment",
+    "PendingJob",
+    "PlacementResult",
+    "RunningJob",
+    "Waiting",
+    "WaitingQueue",
+    "order_jobs",
+    "place",
+    "place_queue",
+]
 
 _DEFAULT_POLICY = PolicyConfig()
 
@@ -97,30 +109,82 @@ def place(
     now: float = 0.0,
     unavailable_nodes: frozenset[str] = frozenset(),
 ) -> PlacementResult:
-    """Decide which pending jobs start now and where. Nothing passed in is modified."""
+    """Decide which pending jobs start now and where. Nothing passed in is modified.
+    `result.order` lists every job in scheduling order (the daemon's `place_queue` skips it)."""
+    result = place_queue(
+        WaitingQueue(jobs),
+        accounts,
+        policy,
+        config=config,
+        running=running,
+        usage=usage,
+        now=now,
+        unavailable_nodes=unavailable_nodes,
+    )
+    running_users = {r.user for r in running}
+    result.order = [j.id for j in rank(jobs, usage or {}, running_users, now, config)]
+    return result
+
+
+def place_queue(
+    queue: WaitingQueue,
+    accounts: dict[str, list[GpuAccount]],
+    policy: AccountingPolicy,
+    *,
+    config: PolicyConfig = _DEFAULT_POLICY,
+    running: list[RunningJob] | tuple[RunningJob, ...] = (),
+    usage: Mapping[str, float] | None = None,
+    now: float = 0.0,
+    unavailable_nodes: frozenset[str] = frozenset(),
+    skip_blocked_groups: bool = True,
+) -> PlacementResult:
+    """`place` over a grouped queue: jobs are taken in scheduling order by merging the
+    groups' heads (scheduler/policy/queue.py), and a group whose shape cannot start this
+    pass, and whose later jobs can neither reserve nor meet a cap or throttle, is answered
+    whole with that shape's reason - the rest of the group is never looked at one by one.
+    The result is the same as looking at every job (`skip_blocked_groups=False`, which the
+    property tests compare); `result.order` is left empty."""
     running = list(running)
     cluster = ClusterState(accounts, policy, unavailable_nodes, running)
     feasible = Feasibility(accounts, policy.headroom_bytes)
     limits = UserLimits(config, running)
-    ordered = rank(jobs, usage or {}, {r.user for r in running}, now, config)
-    result = PlacementResult(order=[j.id for j in ordered])
+    result = PlacementResult()
     hard, soft = _Front(), _Front()  # fails even ignoring holds / fails because of holds
     # Shapes known to fail even ignoring holds, with their one explanation: most of a long
     # queue is answered from here, without a search (the pass's cost floor per waiting job).
     blocked: dict[tuple[bool, str, str, int, int], Waiting] = {}
     waiting = result.waiting
     any_cap, reserve_after, max_reservations = limits.any_cap, config.reserve_after_s, config.max_reservations
-    for job in ordered:
+    factors = fairshare_factors(usage or {}, {r.user for r in running} | queue.users())
+    wp, wf, wa = config.weight_priority, config.weight_fairshare, config.weight_age
+    max_age, age_now = config.max_age_s, now
+    if max_age <= 0:
+        max_age, age_now = 1.0, math.inf  # every job counts as fully aged
+
+    def order_key(j: PendingJob) -> tuple[float, float, int]:  # as `rank` orders jobs
+        waited = age_now - j.submitted_at
+        age = 0.0 if waited <= 0 else (1.0 if waited >= max_age else waited / max_age)
+        return (-(wp * j.priority + wf * factors[j.user] + wa * age), j.submitted_at, j.id)
+
+    if wa >= 0:
+        groups = list(queue.groups.values())
+    else:  # a negative age weight puts newer jobs first: one group, sorted whole
+        groups = [sorted(queue, key=order_key)]
+        skip_blocked_groups = False
+    heads = [(*order_key(group[0]), g, 0) for g, group in enumerate(groups)]
+    heapq.heapify(heads)
+
+    def consider(job: PendingJob) -> None:
         if any_cap:
             why = limits.blocked(job)
             if why is not None:
                 waiting[job.id] = Waiting(Reason.USER_LIMIT, why)
-                continue
+                return
         if job.array_throttle:
             why = limits.throttled(job)
             if why is not None:
                 waiting[job.id] = Waiting(Reason.ARRAY_TASK_LIMIT, why)
-                continue
+                return
         whole = job.mem_bytes is None or job.exclusive
         mem = job.mem_bytes or 0
         signature = (whole, job.node, job.gpu_model, job.gpus, mem)
@@ -129,7 +193,7 @@ def place(
             len(result.reservations) >= max_reservations or now - job.submitted_at < reserve_after
         ):
             waiting[job.id] = known
-            continue
+            return
         end = now + job.time_limit_s if job.time_limit_s else INF
         key = (whole, job.node, job.gpu_model)
         if hard.covers(key, job.gpus, mem, 0.0):
@@ -147,26 +211,48 @@ def place(
         if choice is None:
             plan = _try_reserve(job, cluster, result, config, now)
             if plan is not None:
-                result.waiting[job.id] = _reserved(job, plan)
+                waiting[job.id] = _reserved(job, plan)
             elif fits_without_holds:
-                result.waiting[job.id] = _held_back(job, cluster)
+                waiting[job.id] = _held_back(job, cluster)
             else:
                 if signature not in blocked:
                     blocked[signature] = _blocked(job, cluster, feasible, accounts, unavailable_nodes)
-                result.waiting[job.id] = blocked[signature]
-            continue
+                waiting[job.id] = blocked[signature]
+            return
         node, slots = choice
         amounts = [s.acct.total if whole else mem for s in slots]
         if whole:
             why = limits.over_memory(job.user, sum(amounts))
             if why is not None:
-                result.waiting[job.id] = Waiting(Reason.USER_LIMIT, why)
-                continue
+                waiting[job.id] = Waiting(Reason.USER_LIMIT, why)
+                return
         chosen = tuple(s.acct for s in slots)
         cluster.take(slots, amounts, whole, end)
         reserved = {s.acct.uuid: a for s, a in zip(slots, amounts, strict=True)}
         result.assignments.append(Assignment(job.id, node, tuple(clone(g) for g in chosen), reserved, whole))
         limits.add(job.user, job.gpus, sum(amounts), job.array_id)
+
+    while heads:
+        *_, g, pos = heapq.heappop(heads)
+        group = groups[g]
+        job = group[pos]
+        consider(job)
+        pos += 1
+        if pos == len(group):
+            continue
+        nxt = group[pos]
+        if skip_blocked_groups and not any_cap and not nxt.array_throttle:
+            # The rest of the group is younger (so no older than `nxt`) and of the same shape:
+            # once that shape has its blocked answer and no reservation is open to them, every
+            # one of them gets that answer, whatever is placed after.
+            known = blocked.get((job.mem_bytes is None or job.exclusive, job.node, job.gpu_model, job.gpus,
+                                 job.mem_bytes or 0))  # fmt: skip
+            if known is not None and (
+                len(result.reservations) >= max_reservations or now - nxt.submitted_at < reserve_after
+            ):
+                waiting.update(dict.fromkeys((j.id for j in group[pos:]), known))
+                continue
+        heapq.heappush(heads, (*order_key(nxt), g, pos))
     return result
 
 
