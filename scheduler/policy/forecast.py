@@ -26,7 +26,7 @@ from jobs.config import PolicyConfig
 from jobs.states import Reason
 from scheduler.policy.accounting import AccountingPolicy, GpuAccount
 from scheduler.policy.cluster_state import clone
-from scheduler.policy.placement import place
+from scheduler.policy.placement import WaitingQueue, place_queue
 from scheduler.policy.types import PendingJob, RunningJob
 
 INF = float("inf")
@@ -63,21 +63,23 @@ def forecast_starts(
     t = now
     steps = 0
     sim_running = list(running)
-    kwargs = {"config": config} if config is not None else {}
+    policy_config = config if config is not None else PolicyConfig()
+    queue = WaitingQueue(jobs)  # kept across steps: each step costs what it places, not the queue
     while waiting and steps < max_steps:
         steps += 1
-        result = place(
-            list(waiting.values()),
+        result = place_queue(
+            queue,
             cluster.accounts,
             policy,
             running=sim_running,
             usage=usage,
             now=t,
             unavailable_nodes=unavailable_nodes,
-            **kwargs,
+            config=policy_config,
         )
         for a in result.assignments:
             job = waiting.pop(a.job_id)
+            queue.discard(job.id)
             starts[job.id] = t
             duration = duration_of(job)
             end = t + duration if duration is not None else None
