@@ -197,7 +197,13 @@ def complete_some(store: JobStore, rng: random.Random, share: float) -> int:
 
 
 def bench_run_pass(
-    url: str, pending_n: int, passes: int, share: float, seed: int = 2, redis_pid: int | None = None
+    url: str,
+    pending_n: int,
+    passes: int,
+    share: float,
+    seed: int = 2,
+    redis_pid: int | None = None,
+    eta_interval_s: float | None = None,
 ) -> Row:
     from scheduler.daemon import Scheduler
 
@@ -208,6 +214,8 @@ def bench_run_pass(
     heartbeats(client)
     submit_many(store, rng, pending_n, 1)
     sched_config = replace(SchedulerConfig(), assign_timeout_s=86400.0)
+    if eta_interval_s is not None:  # the start forecast (0 = off): a pass that runs it costs far more
+        sched_config = replace(sched_config, eta_interval_s=eta_interval_s)
     scheduler = Scheduler(Config(scheduler=sched_config, policy=PolicyConfig(reserve_after_s=600.0)), client)
     scheduler.run_pass()  # warm-up: the first pass parses every record once (cached after)
     placed, busy, times, cpu = 0, 0.0, [], 0.0
@@ -250,6 +258,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--share", type=float, default=0.1, help="share of running jobs ending between passes (0.1)")
     p.add_argument("--redis-url", help="use this Redis (it is FLUSHED) instead of a private redis-server")
     p.add_argument("--only-run-pass", action="store_true", help="only the Scheduler.run_pass() rows")
+    p.add_argument(
+        "--eta-interval", type=float, help="[scheduler] eta_interval_s for run_pass() (0 = no start forecast)"
+    )
 
 
 def run(args: argparse.Namespace) -> str:
@@ -277,7 +288,12 @@ def run(args: argparse.Namespace) -> str:
         url = server.url
     try:
         pid = server.proc.pid if server is not None and server.proc is not None else None
-        rows += [bench_run_pass(url, n, max(3, passes_for(n) // 5), args.share, redis_pid=pid) for n in sizes]
+        rows += [
+            bench_run_pass(
+                url, n, max(3, passes_for(n) // 5), args.share, redis_pid=pid, eta_interval_s=args.eta_interval
+            )
+            for n in sizes
+        ]
     finally:
         if server is not None:
             server.stop()
