@@ -9,6 +9,7 @@ import json
 import math
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -48,7 +49,13 @@ def notify_stack(
 ) -> Iterator[Stack]:
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
-    notify = {"smtp_host": "127.0.0.1", "smtp_port": smtp.port, "allow_networks": ["127.0.0.0/8"], **RETRY}
+    notify = {
+        "smtp_host": "127.0.0.1",
+        "smtp_port": smtp.port,
+        "allow_networks": ["127.0.0.0/8"],
+        "started_late_after_s": 0.0,  # every start is late: only jobs that ask for started-late hear of it
+        **RETRY,
+    }
     stack = Stack(tmp_path_factory.mktemp("notify"), redis_server.url, client, test_config(notify=notify))
     stack.start_scheduler()
     stack.start_worker()
@@ -76,7 +83,10 @@ def test_completed_job_sends_one_signed_post_and_one_mail(
     notify_stack.wait_state(job, JobState.COMPLETED)
     mails = eventually(lambda: smtp.messages_to("alice@example.org"))
     posts = eventually(lambda: [p for p in receiver.posts if any(e["job"]["id"] == job for e in p.json["events"])])
-    assert len(posts) == 1 and len(mails) == 1
+    # One event per channel. At least once: on a loaded machine a slow answer may be sent
+    # again, always with the same delivery id, which is what a receiver deduplicates on.
+    assert len(_unique(receiver.events(job))) == 1
+    assert len({m["X-Gpulab-Delivery"] for m in mails}) == 1
     post = posts[0]
     expected = "sha256=" + hmac.new(secret.encode(), post.body, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(post.headers["x-gpulab-signature"], expected)
@@ -86,15 +96,32 @@ def test_completed_job_sends_one_signed_post_and_one_mail(
     assert f"job {job}" in mails[0]["Subject"] and "completed" in mails[0]["Subject"]
     assert mails[0]["X-Gpulab-Delivery"].endswith(":mail")
     # Nothing more comes for this job: the start was not late, and there is one event per channel.
-    shown = json.loads(notify_stack.cli("notify", "show", "--json", check=True).stdout)
-    assert shown["queued"] == 0 and shown["sent"] >= 2
+    eventually(lambda: _show(notify_stack)["queued"] == 0)  # settled once the receivers answered
+    assert _show(notify_stack)["sent"] >= 2
 
 
 def test_failed_job_notifies_fail_not_end(notify_stack: Stack, receiver: WebhookReceiver) -> None:
     job = notify_stack.submit("--notify-url", receiver.url(), "--notify-on", "fail", "--", "false")
     notify_stack.wait_state(job, JobState.FAILED)
-    (event,) = eventually(lambda: receiver.events(job))
+    (event,) = _unique(eventually(lambda: receiver.events(job)))
     assert event["event"] == "fail" and event["job"]["exit_code"] == 1
+
+
+def test_held_and_started_late_are_notified_when_asked_for(notify_stack: Stack, receiver: WebhookReceiver) -> None:
+    blocker = notify_stack.submit("--hold", *_quick_job())
+    waiting = notify_stack.submit(
+        "--notify-url", receiver.url(), "--notify-on", "held", "--after", str(blocker), "--", "true"
+    )
+    assert notify_stack.cli("hold", str(waiting)).returncode == 0
+    (held,) = _unique(eventually(lambda: receiver.events(waiting)))
+    assert held["event"] == "held" and held["job"]["state"] == "HELD"
+    late = notify_stack.submit("--notify-url", receiver.url(), "--notify-on", "started-late,end", *_quick_job())
+    notify_stack.wait_state(late, JobState.COMPLETED)
+    events = eventually(lambda: len(_unique(receiver.events(late))) == 2 and _unique(receiver.events(late)))
+    assert sorted(e["event"] for e in events) == ["end", "started-late"]
+    assert all(e["job"]["waited_s"] is not None for e in events)
+    for job in (blocker, waiting):
+        notify_stack.cli("cancel", str(job))
 
 
 def test_receiver_down_then_up_gets_every_delivery_once_after_dedupe(notify_stack: Stack) -> None:
@@ -106,8 +133,12 @@ def test_receiver_down_then_up_gets_every_delivery_once_after_dedupe(notify_stac
     jobs = [notify_stack.submit("--notify-url", url, *_quick_job()) for _ in range(3)]
     for job in jobs:
         notify_stack.wait_state(job, JobState.COMPLETED)
-    eventually(lambda: "ConnectionRefused" in _show(notify_stack)["last_error"])
-    assert _show(notify_stack)["queued"] >= 3
+
+    def all_waiting_after_a_refusal() -> bool:
+        shown = _show(notify_stack)
+        return "ConnectionRefused" in shown["last_error"] and shown["queued"] >= 3
+
+    eventually(all_waiting_after_a_refusal)
     old = notify_stack.scheduler
     assert old is not None and old.stop() == 0  # the outbox is in Redis: a restart loses nothing
     notify_stack.daemons.remove(old)
@@ -244,12 +275,18 @@ def test_many_events_for_one_user_are_batched_and_each_arrives(own_db: redis.Red
     assert int(own_db.hget(keys.NOTIFY_QUEUED, "bulk") or 0) == 300
     _drive(notifier, own_db, "bulk")
     bulk = [p for p in receiver.posts if p.path == "/bulk"]
-    assert len(bulk) == math.ceil(300 / 50) and all(len(p.json["events"]) <= 50 for p in bulk)
-    assert sorted(e["job"]["id"] for p in bulk for e in p.json["events"]) == ids
+    assert all(len(p.json["events"]) <= 50 for p in bulk)
+    assert math.ceil(300 / 50) <= len(bulk) < 300 / 10  # batched (a resend after a slow answer aside)
+    assert sorted(e["job"]["id"] for e in _unique([e for p in bulk for e in p.json["events"]])) == ids
 
 
-def _show(stack: Stack) -> dict[str, object]:
+def _unique(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Events deduplicated by delivery id, as a receiver does."""
+    return list({e["id"]: e for e in events}.values())
+
+
+def _show(stack: Stack) -> dict[str, Any]:
     result = stack.cli("notify", "show", "--json")
     assert result.returncode == 0, result.stderr
-    data: dict[str, object] = json.loads(result.stdout)
+    data: dict[str, Any] = json.loads(result.stdout)
     return data
