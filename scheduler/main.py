@@ -55,7 +55,7 @@ def _serve(config: Config) -> int:
     start_web(config, server.service)
     api_thread = threading.Thread(target=server.serve_forever, name="api", daemon=True)
     api_thread.start()
-    start_notifier(config, client, stop)  # its own threads: the loop never waits on a receiver
+    notifier = start_notifier(config, client, stop)  # its own threads: the loop never waits on a receiver
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("scheduler: signal %d, stopping", signum)
@@ -73,6 +73,8 @@ def _serve(config: Config) -> int:
     finally:
         stop.set()
         leader_thread.join(timeout=5)  # frees the lease: a successor takes over at once
+        if notifier is not None:
+            notifier.close()  # deliveries it was sending are due again at once
         server.shutdown()
         server.server_close()
         server.remove_socket()  # ours only: while we held the lock no one else could bind it

@@ -42,7 +42,7 @@ from jobs.record import JobRecord
 from jobs.store import JobStore
 from jobs.text import safe
 from scheduler.notify import mail, settings, webhook
-from scheduler.notify.guard import networks
+from scheduler.notify.guard import RESOLVE_TIMEOUT_S, networks
 
 log = logging.getLogger("gpulab.notify")
 CLAIM_LIMIT = 1000
@@ -183,6 +183,7 @@ class Notifier:
         self._settle = client.register_script(scripts.NOTIFY_SETTLE)
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._in_flight: set[tuple[str, str]] = set()
+        self._claimed: set[str] = set()  # ids of deliveries being sent by this process
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -278,7 +279,7 @@ class Notifier:
         self._wake.wait(TICK_S)
         self._wake.clear()
         now = time.time()
-        lease = now + self.cfg.webhook_timeout_s + self.cfg.smtp_timeout_s + 60.0
+        lease = now + self.claim_lease_s
         flat = self._claim(keys=[keys.NOTIFY_DUE, keys.NOTIFY_OUTBOX], args=[repr(now), repr(lease), CLAIM_LIMIT])
         groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
         for i in range(0, len(flat), 2):
@@ -301,11 +302,35 @@ class Notifier:
             for item in rest:  # due again when this user and channel may send (a claim lease otherwise)
                 later[item["id"]] = now + (wait or 0.05)
             if not wait:
+                with self._lock:
+                    self._claimed.update(item["id"] for item in batch)
                 self._pool.submit(self._deliver, user, channel, target, batch)
                 started += 1
         if later:
             self.redis.zadd(keys.NOTIFY_DUE, later, xx=True)
         return started
+
+    @property
+    def claim_lease_s(self) -> float:
+        """Longer than any one send may take: a webhook's deadline plus a DNS lookup per hop,
+        and an SMTP conversation of a few timed operations. A notifier killed mid-send
+        leaves its claims due again after this."""
+        webhook_s = self.cfg.webhook_timeout_s + RESOLVE_TIMEOUT_S * (webhook.MAX_REDIRECTS + 1)
+        mail_s = 4 * self.cfg.smtp_timeout_s if self.cfg.smtp_host else 0.0
+        return max(webhook_s, mail_s) + 10.0
+
+    def close(self) -> None:
+        """On a clean stop: what this process claimed but has not settled is due again now
+        (for the next notifier) instead of when its claim lease ends. A send that still
+        finishes may then be made twice: at least once, ids for dedupe."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            claimed = dict.fromkeys(self._claimed, time.time())
+        if claimed:
+            try:
+                self.redis.zadd(keys.NOTIFY_DUE, claimed, xx=True)
+            except redis.RedisError as exc:
+                log.warning("notify: could not hand back %d claimed deliveries: %s", len(claimed), exc)
 
     def _bucket(self, user: str, channel: str) -> _Bucket:
         return self._buckets.setdefault((user, channel), _Bucket(float(self.cfg.max_per_minute), time.time()))
@@ -319,6 +344,7 @@ class Notifier:
         finally:
             with self._lock:
                 self._in_flight.discard((user, channel))
+                self._claimed.difference_update(item["id"] for item in items)
             self._wake.set()
 
     def _send(self, user: str, channel: str, target: str, items: list[dict[str, Any]]) -> tuple[bool, bool, str]:
