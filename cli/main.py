@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import click
@@ -22,6 +21,7 @@ from cli.notify import notify_fields, notify_group, notify_options, print_new_se
 from cli.policy_options import node_group, policy_options, spec_fields
 from jobs.config import ConfigError
 from jobs.spec import JobSpec, SpecError, parse_time_limit, validate_spec
+from jobs.training_command import factory_stem, resolve_factory, training_argv
 from jobs.version import gpulab_version
 
 # Variables that describe the submitting shell's GPU view, not the job's: the worker sets them.
@@ -140,13 +140,11 @@ def training_command(factory: str, loop_args: list[str], factory_args: tuple[str
     """The built-in loop's argv and a default job name. `-P`: the job's cwd is not put first on
     sys.path, so nothing in the user's project can shadow gpulab's own modules (the loop adds
     the cwd at the end of the path to import the user's factory)."""
-    if factory.endswith(".py") or ".py:" in factory:
-        path, _, func = factory.partition(":")
-        if not Path(path).is_file():
-            fail(f"train: no such file: {path}", EXIT_USAGE)
-        factory = str(Path(path).resolve()) + (f":{func}" if func else "")
-    command = (sys.executable, "-P", "-m", "worker.training", factory, *loop_args, "--", *factory_args)
-    return command, Path(factory.split(":")[0]).stem
+    try:
+        factory = resolve_factory(factory)
+    except FileNotFoundError as exc:
+        fail(f"train: no such file: {exc}", EXIT_USAGE)
+    return training_argv(sys.executable, factory, loop_args, factory_args), factory_stem(factory)
 
 
 def _requeue(flag: bool | None, kind: str) -> bool:
