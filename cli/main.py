@@ -19,6 +19,7 @@ from cli.context import EXIT_USAGE, Context, emit_json, fail, pass_ctx
 from cli.env_capture import captured_env
 from cli.notify import notify_fields, notify_group, notify_options, print_new_secret
 from cli.policy_options import node_group, policy_options, spec_fields
+from cli.run import run_command
 from jobs.config import ConfigError
 from jobs.spec import JobSpec, SpecError, parse_time_limit, validate_spec
 from jobs.training_command import factory_stem, resolve_factory, training_argv
@@ -121,7 +122,7 @@ def submit(
     """Queue a job: gpulab submit [OPTIONS] -- PROGRAM ARGS..."""
     kind = "command"
     if factory:  # the same road as `gpulab train FACTORY -- ARGS`, with the same defaults
-        command, stem = training_command(factory, [], command)
+        command, stem = training_command(factory, [], command, gpus)
         name, kind = name or stem, "training"
     spec = build_spec(
         command, gpus, mem, name, priority, time_limit, hold, _requeue(requeue, kind), kind, policy, export, env_file
@@ -136,7 +137,9 @@ def _estimate_argv(command: tuple[str, ...]) -> list[str]:
     return list(command[command.index("worker.training") + 1 :])
 
 
-def training_command(factory: str, loop_args: list[str], factory_args: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+def training_command(
+    factory: str, loop_args: list[str], factory_args: tuple[str, ...], gpus: int = 1
+) -> tuple[tuple[str, ...], str]:
     """The built-in loop's argv and a default job name. `-P`: the job's cwd is not put first on
     sys.path, so nothing in the user's project can shadow gpulab's own modules (the loop adds
     the cwd at the end of the path to import the user's factory)."""
@@ -144,7 +147,7 @@ def training_command(factory: str, loop_args: list[str], factory_args: tuple[str
         factory = resolve_factory(factory)
     except FileNotFoundError as exc:
         fail(f"train: no such file: {exc}", EXIT_USAGE)
-    return training_argv(sys.executable, factory, loop_args, factory_args), factory_stem(factory)
+    return training_argv(sys.executable, factory, loop_args, factory_args, gpus), factory_stem(factory)
 
 
 def _requeue(flag: bool | None, kind: str) -> bool:
@@ -174,7 +177,7 @@ def train(
     for flag, value in options:
         if value is not None:
             loop_args += [flag, str(value)]
-    command, stem = training_command(factory, loop_args, factory_args)
+    command, stem = training_command(factory, loop_args, factory_args, gpus)
     spec = build_spec(command, gpus, mem, name or stem, priority, time_limit, hold, requeue, "training", policy)
     spec = memory.with_estimate(ctx, spec, _estimate_argv(command))
     _submit(ctx, spec, as_json, policy.get("as_user"))
@@ -322,6 +325,7 @@ for command in (ops.history, ops.top, ops.doctor):
     main.add_command(command)
 main.add_command(logs_cmd.logs)
 main.add_command(memory.profile)
+main.add_command(run_command)  # gpulab run: interactive jobs (cli/run.py)
 
 
 def run() -> None:

@@ -24,8 +24,14 @@ def resolve_factory(factory: str) -> str:
 def training_argv(
     python: str, factory: str, loop_args: list[str], factory_args: tuple[str, ...] | list[str], gpus: int = 1
 ) -> tuple[str, ...]:
-    """`python -P -m worker.training FACTORY LOOP_ARGS -- FACTORY_ARGS`."""
-    return (python, "-P", "-m", "worker.training", factory, *loop_args, "--", *factory_args)
+    """`python -P -m worker.training FACTORY LOOP_ARGS -- FACTORY_ARGS`; with `gpus` > 1 the same
+    under `torchrun --standalone --nproc-per-node GPUS` (DDP on one node, one process per GPU;
+    `--standalone` picks a free local rendezvous port, so several such jobs share a node)."""
+    loop = (python, "-P", "-m", "worker.training", factory, *loop_args, "--", *factory_args)
+    if gpus <= 1:
+        return loop
+    torchrun = (python, "-P", "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}")
+    return (*torchrun, "--no-python", *loop)
 
 
 def factory_stem(factory: str) -> str:

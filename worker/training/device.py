@@ -36,7 +36,8 @@ def select_device(requested: str = "auto") -> torch.device:
     that for runs by hand. If it names GPUs that torch cannot use (CPU-only torch, or the
     worker's simulated GPUs), the job runs on CPU with a warning rather than failing:
     simulated clusters run real training code that way. Only the first visible GPU is
-    used (no multi-GPU data parallelism in this loop).
+    used by a single-process run; under torchrun (`--gpus N`) each rank takes its local rank's GPU
+    (worker/training/distributed.py).
     """
     if requested == "cpu":
         return torch.device("cpu")

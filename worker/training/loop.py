@@ -22,6 +22,7 @@ from worker.training.batches import batch_size, evaluate, split_batch, to_device
 from worker.training.checkpoint import CKPT_FORMAT, CheckpointManager, capture_rng_state, restore_rng_state
 from worker.training.data import batches_per_epoch, epoch_batches
 from worker.training.device import AmpConfig, peak_memory
+from worker.training.distributed import DistContext, agree_stop, wrap_model
 from worker.training.factory import TrainSpec
 from worker.training.status import Progress, StatusWriter, format_progress, notice
 
@@ -57,14 +58,19 @@ class Trainer:
         status: StatusWriter,
         stop_signal: Callable[[], int | None],
         extra_status: dict[str, Any] | None = None,
+        dist_ctx: DistContext | None = None,
     ) -> None:
         self.opts = options
+        self.dist = dist_ctx
+        self.is_main = dist_ctx is None or dist_ctx.is_main
+        self.world = 1 if dist_ctx is None else dist_ctx.world_size
         self.device = device
         self.amp = amp
         self.ckpts = checkpoints
         self.status = status
         self.stop_signal = stop_signal
-        self.model = spec.model.to(device)
+        self.module = spec.model.to(device)  # the model itself: checkpoints and evaluation use it
+        self.model = self.module if dist_ctx is None else wrap_model(self.module, device, dist_ctx)
         opt = spec.optimizer
         self.optimizer = opt if isinstance(opt, torch.optim.Optimizer) else opt(self.model.parameters())
         sched = spec.lr_scheduler
@@ -102,7 +108,9 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "model": self.model.state_dict(),
+            "model": self.module.state_dict(),
+            "world_size": self.world,
+            "saved_by_rank": 0 if self.dist is None else self.dist.rank,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -119,7 +127,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        if self.step == self._last_saved_step:
+        if self.step == self._last_saved_step or not self.is_main:  # DDP: rank 0 writes for all
             return
         self.ckpts.save(self.state_dict(), self.step)
         self._last_saved_step = self.step
@@ -132,7 +140,7 @@ class Trainer:
         if loaded is None:
             return None
         st = loaded.state
-        self.model.load_state_dict(st["model"])
+        self.module.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         if self.scheduler is not None and st.get("lr_scheduler") is not None:
             self.scheduler.load_state_dict(st["lr_scheduler"])
@@ -236,7 +244,10 @@ class Trainer:
         self.epoch_samples = 0
 
     def _check_stop(self) -> None:
-        if self.stop_signal() is not None:
+        stop = self.stop_signal() is not None
+        if self.dist is not None:  # every rank stops after the same step, or none does
+            stop = agree_stop(stop, self.device)
+        if stop:
             raise StopRequested
 
     # ---- reporting ---------------------------------------------------------------------
@@ -248,7 +259,7 @@ class Trainer:
         now = time.monotonic()
         elapsed = now - self._window_t
         if self._window_steps and elapsed > 0:
-            p.samples_per_s = self._window_samples / elapsed
+            p.samples_per_s = self._window_samples * self.world / elapsed  # DDP: all ranks' samples
             if self.steps_total is not None:
                 p.eta_s = max(0, self.steps_total - self.step) * elapsed / self._window_steps
             self._window_t, self._window_samples, self._window_steps = now, 0, 0
@@ -261,7 +272,10 @@ class Trainer:
         self._report(force=True)
 
     def _report(self, force: bool) -> None:
-        """Status file (≤ 1/s) and a stdout line (every PROGRESS_EVERY_S), each when due."""
+        """Status file (≤ 1/s) and a stdout line (every PROGRESS_EVERY_S), each when due.
+        Under DDP only rank 0 reports (its loss is its shard's)."""
+        if not self.is_main:
+            return
         now = time.monotonic()
         status_due = force or self.status.due()
         print_due = force or now - self._last_print_t >= PROGRESS_EVERY_S
@@ -279,11 +293,13 @@ class Trainer:
         if self.eval_loader is None:
             return {}
         with self._autocast():
-            return evaluate(self.model, self.eval_loader, self.loss_fn, self.device, self.non_blocking)
+            return evaluate(self.module, self.eval_loader, self.loss_fn, self.device, self.non_blocking)
 
     def finish(self) -> dict[str, Any]:
         """Checkpoint the end state, evaluate, write the final status; return the metrics."""
         self.save_checkpoint()
+        if not self.is_main:  # rank 0 evaluates and reports for the run
+            return {}
         metrics = self.evaluate()
         metrics["final_loss"] = None if self.last_loss is None else float(self.last_loss)
         metrics["train_loss_last_epoch"] = self.last_epoch_loss

@@ -22,6 +22,7 @@ import torch
 from worker.training.checkpoint import CheckpointManager
 from worker.training.data import shield_workers
 from worker.training.device import amp_config, apply_memory_cap, peak_memory, select_device
+from worker.training.distributed import DistContext, rank_device, setup, shard_loader, teardown
 from worker.training.factory import FactoryError, build_spec
 from worker.training.loop import LoopOptions, StopRequested, Trainer
 from worker.training.status import OOM_EXIT_CODE, USAGE_EXIT_CODE, Progress, StatusWriter, notice
@@ -102,21 +103,26 @@ def run(cfg: RunConfig) -> int:
     """Run one attempt; return the process exit code (see the module docstring)."""
     stop = StopFlag()
     stop.install()
+    dist_ctx: list[DistContext | None] = [None]
     try:
-        return _run(cfg, stop)
+        return _run(cfg, stop, dist_ctx)
     finally:
+        teardown(dist_ctx[0])
         stop.uninstall()
 
 
-def _run(cfg: RunConfig, stop: StopFlag) -> int:
-    """The attempt itself; every way out writes the status file first, so the worker can tell why."""
-    writer = StatusWriter(cfg.status_file)
+def _run(cfg: RunConfig, stop: StopFlag, dist_ctx: list[DistContext | None]) -> int:
+    """The attempt itself; every way out writes the status file first, so the worker can tell why.
+    Under torchrun (`--gpus N`), each rank runs this; rank 0 writes the status and checkpoints."""
+    writer = StatusWriter(cfg.status_file if os.environ.get("RANK", "0") in ("", "0") else None)
     extra: dict[str, Any] = {"job_id": cfg.job_id, "attempt": cfg.attempt}
     progress = Progress(epochs=cfg.epochs or 1, steps_total=None, extra=extra)
     device = torch.device("cpu")
     try:
         seed_everything(cfg.seed)
         device = select_device(cfg.device)
+        ctx = dist_ctx[0] = setup(device)
+        device = rank_device(device, ctx)
         amp = amp_config(cfg.amp, device)
         fraction = apply_memory_cap(device)
         try:
@@ -125,6 +131,12 @@ def _run(cfg: RunConfig, stop: StopFlag) -> int:
             notice(f"error: {exc}")
             return USAGE_EXIT_CODE
         epochs = int(cfg.epochs or spec.epochs or 1)
+        if ctx is not None:
+            try:
+                spec.train_loader = shard_loader(spec.train_loader, ctx)
+            except ValueError as exc:
+                notice(f"error: {exc}")
+                return USAGE_EXIT_CODE
         shield_workers(spec.train_loader)
         shield_workers(spec.eval_loader)
         options = LoopOptions(
@@ -135,14 +147,15 @@ def _run(cfg: RunConfig, stop: StopFlag) -> int:
             checkpoint_every_min=cfg.checkpoint_every_min,
         )
         ckpts = CheckpointManager(cfg.checkpoint_dir, keep=cfg.keep)
-        trainer = Trainer(spec, options, device, amp, ckpts, writer, stop, extra)
+        trainer = Trainer(spec, options, device, amp, ckpts, writer, stop, extra, ctx)
         progress = trainer.progress
         if cfg.resume:
             trainer.resume()
         cap = "" if fraction is None else f" (allocator capped at {fraction:.3f} of the GPU)"
         per_epoch = "?" if trainer.n_batches is None else str(trainer.n_batches)
+        ddp = "" if ctx is None else f"DDP rank {ctx.rank}/{ctx.world_size} ({ctx.backend}), "
         notice(
-            f"job {cfg.job_id or '-'} attempt {cfg.attempt}: device {device}{cap}, amp {amp.name}, "
+            f"job {cfg.job_id or '-'} attempt {cfg.attempt}: {ddp}device {device}{cap}, amp {amp.name}, "
             f"{epochs} epochs x {per_epoch} batches, accum {cfg.accum}, "
             f"{trainer.steps_total or '?'} steps, seed {cfg.seed}, checkpoints in {ckpts.directory}",
             err=False,
