@@ -34,7 +34,6 @@ from typing import Any
 import click
 
 from cli.context import EXIT_USAGE, Context, fail, pass_ctx
-from cli.policy_options import policy_options
 from gpulab.pty_relay import DATA, EOF, EXIT, SIZE, FrameReader, frame
 from jobs.text import safe
 
@@ -48,7 +47,11 @@ _POLL_S = 0.5  # how often the waiting client re-reads the job's reason (one sma
 @click.option("--name", help="Job name (default: the program's name).")
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher starts first.")
 @click.option("--time", "time_limit", help="Time limit: 30m, 2h, 1-12:00:00, 90:00.")
-@policy_options
+@click.option("--after", multiple=True, metavar="ID", help="Start after job ID completed OK (repeatable).")
+@click.option("--after-any", multiple=True, metavar="ID", help="Start after job ID ended, however.")
+@click.option("--exclusive", is_flag=True, help="Whole GPUs, whatever --mem says.")
+@click.option("--node", metavar="NAME", help="Run only on this node (the job must run on this host).")
+@click.option("--gpu-model", metavar="MODEL", help="GPU name must contain MODEL (A100, 'RTX 4090').")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @pass_ctx
 def run_command(
@@ -58,8 +61,9 @@ def run_command(
     """Run CMD attached to this terminal on a GPU once placed: gpulab run --mem 8GiB -- bash"""
     from cli.main import build_spec  # cli.main registers this command: imported when called
 
-    if policy.get("array"):
-        fail("run: --array makes no sense for an interactive job", EXIT_USAGE)
+    if command[0].startswith("-"):  # an option click did not know, before `--`
+        fail(f"run: no such option: {command[0]} (put the program after --)", EXIT_USAGE)
+
     session_dir = Path(tempfile.mkdtemp(prefix="gpulab-run-", dir=os.environ.get("XDG_RUNTIME_DIR") or None))
     try:
         sock_path = session_dir / "s"
@@ -72,8 +76,6 @@ def run_command(
         client = ctx.client()
         body = spec.to_json()
         body["env"]["TERM"] = os.environ.get("TERM", "xterm")
-        if policy.get("as_user"):
-            body["user"] = policy["as_user"]
         job_id = ctx.call(client.submit, body)
         sys.exit(Session(ctx, job_id, listener).run())
     finally:

@@ -18,6 +18,7 @@ import pexpect
 import pytest
 import redis
 
+from jobs import keys
 from jobs.states import JobState
 from scheduler.redis_server import RedisServer
 from tests.helpers.stack import WAIT_S, Stack, eventually
@@ -129,3 +130,12 @@ def test_a_client_killed_while_waiting_never_runs_the_program(run_stack: Stack) 
     ended = run_stack.wait_state(job_id, JobState.FAILED)
     assert ended.exit_code == 129 and not marker.exists()
     assert "the session that asked for this job is gone" in run_stack.cli("logs", str(job_id)).stdout
+
+
+def test_bad_input_is_one_line_and_exit_2_with_nothing_queued(run_stack: Stack) -> None:
+    before = run_stack.redis.get(keys.NEXT_JOB_ID)
+    for args in (["--array", "0-3", "--", "sh"], ["--mem", "3XB", "--", "sh"], ["--gpus", "0", "--", "sh"]):
+        result = run_stack.cli("run", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert result.stderr.startswith("gpulab: ")
+    assert run_stack.redis.get(keys.NEXT_JOB_ID) == before  # not even an id taken
