@@ -50,6 +50,7 @@ _OPTIONS = frozenset(
     }
 )  # fmt: skip
 _WAIT_SLICE_S = 60.0  # one long-poll request at most this long (the API caps it at 300 s)
+_LOG_WAIT_S = 30.0  # one long-poll for more output at most this long
 
 
 @dataclass(frozen=True)
@@ -312,15 +313,17 @@ class Job:
         """The job's output (stdout and stderr, as it wrote them) from byte `offset`, so far."""
         return "".join(chunk for chunk, _ in self._log_chunks(offset, follow=False))
 
-    def follow(self, poll_s: float = 0.25) -> Iterator[str]:
+    def follow(self) -> Iterator[str]:
         """Yield the job's output as it is written, until the job has ended (like `logs -f`)."""
-        for chunk, _ in self._log_chunks(0, follow=True, poll_s=poll_s):
+        for chunk, _ in self._log_chunks(0, follow=True):
             yield chunk
 
-    def _log_chunks(self, offset: int, *, follow: bool, poll_s: float = 0.25) -> Iterator[tuple[str, int]]:
+    def _log_chunks(self, offset: int, *, follow: bool) -> Iterator[tuple[str, int]]:
         api = self.client._api
         while True:
-            chunk = self.client._call(api.log, self.id, offset)
+            # Following, the scheduler holds each answer until output arrives or the job
+            # changes state (a long poll), so this loop does not spin.
+            chunk = self.client._call(api.log, self.id, offset, _LOG_WAIT_S if follow else 0.0)
             offset = int(chunk["offset"])
             if chunk["data"]:
                 yield str(chunk["data"]), offset
@@ -332,7 +335,6 @@ class Job:
                     if tail["data"]:
                         yield str(tail["data"]), int(tail["offset"])
                 return
-            time.sleep(poll_s)  # the log is a file on the node; polled like `tail -f`
 
     def _action(self, verb: str) -> Job:
         answer = self.client._call(self.client._api.action, self.id, verb)
