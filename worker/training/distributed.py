@@ -81,6 +81,15 @@ def agree_stop(local_stop: bool, device: torch.device) -> bool:
     return bool(flag.item() > 0)
 
 
+def same_step(step: int, device: torch.device) -> None:
+    """Raise unless every rank found the same checkpoint step (a rank that resumed elsewhere
+    would train a different model and average garbage into the others)."""
+    both = torch.tensor([float(step), -float(step)], device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if both[0].item() != step or -both[1].item() != step:
+        raise RuntimeError(f"ranks resumed from different checkpoints (this rank: step {step})")
+
+
 class ShardBatchSampler(Sampler[list[int]]):
     """Rank `rank`'s share of an epoch's batches: batch i goes to rank i % world; every rank
     gets len // world batches (the tail that cannot be split evenly is dropped)."""

@@ -22,7 +22,7 @@ from worker.training.batches import batch_size, evaluate, split_batch, to_device
 from worker.training.checkpoint import CKPT_FORMAT, CheckpointManager, capture_rng_state, restore_rng_state
 from worker.training.data import batches_per_epoch, epoch_batches
 from worker.training.device import AmpConfig, peak_memory
-from worker.training.distributed import DistContext, agree_stop, wrap_model
+from worker.training.distributed import DistContext, agree_stop, same_step, wrap_model
 from worker.training.factory import TrainSpec
 from worker.training.status import Progress, StatusWriter, format_progress, notice
 
@@ -135,8 +135,11 @@ class Trainer:
 
     def resume(self) -> int | None:
         """Load the newest good checkpoint; return its step (None on a fresh start)."""
-        self.ckpts.clean_temp_files()
+        if self.is_main:  # DDP: only rank 0 writes in the directory, so only it tidies it
+            self.ckpts.clean_temp_files()
         loaded = self.ckpts.load_latest()
+        if self.dist is not None:  # every rank must resume from the same step, or none trains
+            same_step(-1 if loaded is None else loaded.step, self.device)
         if loaded is None:
             return None
         st = loaded.state
