@@ -213,9 +213,21 @@ class Client:
         job.refresh()
         return job
 
-    def jobs(self, *, all_jobs: bool = False) -> list[Job]:
-        """Live jobs (with `all_jobs`, finished ones too), as the queue shows them."""
-        return [Job(self, int(r["id"]), r) for r in self._call(self._api.jobs, all_jobs=all_jobs)]
+    def jobs(
+        self, *, all_jobs: bool = False, user: str | None = None, me: bool = False, state: str | None = None,
+        name: str | None = None,
+    ) -> list[Job]:  # fmt: skip
+        """Live jobs (with `all_jobs`, finished ones too, every page), filtered by the scheduler
+        like `gpulab queue`: `user="a,b"`, `me=True`, `state="PENDING,HELD"`, `name="sweep*"`."""
+        query: dict[str, Any] = {"all": "1" if all_jobs else None, "user": user, "me": "1" if me else None,
+                                 "state": state, "name": name}  # fmt: skip
+        records: list[dict[str, Any]] = []
+        while True:
+            page = self._call(self._api.jobs_page, query)
+            records += page["jobs"]
+            if not page.get("next_cursor"):
+                return [Job(self, int(r["id"]), r) for r in records]
+            query["cursor"] = page["next_cursor"]
 
     def gpus(self) -> dict[str, Any]:
         """Per node and GPU: total, used, reserved, available (the `gpulab gpus --json` shape)."""

@@ -63,6 +63,8 @@ def test_a_job_object_follows_its_job(client: gpulab.Client, tmp_path: Path) -> 
     assert job.result is None  # not a training job
     assert client.job(job.id) == job
     assert job.id in {j.id for j in client.jobs(all_jobs=True)}
+    assert job.id in {j.id for j in client.jobs(all_jobs=True, me=True, state="COMPLETED")}
+    assert job.id not in {j.id for j in client.jobs(all_jobs=True, state="FAILED")}
 
 
 def test_cancel_and_dependencies_take_job_objects(client: gpulab.Client) -> None:
