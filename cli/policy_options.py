@@ -30,6 +30,11 @@ def policy_options(fn: Any) -> Any:
         click.option("--exclusive", is_flag=True, help="Whole GPUs, whatever --mem says."),
         click.option("--node", metavar="NAME", help="Run only on this node."),
         click.option("--gpu-model", metavar="MODEL", help="GPU name must contain MODEL (A100, 'RTX 4090')."),
+        click.option(
+            "--preemptible/--no-preemptible",
+            default=None,
+            help="May be stopped (SIGTERM) and requeued for a higher-priority job (default: yes for --train).",
+        ),
         click.option("--user", "as_user", metavar="NAME", help="Admins: submit on behalf of NAME."),
         click.option(
             "--oom-retry",
@@ -54,6 +59,7 @@ def spec_fields(policy: dict[str, Any]) -> dict[str, Any]:
         "node": policy.get("node") or "",
         "gpu_model": policy.get("gpu_model") or "",
         "oom_retry": int(policy.get("oom_retry") or 0),
+        "preemptible": policy.get("preemptible"),
     }
 
 

@@ -79,6 +79,19 @@ class PolicyConfig:
     max_running_per_user: int = 0
     max_array_size: int = 1000
     admin_users: tuple[str, ...] = ("root",)
+    # Preemption by checkpoint (scheduler/policy/preemption.py): a waiting job that would not
+    # start within preempt_after_s (0 = preemption off) may stop preemptible jobs whose claim
+    # (weight_priority * --priority + weight_fairshare * F(user)) is lower than its own by more
+    # than preempt_margin and that have run at least preempt_min_run_s.
+    preempt_after_s: float = 0.0
+    preempt_min_run_s: float = 600.0
+    preempt_margin: float = 100.0
+    # Idle GPUs: a job holding GPU memory at <= idle_max_util_percent utilisation for
+    # idle_after_s (0 = off) is flagged; "notify" also writes an event its owner's
+    # notifications follow, "stop" stops it (SIGTERM first: built-in-loop jobs checkpoint).
+    idle_after_s: float = 1800.0
+    idle_action: str = "flag"
+    idle_max_util_percent: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -211,7 +224,10 @@ _SIZE_KEYS = {
     "auto_min_request", "cuda_context",
 }  # fmt: skip
 _TUPLE_KEYS = {"simulate_gpus", "admin_users", "allow_networks", "profile_ignore_args"}
-_FLOAT_KEYS = {"auto_quantile", "auto_margin", "outlier_factor", "profile_ttl_days"}
+_FLOAT_KEYS = {
+    "auto_quantile", "auto_margin", "outlier_factor", "profile_ttl_days", "preempt_margin", "idle_max_util_percent",
+}  # fmt: skip
+_CHOICES = {"idle_action": ("flag", "notify", "stop")}
 
 
 def _section(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -242,6 +258,8 @@ def _section(cls: type, table: dict[str, Any], where: str) -> Any:
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise ValueError("must be a whole number, 1 or more")
+            elif name in _CHOICES and value not in _CHOICES[name]:
+                raise ValueError(f"must be one of {', '.join(_CHOICES[name])}")
             elif (name.startswith("max_") or name.endswith("_port")) and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 0
             ):

@@ -34,6 +34,8 @@ ATTEMPT_FIELDS: tuple[str, ...] = (
     "cancel_requested",
     "started_at",
     "est_start_at",
+    "preempt_requested",
+    "idle_since",
 )
 
 
@@ -310,6 +312,21 @@ def finish(
         guard=a.guard,
         fence=a.fence,
         detail=detail or "exit code 0",
+    )
+
+
+def preempted(a: Attempt, detail: str, fields: Mapping[str, Any]) -> Transition:
+    """RUNNING -> PENDING, reason Preempted: the job was stopped (SIGTERM, then SIGKILL after
+    the grace period) for a job with a higher claim, and waits to run again; a built-in-loop
+    job resumes from its last checkpoint. Guarded and fenced like every worker write."""
+    return Transition(
+        a.job_id,
+        JobState.PENDING,
+        {**fields, "reason": Reason.PREEMPTED.value, "detail": detail},
+        expect=frozenset({JobState.RUNNING}),
+        guard=a.guard,
+        fence=a.fence,
+        detail=detail,
     )
 
 

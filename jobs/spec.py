@@ -68,6 +68,9 @@ class JobSpec:
     notify_url: str = ""  # --notify-url: a webhook (JSON POST, signed) for notify_on events
     mail: str = ""  # --mail: an address for notify_on events
     notify_on: tuple[str, ...] = ()  # --notify-on end,fail,held,started-late,idle
+    # --preemptible / --no-preemptible: may be stopped (SIGTERM) and requeued for a job with a
+    # higher claim. None = the default: built-in-loop jobs yes (they checkpoint), others no.
+    preemptible: bool | None = None
 
     @property
     def notify(self) -> NotifySettings:
@@ -127,9 +130,15 @@ class JobSpec:
             notify_on=_events(data),
             mem_auto=_typed(data, "mem_auto", bool, False),
             mem_estimate=_typed(data, "mem_estimate", int, None),
+            preemptible=_typed(data, "preemptible", bool, None),
         )
         validate_spec(spec)
         return spec
+
+    @property
+    def may_be_preempted(self) -> bool:
+        """Opted in (`--preemptible`), or a built-in-loop job that did not opt out."""
+        return self.preemptible if self.preemptible is not None else self.kind == "training"
 
     @property
     def display_name(self) -> str:

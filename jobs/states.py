@@ -36,6 +36,8 @@ class Reason(StrEnum):
     CANCELLED = "Cancelled"
     LAUNCH_FAILED = "LaunchFailed"
     REQUEUED = "Requeued"
+    PREEMPTED = "Preempted"  # stopped for a job with a higher claim; waits to resume from its checkpoint
+    IDLE = "Idle"  # stopped after holding GPU memory at ~0% utilisation past [policy] idle_after_s
     INVALID = "InvalidRecord"  # a stored record failed validation: quarantined, never fatal
 
 

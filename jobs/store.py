@@ -256,6 +256,16 @@ class JobStore:
         pipe.xadd(keys.job_events(job_id), {**event, "at": repr(time.time())})
         pipe.rpush(keys.node_control(node), f"cancel {job_id} {attempt}")
 
+    def request_preempt(self, job_id: int, node: str, attempt: int, for_job: int, detail: str) -> None:
+        """Mark a running job for preemption and tell its worker, which stops it (SIGTERM, then
+        SIGKILL after the grace period) and requeues it with reason Preempted."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.job(job_id), "preempt_requested", str(for_job))
+        event = {"state": JobState.RUNNING.value, "reason": "Preempted", "detail": f"preemption requested {detail}"}
+        pipe.xadd(keys.job_events(job_id), {**event, "at": repr(time.time())})
+        pipe.rpush(keys.node_control(node), f"preempt {job_id} {attempt} {for_job}")
+        pipe.execute()
+
     def set_pending_info(
         self,
         pipe: redis.client.Pipeline,

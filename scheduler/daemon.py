@@ -40,6 +40,7 @@ from scheduler.policy.dependencies import evaluate
 from scheduler.policy.forecast import same_estimate
 from scheduler.policy.inputs import pending_job, running_job
 from scheduler.policy.placement import Waiting, WaitingQueue, place_queue
+from scheduler.preemption import Preemptor
 from scheduler.usage import UsageTracker
 
 log = logging.getLogger("gpulab.scheduler")
@@ -88,6 +89,7 @@ class Scheduler:
         self.changes = ChangeFeed(client)
         self._last_full = -RESYNC_S  # time.monotonic() of the last full read of the waiting jobs
         self._last_lease_check = -RESYNC_S  # ... of the active jobs and their leases
+        self.preemptor = Preemptor(client, config)
 
     def run_forever(self, stop: threading.Event) -> None:
         """Pass after pass until `stop`. Nothing a user stored or Redis answered ends the loop:
@@ -210,6 +212,8 @@ class Scheduler:
             running, active, usage, unavailable,
         )  # fmt: skip
         _add_estimates(reasons, starts)
+        left = [j for i, j in self._queue.by_id.items() if i in result.waiting]
+        self.preemptor.run(now, left, starts, active, running, accounts, self.policy, usage, unavailable)
         self._write_reasons([r for r in waiting if r.state == JobState.PENDING], reasons)
         duration = time.perf_counter() - started
         self.redis.hset(

@@ -473,6 +473,12 @@ class WorkerDaemon:
                     runner = self.runners.get(int(parts[1]))
                 if runner is not None and runner.attempt == int(parts[2]):
                     runner.stop("cancelled")
+            elif len(parts) == 4 and parts[0] == "preempt" and all(p.isdigit() for p in parts[1:]):
+                with self._lock:
+                    runner = self.runners.get(int(parts[1]))
+                if runner is not None and runner.attempt == int(parts[2]):
+                    runner.preempted_for = int(parts[3])
+                    runner.stop("preempted")
 
 
 def _dead_local_owner(holder: str) -> bool:

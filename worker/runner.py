@@ -110,7 +110,8 @@ class JobRunner:
         self.peak: dict[str, int] = {}
         self.current: dict[str, int] = {}
         self.mem_warning = ""
-        self._stop_reason = ""  # "cancelled" | "timeout" | "lease" | "shutdown" | "fenced" | "gpu lost: ..."
+        self._stop_reason = ""  # "cancelled" | "timeout" | "preempted" | "idle" | "lease" | ... | "gpu lost: ..."
+        self.preempted_for = 0  # the job this one was preempted for
         self._gate_open = False  # "go" sent: from now on a stop signals the shim
         self._lock = threading.Lock()
         self._pipe_lock = threading.Lock()
@@ -531,6 +532,13 @@ class JobRunner:
         }
         if status is not None:
             fields["status"] = status
+        if self._stop_reason == "preempted" and outcome.state != JobState.COMPLETED:
+            # Back to wait, whatever the exit: a job that ignored SIGTERM was killed after the
+            # grace period and resumes from whatever checkpoint it last wrote.
+            how = "checkpointed and stopped" if self.record.spec.kind == "training" else "stopped"
+            detail = f"preempted for job {self.preempted_for}; {how} ({outcome.detail or 'exit code 0'})"
+            self.record_end(lifecycle.preempted(self.writer, detail, fields), False)
+            return
         retry = self._oom_retry(outcome, status)
         if retry is not None:
             target, outcome = retry[0].state, retry[0]

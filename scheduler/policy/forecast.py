@@ -56,7 +56,7 @@ def forecast_starts(
     """Expected start of each job in `jobs`. Running jobs' `ends_at` must be filled in by
     the caller where it can be guessed (None = unknown: its memory never comes back here).
     `duration_of(job)` is how long a job started in the simulation runs (None = unknown)."""
-    cluster = _SimCluster(accounts, running)
+    cluster = SimCluster(accounts, running)
     waiting = {j.id: j for j in jobs}
     starts: dict[int, float | None] = dict.fromkeys(waiting)
     never: set[int] = set()
@@ -102,7 +102,7 @@ def forecast_starts(
     return Forecast(starts, steps, t, complete)
 
 
-class _SimCluster:
+class SimCluster:
     """The accounts, changed as simulated jobs start and end. An end gives back what the job
     held (its reservation, or the whole card) to both the ledger and NVML sides."""
 
@@ -147,27 +147,32 @@ class _SimCluster:
         ended: set[int] = set()
         while self.ends and self.ends[0][0] <= t:
             _, job_id = heapq.heappop(self.ends)
-            job = self.jobs.pop(job_id, None)
-            if job is None:
-                continue
-            ended.add(job_id)
-            for uuid, amount in job.gpus.items():
-                acct = self.by_uuid.get(uuid)
-                if acct is None:
-                    continue
-                held = acct.total if job.whole_gpu else amount
-                acct.jobs = max(0, acct.jobs - 1)
-                acct.committed = max(0, acct.committed - held)
-                acct.gpulab_reserved = max(0, acct.gpulab_reserved - held)
-                acct.gpulab_used = max(0, acct.gpulab_used - held)
-                acct.used = max(0, acct.used - held)
-                acct.nvml_free = min(acct.total, acct.nvml_free + held)
-                acct.pending_growth = min(acct.pending_growth, max(0, acct.committed - acct.gpulab_used))
-                if job.whole_gpu:
-                    left = self.whole_jobs.get(uuid, 1) - 1
-                    self.whole_jobs[uuid] = left
-                    acct.whole_gpu_taken = left > 0
+            if self.release(job_id):
+                ended.add(job_id)
         return ended
+
+    def release(self, job_id: int) -> bool:
+        """Give back what a running job holds (False if it is not running here)."""
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return False
+        for uuid, amount in job.gpus.items():
+            acct = self.by_uuid.get(uuid)
+            if acct is None:
+                continue
+            held = acct.total if job.whole_gpu else amount
+            acct.jobs = max(0, acct.jobs - 1)
+            acct.committed = max(0, acct.committed - held)
+            acct.gpulab_reserved = max(0, acct.gpulab_reserved - held)
+            acct.gpulab_used = max(0, acct.gpulab_used - held)
+            acct.used = max(0, acct.used - held)
+            acct.nvml_free = min(acct.total, acct.nvml_free + held)
+            acct.pending_growth = min(acct.pending_growth, max(0, acct.committed - acct.gpulab_used))
+            if job.whole_gpu:
+                left = self.whole_jobs.get(uuid, 1) - 1
+                self.whole_jobs[uuid] = left
+                acct.whole_gpu_taken = left > 0
+        return True
 
 
 def expected_end(
