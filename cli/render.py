@@ -73,6 +73,14 @@ def start_column(job: dict[str, Any], now: float) -> str:
     return "now" if est - now < 1 else f"in {duration(est - now)}"
 
 
+def idle_mark(job: dict[str, Any], now: float) -> str:
+    """"IDLE 35:00" for a running job flagged idle (GPU memory held at ~0% utilisation), else ""."""
+    since = number(job.get("idle_since"))
+    if job["state"] != "RUNNING" or since is None:
+        return ""
+    return f"IDLE {duration(max(0.0, now - since))}"
+
+
 def _rows(jobs: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
     """(ID, NAME, job) per row. Pending tasks of one array waiting for the same reason share
     a row, like squeue: ids 13-43, name sweep[1-31%4]."""
@@ -120,6 +128,8 @@ def queue_table(jobs: list[dict[str, Any]], now: float | None = None) -> Table:
         extra = _progress(job) or _why(job)
         if job["state"] in ("RUNNING",) and _progress(job) and job.get("mem_warning"):
             extra += f"; {safe(job['mem_warning'])}"
+        if idle_mark(job, now):
+            extra = idle_mark(job, now) + (f"; {extra}" if extra else "")
         table.add_row(
             ids,
             Text(name),
@@ -191,6 +201,9 @@ def _policy_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("Depends on", ", ".join(deps)))
     if job.get("array_id") is not None:
         rows.append(("Array", f"{job['array_id']} ({spec.get('array')}), task {job.get('array_index')}"))
+    idle = idle_mark(job, time.time())
+    if idle:
+        rows.append(("Idle", idle.replace("IDLE ", "for ") + " (GPU memory held, ~0% utilisation)"))
     estimate = _estimate(job, time.time()).removeprefix("; ")
     if job["state"] == "PENDING":
         never = job.get("reason") == "Infeasible"

@@ -16,7 +16,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from cli.render import cell
+from cli.render import cell, idle_mark
 from jobs.sizes import format_size
 from jobs.text import duration, safe
 from jobs.text import progress as _progress
@@ -83,7 +83,7 @@ def running_table(jobs: list[dict[str, Any]], now: float, width: int = NARROW) -
         table.add_row(
             str(job["id"]), cell(job["name"]), cell(job["user"]), Text(placement),
             f"{format_size(current)}/{format_size(peak)}", duration(now - started if started else None),
-            cell(_progress(job) or job.get("mem_warning", "")),
+            cell(" ".join(p for p in (idle_mark(job, now), _progress(job) or job.get("mem_warning", "")) if p)),
         )  # fmt: skip
     return table
 

@@ -330,6 +330,21 @@ def preempted(a: Attempt, detail: str, fields: Mapping[str, Any]) -> Transition:
     )
 
 
+def idle_stopped(a: Attempt, detail: str, fields: Mapping[str, Any]) -> Transition:
+    """RUNNING -> HELD, reason Idle: stopped ([policy] idle_action = "stop") after holding GPU
+    memory unused for idle_after_s. Held, not ended: `gpulab release` runs it again, and a
+    built-in-loop job resumes from the checkpoint it wrote on SIGTERM."""
+    return Transition(
+        a.job_id,
+        JobState.HELD,
+        {**fields, "reason": Reason.IDLE.value, "detail": detail},
+        expect=frozenset({JobState.RUNNING}),
+        guard=a.guard,
+        fence=a.fence,
+        detail=detail,
+    )
+
+
 def late_finish(ending: Transition, node: str) -> Transition:
     """The attempt ended just as its lease lapsed and the scheduler requeued it: record the
     final result anyway (same attempt, not dispatched again yet) so it does not run twice."""

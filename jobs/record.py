@@ -57,7 +57,8 @@ class JobRecord:
     log_path: str = ""
     array_id: int | None = None  # task of this array (the array's id = its first task's id)
     array_index: int | None = None
-    est_start_at: float | None = None  # while PENDING with a reservation: expected start
+    est_start_at: float | None = None  # while PENDING: expected start (reservation or forecast)
+    idle_since: float | None = None  # while RUNNING: idle (GPU memory held, ~0% utilisation) since
     profile_key: str = ""  # the learned memory profile its runs go to (set by the scheduler at submit)
     profile_label: str = ""
     mem_origin: str = ""  # where --mem came from: "11.2 GiB from 6 runs, p95 + 10%"
@@ -114,6 +115,7 @@ class JobRecord:
             profile_key=h.get("profile_key", ""),
             profile_label=h.get("profile_label", ""),
             mem_origin=h.get("mem_origin", ""),
+            idle_since=_float(h.get("idle_since")),
         )
 
     def to_json(self, *, private: bool = True) -> dict[str, Any]:
@@ -160,6 +162,7 @@ class JobRecord:
             "profile_key": self.profile_key if private else "",
             "profile_label": self.profile_label if private else "",
             "mem_origin": self.mem_origin,
+            "idle_since": self.idle_since if self.state == JobState.RUNNING else None,
         }
 
 

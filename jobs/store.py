@@ -256,6 +256,11 @@ class JobStore:
         pipe.xadd(keys.job_events(job_id), {**event, "at": repr(time.time())})
         pipe.rpush(keys.node_control(node), f"cancel {job_id} {attempt}")
 
+    def add_event(self, pipe: redis.client.Pipeline, job_id: int, state: str, reason: str, detail: str) -> None:
+        """An event in the job's history that is not a transition (e.g. found idle)."""
+        event = {"state": state, "reason": reason, "detail": detail, "at": repr(time.time())}
+        pipe.xadd(keys.job_events(job_id), event)
+
     def request_preempt(self, job_id: int, node: str, attempt: int, for_job: int, detail: str) -> None:
         """Mark a running job for preemption and tell its worker, which stops it (SIGTERM, then
         SIGKILL after the grace period) and requeues it with reason Preempted."""

@@ -31,9 +31,11 @@ from jobs import keys
 from jobs.config import Config
 from jobs.gpus import GpuSnapshot, JobGpuUsage, NodeHeartbeat
 from jobs.lifecycle import Fence, Transition
+from jobs.notify_events import emit
 from jobs.profiles import Sample
-from jobs.states import JobState
+from jobs.states import JobState, Reason
 from jobs.store import Fenced, JobStore, TransitionRefused
+from jobs.text import duration
 from worker.enforcement import Enforcer, GpuState, JobOnGpu
 from worker.identity import RunAs
 from worker.journal import EndRecorder, Entry, Journal
@@ -356,8 +358,33 @@ class WorkerDaemon:
                 status = runner.read_status()
                 if status is not None:
                     fields["status"] = status
+                idle_since = runner.idle.flagged_since
+                if idle_since != runner.idle_written:
+                    fields["idle_since"] = "" if idle_since is None else idle_since
+                    runner.idle_written = idle_since
                 self.store.observe(pipe, runner.job_id, runner.attempt, self.fence, fields)
+            idle = [r for r in running if r.idle_due]
+            for runner in idle:
+                self._report_idle(pipe, runner)
             pipe.execute()
+            if self.config.policy.idle_action == "stop":
+                for runner in idle:
+                    runner.stop("idle")
+
+    def _report_idle(self, pipe: redis.client.Pipeline, runner: JobRunner) -> None:
+        """The job's idle spell just reached idle_after_s: an Idle event in its history, and the
+        notification hook under idle_action = "notify" (docs in worker/idle.py)."""
+        runner.idle_due = False
+        policy = self.config.policy
+        detail = (
+            f"idle: holds GPU memory at <= {policy.idle_max_util_percent:g}% utilisation for "
+            f"{duration(policy.idle_after_s)}"
+            + ("; stopping it" if policy.idle_action == "stop" else "")
+        )
+        log.info("worker: job %s %s", runner.job_id, detail)
+        self.store.add_event(pipe, runner.job_id, JobState.RUNNING.value, Reason.IDLE.value, detail)
+        if policy.idle_action == "notify":
+            emit(pipe, runner.job_id, "idle", detail)
 
     def _on_fenced(self) -> None:
         """Another worker took this node's name while this one was frozen or cut off: every
@@ -414,6 +441,13 @@ class WorkerDaemon:
                         JobGpuUsage(runner.job_id, device.uuid, runner.current[device.uuid], runner.peak[device.uuid])
                     )
         self._enforce(snapshot, runners, foreign_now)
+        now = time.time()
+        util = {d.uuid: d.utilization_pct if d.healthy else None for d in snapshot.devices}
+        for runner in runners:
+            if runner.pid is not None and not runner.done.is_set():
+                holding = sum(runner.current.values())
+                if runner.idle.update(holding, [util.get(u) for u in runner.gpu_uuids], now):
+                    runner.idle_due = True
         # Outside processes are held at their peak until they exit (they leave the list).
         self.foreign_peak = {k: max(v, self.foreign_peak.get(k, 0)) for k, v in foreign_now.items()}
         foreign_by_gpu: dict[str, int] = defaultdict(int)

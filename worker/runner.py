@@ -35,9 +35,10 @@ from jobs.record import JobRecord
 from jobs.sizes import MiB, format_size
 from jobs.spec import SpecError, validate_spec
 from jobs.states import JobState, Reason
-from jobs.text import safe
+from jobs.text import duration, safe
 from worker import jobfiles
 from worker.identity import IdentityError, RunAs, resolve_run_as
+from worker.idle import IdleWatch
 from worker.outcome import Outcome, classify
 from worker.process_tree import kill_tree, signal_tree, tree_pids
 from worker.shim import ABORTED_EXIT
@@ -112,6 +113,9 @@ class JobRunner:
         self.mem_warning = ""
         self._stop_reason = ""  # "cancelled" | "timeout" | "preempted" | "idle" | "lease" | ... | "gpu lost: ..."
         self.preempted_for = 0  # the job this one was preempted for
+        self.idle = IdleWatch(config.policy.idle_after_s, config.policy.idle_max_util_percent)
+        self.idle_written: float | None = None  # the idle_since last written to the record
+        self.idle_due = False  # the idle spell just crossed idle_after_s: act on the next heartbeat
         self._gate_open = False  # "go" sent: from now on a stop signals the shim
         self._lock = threading.Lock()
         self._pipe_lock = threading.Lock()
@@ -532,6 +536,11 @@ class JobRunner:
         }
         if status is not None:
             fields["status"] = status
+        if self._stop_reason == "idle" and outcome.state != JobState.COMPLETED:
+            idle_for = duration(self.config.policy.idle_after_s)
+            detail = f"stopped: idle on its GPUs for {idle_for}; `gpulab release` runs it again"
+            self.record_end(lifecycle.idle_stopped(self.writer, detail, fields), False)
+            return
         if self._stop_reason == "preempted" and outcome.state != JobState.COMPLETED:
             # Back to wait, whatever the exit: a job that ignored SIGTERM was killed after the
             # grace period and resumes from whatever checkpoint it last wrote.

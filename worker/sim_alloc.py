@@ -1,7 +1,7 @@
 """A stand-in for a CUDA program on simulated GPUs: "allocates" memory by announcing it.
 
     python -m worker.sim_alloc 4GiB [--gpu UUID] [--sim-dir DIR] [--hold S | --until-signal]
-                               [--steps N] [--step-interval S] [--delay S] [--all-visible]
+                               [--steps N] [--step-interval S] [--delay S] [--all-visible] [--util PCT]
 
 It writes its byte count to `<sim_dir>/<uuid>/<own pid>` (atomically: temp file + rename),
 which `SimProbe` reports as this pid's usage, prints `allocated <bytes> on <uuid>` once
@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1, help="reach SIZE in N equal steps (default 1)")
     p.add_argument("--step-interval", type=float, default=0.2, metavar="SECONDS", help="time between steps")
     p.add_argument("--delay", type=float, default=0.0, metavar="SECONDS", help="wait before allocating anything")
+    p.add_argument("--util", type=int, default=None, metavar="PCT", help="GPU utilisation to report (default 100)")
     return p
 
 
@@ -76,9 +77,9 @@ def _targets(args: argparse.Namespace) -> list[str]:
     return visible[:1]
 
 
-def _write(path: Path, nbytes: int) -> None:
+def _write(path: Path, nbytes: int, util: int | None = None) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{nbytes}\n")
+    tmp.write_text(f"{nbytes}\n" if util is None else f"{nbytes} {util}\n")
     os.replace(tmp, path)
 
 
@@ -91,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         size = parse_size(args.size)
     except ValueError as exc:
         parser.error(f"SIZE: {exc}")
+    if args.util is not None and not 0 <= args.util <= 100:
+        parser.error("--util must be between 0 and 100")
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     if min(args.hold, args.step_interval, args.delay) < 0:
@@ -112,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for step in range(1, args.steps + 1):
             amount = size * step // args.steps
             for path in files:
-                _write(path, amount)
+                _write(path, amount, args.util)
             if step < args.steps:
                 print(f"step {step}/{args.steps}: {amount} bytes", flush=True)
                 time.sleep(args.step_interval)

@@ -9,6 +9,10 @@ survive any process layout (a job's grandchild can allocate) and need no daemon.
 Dead processes release their memory like a real driver would: a file whose pid has
 exited (or is a zombie, or was reused by a newer process) is ignored and removed.
 `<sim_dir>/<uuid>/FAIL` holding a message turns that GPU unhealthy, for failure tests.
+
+Utilisation: a file may hold `BYTES UTIL` (UTIL in percent, 0-100); the GPU reports the
+highest UTIL of its live processes, 100 for a process that gives none (it computes), and 0
+with no process: so idle-job detection is testable (`python -m worker.sim_alloc --util 0`).
 """
 
 from __future__ import annotations
@@ -116,7 +120,8 @@ class SimProbe:
                 index=index, uuid=uuid, name=SIM_NAME, total_bytes=total, free_bytes=0, used_bytes=0,
                 utilization_pct=None, healthy=False, error=error,
             )  # fmt: skip
-        processes = tuple(_live_allocations(folder))
+        utils: list[int] = []
+        processes = tuple(_live_allocations(folder, utils))
         used = sum(p.used_bytes for p in processes)
         return GpuDevice(
             index=index,
@@ -125,7 +130,7 @@ class SimProbe:
             total_bytes=total,
             free_bytes=max(0, total - used),
             used_bytes=used,  # may exceed total: oversubscription stays visible
-            utilization_pct=100 if processes else 0,
+            utilization_pct=max(utils, default=0),
             processes=processes,
         )
 
@@ -142,8 +147,9 @@ def _read_fail(folder: Path) -> str | None:
     return data.decode(errors="replace").strip() or "simulated failure"
 
 
-def _live_allocations(folder: Path) -> list[GpuProcess]:
-    """(pid, bytes) of live allocating processes, sorted by pid; removes dead ones' files."""
+def _live_allocations(folder: Path, utils: list[int] | None = None) -> list[GpuProcess]:
+    """(pid, bytes) of live allocating processes, sorted by pid; removes dead ones' files.
+    Each one's utilisation (percent, 100 when its file gives none) goes into `utils`."""
     found: list[GpuProcess] = []
     try:
         entries = list(os.scandir(folder))
@@ -161,10 +167,14 @@ def _live_allocations(folder: Path) -> list[GpuProcess]:
             Path(entry.path).unlink(missing_ok=True)
             continue
         data = read_small_file(entry.path, _MAX_SIM_FILE)  # not following, never blocking
+        words = (data or b"").split()
         try:
-            used = int((data or b"").strip())
-        except ValueError:
+            used = int(words[0])
+            util = min(100, max(0, int(words[1]))) if len(words) > 1 else 100
+        except (ValueError, IndexError):
             continue  # removed meanwhile, not a regular file, or not a number: count nothing
         found.append(GpuProcess(pid=pid, used_bytes=max(0, used)))
+        if utils is not None:
+            utils.append(util)
     found.sort(key=lambda p: p.pid)
     return found

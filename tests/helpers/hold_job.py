@@ -1,7 +1,7 @@
 """A test job: 'allocates' SIZE on its simulated GPU (or nothing for 0), prints a line, then
 blocks on a FIFO until the test writes an exit code into it. No sleeps: the test decides.
 
-    python -m tests.helpers.hold_job SIZE FIFO [--child]
+    python -m tests.helpers.hold_job SIZE FIFO [--child] [--util=PCT]
 
 SIZE may be `@FILE`: the size is read from that file (runs with the same argv that hold
 different amounts, as reruns of one job do).
@@ -32,7 +32,8 @@ def main() -> int:
             folder = Path(sim_dir) / uuid
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f".{os.getpid()}.tmp"
-            tmp.write_text(str(size))
+            util = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--util=")), None)
+            tmp.write_text(str(size) if util is None else f"{size} {util}")
             tmp.replace(folder / str(os.getpid()))
     if "--child" in sys.argv:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
