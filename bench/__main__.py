@@ -4,6 +4,8 @@
     python -m bench latency [--jobs 200] [--backlog 1000] [--profile DIR]
     python -m bench replay [--trace openb|philly] [--quick] [--nodes N] ...
     python -m bench footprint [--window 10] [--held 10000]
+    python -m bench eta [--quick]        start estimates vs actual starts (replays), forecast cost
+    python -m bench preempt [--trace philly|openb] [--quick]   preemption: JCT and worst wait
     python -m bench soak [--jobs 2000] [--chaos-every 2.0]   kills, freezes, Redis restarts
     python -m bench bulk [--jobs 2000]   cancel/hold/release: one call per id vs one bulk call
     python -m bench failover [--kills 10] [--schedulers 2] [--lease 3.0]   kill -9 of the leader
@@ -28,6 +30,7 @@ from bench import (
     array_drain,
     bulk_actions,
     chaos_soak,
+    eta,
     failover,
     footprint,
     latency,
@@ -36,6 +39,7 @@ from bench import (
     placement_throughput,
     training_overhead,
 )
+from bench.replay import preempt
 from bench.replay import run as replay
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     footprint.add_arguments(sub.add_parser("footprint", help="daemons' idle CPU/RSS; Redis bytes per job"))
     training_overhead.add_arguments(sub.add_parser("training", help="training loop under gpulab vs bare"))
     bulk_actions.add_arguments(sub.add_parser("bulk", help="cancel/hold/release of thousands of jobs"))
+    eta.add_arguments(sub.add_parser("eta", help="start estimates: accuracy on the replays, cost at 1k/10k waiting"))
+    preempt.add_arguments(sub.add_parser("preempt", help="preemption by checkpoint on the replays: JCT, worst wait"))
     chaos_soak.add_arguments(sub.add_parser("soak", help="short jobs under worker kills/freezes, Redis restarts"))
     failover.add_arguments(sub.add_parser("failover", help="kill -9 of the leading scheduler: time to a new leader"))
     notify_burst.add_arguments(sub.add_parser("notify", help="a burst of job ends through the notifier"))
@@ -105,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         save("array_drain_quick" if args.quick else "array_drain", array_drain.run(args))
     elif args.command == "placement":
         save("placement_quick" if args.quick else "placement", placement_throughput.run(args))
+    elif args.command == "eta":
+        save("eta_quick" if args.quick else "eta", eta.run(args))
+    elif args.command == "preempt":
+        save(f"preempt_{args.trace}{'_quick' if args.quick else ''}", preempt.run(args))
     elif args.command == "replay":
         replay.run(args)
     elif args.command == "memprof":

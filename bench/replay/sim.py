@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Protocol
 
@@ -102,6 +102,9 @@ class JobResult:
     start: float
     end: float
     oom: bool
+    first_start: float | None = None  # before a preemption; None = `start`
+    preemptions: int = 0
+    lost: float = 0.0  # seconds of work lost to preemptions (since the last checkpoint)
 
     @property
     def jct(self) -> float:
@@ -109,7 +112,8 @@ class JobResult:
 
     @property
     def wait(self) -> float:
-        return self.start - self.job.arrival
+        """Until the job first started (a preempted job's later waits are in its JCT)."""
+        return (self.start if self.first_start is None else self.first_start) - self.job.arrival
 
 
 @dataclass
@@ -145,6 +149,24 @@ def simulate(jobs: list[SimJob], policy: Policy, cluster: list[list[int]], *, ch
     now = 0.0
     i = 0
 
+    def stop(job_id: int, checkpoint_every: float) -> None:
+        """Preempt a running job: its GPUs are free now; the rest of its work, plus what it did
+        since its last checkpoint (every `checkpoint_every` s of its run), waits again."""
+        nonlocal requested
+        start = placed.pop(job_id)
+        requested -= _release(nodes[start.node], start)
+        before = results[job_id]
+        ran = now - before.start
+        lost = ran % checkpoint_every if checkpoint_every > 0 else ran
+        rest = replace(start.job, duration=start.job.duration - ran + lost)
+        first = before.start if before.first_start is None else before.first_start
+        results[job_id] = JobResult(rest, before.start, now, False, first, before.preemptions + 1, before.lost + lost)
+        queue.add(rest)
+
+    bind = getattr(policy, "bind", None)
+    if bind is not None:
+        bind(stop)
+
     def launch(start: Start) -> None:
         nonlocal requested
         job = start.job
@@ -169,7 +191,13 @@ def simulate(jobs: list[SimJob], policy: Policy, cluster: list[list[int]], *, ch
         end = now + job.duration
         node.running[job.id] = (end, start)
         placed[job.id] = start
-        results[job.id] = JobResult(job, now, end, oom)
+        before = results.get(job.id)
+        if before is None:
+            results[job.id] = JobResult(job, now, end, oom)
+        else:  # it runs again after a preemption
+            results[job.id] = JobResult(
+                job, now, end, oom or before.oom, before.first_start, before.preemptions, before.lost
+            )
         heapq.heappush(ends, (end, job.id))
 
     while i < len(jobs) or ends or len(queue):
@@ -183,7 +211,9 @@ def simulate(jobs: list[SimJob], policy: Policy, cluster: list[list[int]], *, ch
             integral += requested * (t - now)
         now = t
         while ends and ends[0][0] <= now:
-            _, job_id = heapq.heappop(ends)
+            end, job_id = heapq.heappop(ends)
+            if job_id not in placed or results[job_id].end != end:
+                continue  # preempted: this end is its earlier run's
             start = placed.pop(job_id)
             requested -= _release(nodes[start.node], start)
         while i < len(jobs) and jobs[i].arrival <= now:

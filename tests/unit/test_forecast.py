@@ -29,7 +29,16 @@ def test_with_known_time_limits_the_forecast_is_the_schedule(gpus, jobs, config)
     actual = simulate(gpus, jobs, config)
     sim = Sim(gpus, config)
     got = forecast_starts(
-        jobs, sim.accounts(), POLICY, running=[], duration_of=limit, now=0.0, config=config, max_steps=500
+        jobs,
+        sim.accounts(),
+        POLICY,
+        running=[],
+        duration_of=limit,
+        now=0.0,
+        config=config,
+        max_steps=500,
+        coalesce_s=0.0,
+        coalesce_share=0.0,
     )
     assert {k: v for k, v in got.starts.items() if v is not None} == actual
 
