@@ -14,11 +14,13 @@ away, or unknown and it has waited that long. Its victims must all
   fair share shifts trade places at most once per that time, not every pass;
 - not be stopping already.
 
-Victims are taken on one node, lowest claim first and then the most recently started (least
-work since its last checkpoint at risk... and least progress lost if it has none), adding
+Victims are taken on one node, lowest claim first and then the most recently started (the
+least progress at risk if it has no recent checkpoint), adding
 one at a time until the real `place()` says the preemptor fits there with them gone. The
 node needing the fewest victims wins. One preemptor per pass, and none while the victims
 of an earlier preemption are still stopping: the loop acts again on what actually freed.
+Work per pass is bounded: the possible victims are found once, a waiting job whose claim is
+not above the lowest of theirs costs O(1), and at most `MAX_TRIED` jobs are probed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from scheduler.policy.fairshare import fairshare_factors
 from scheduler.policy.forecast import SimCluster
 from scheduler.policy.placement import place
 from scheduler.policy.types import PendingJob, RunningJob
+
+MAX_TRIED = 8  # waiting jobs a pass probes for victims (each probe runs `place` a few times)
 
 
 @dataclass(frozen=True)
@@ -86,21 +90,30 @@ def choose_preemption(
     running = [c.job for c in candidates]
     factors = fairshare_factors(usage, {j.user for j in waiting} | {r.user for r in running})
     claims = {c.job.id: claim(c.priority, c.job.user, factors, config) for c in candidates}
+    # Victims any job could have, found once: the per-job filter below is then O(1) for the
+    # (usual) waiting job whose claim is not above the lowest of them.
+    possible = [
+        c
+        for c in candidates
+        if c.preemptible
+        and c.job.id not in stopping
+        and now - c.started_at >= config.preempt_min_run_s
+        and c.job.node not in unavailable_nodes
+    ]
+    if not possible:
+        return None
+    lowest = min(claims[c.job.id] for c in possible)
+    tried = 0
     for job in waiting:
         if not wants_preemption(job, expected.get(job.id), now, config):
             continue
         mine = claim(job.priority, job.user, factors, config)
-        eligible = [
-            c
-            for c in candidates
-            if c.preemptible
-            and c.job.id not in stopping
-            and now - c.started_at >= config.preempt_min_run_s
-            and mine > claims[c.job.id] + config.preempt_margin
-            and c.job.node not in unavailable_nodes
-        ]
-        if not eligible:
+        if mine <= lowest + config.preempt_margin:
             continue
+        eligible = [c for c in possible if mine > claims[c.job.id] + config.preempt_margin]
+        tried += 1
+        if tried > MAX_TRIED:
+            return None  # bounded work per pass: the next pass tries again
         best = _best_node(job, eligible, running, claims, accounts, policy, config, usage, now, unavailable_nodes)
         if best is not None:
             node, victims = best
