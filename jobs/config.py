@@ -47,7 +47,7 @@ class SchedulerConfig:
     # Start estimates for every waiting job (scheduler/forecast.py): recomputed at most this
     # often (0 = off), with at most this many simulated placements, and this run time for
     # jobs with neither a time limit nor a learned duration (0 = unknown).
-    eta_interval_s: float = 10.0
+    eta_interval_s: float = 30.0
     max_eta_steps: int = 200
     eta_default_runtime_s: float = 3600.0
     # Several schedulers may share one Redis: each serves the API, one (the leader, holding
