@@ -166,6 +166,22 @@ end
 return 1
 """
 
+REQUEST_PREEMPT = """
+-- KEYS: job, job_events, the node's control list, the leader's fence key.
+-- ARGV: attempt, job preempted for, event detail, now, the scheduler's fence ('' = none),
+--       this job's id (for the control message).
+-- Ask a running attempt's worker to preempt it: only while that attempt is still RUNNING
+-- (a job that ended or moved meanwhile is left alone) and while `fence` is current.
+-- Returns 1 if asked, 0 if the job moved on, -1 when a newer leader holds the fence.
+if ARGV[5] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[5] then return -1 end
+local h = redis.call('HMGET', KEYS[1], 'state', 'attempt')
+if h[1] ~= 'RUNNING' or h[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'preempt_requested', ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'state', 'RUNNING', 'reason', 'Preempted', 'detail', ARGV[3], 'at', ARGV[4])
+redis.call('RPUSH', KEYS[3], 'preempt ' .. ARGV[6] .. ' ' .. ARGV[1] .. ' ' .. ARGV[2])
+return 1
+"""
+
 JOB_FIELDS = """
 -- KEYS: m job hashes, then (when ARGV[2] is '1') their m lease keys.
 -- ARGV: 1 n = number of fields, 2 '1' to add whether each lease exists, 3..2+n field names.

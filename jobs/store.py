@@ -57,6 +57,7 @@ class JobStore:
         self._pending_info = client.register_script(scripts.SET_PENDING_INFO)
         self._profile_add = client.register_script(scripts.PROFILE_ADD)
         self._running_event = client.register_script(scripts.RUNNING_EVENT)
+        self._request_preempt = client.register_script(scripts.REQUEST_PREEMPT)
 
     # ---- writes -------------------------------------------------------------------------
     def reserve_ids(self, count: int) -> int:
@@ -261,15 +262,21 @@ class JobStore:
         event = {"state": state, "reason": reason, "detail": detail, "at": repr(time.time())}
         pipe.xadd(keys.job_events(job_id), event)
 
-    def request_preempt(self, job_id: int, node: str, attempt: int, for_job: int, detail: str) -> None:
-        """Mark a running job for preemption and tell its worker, which stops it (SIGTERM, then
-        SIGKILL after the grace period) and requeues it with reason Preempted."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(keys.job(job_id), "preempt_requested", str(for_job))
-        event = {"state": JobState.RUNNING.value, "reason": "Preempted", "detail": f"preemption requested {detail}"}
-        pipe.xadd(keys.job_events(job_id), {**event, "at": repr(time.time())})
-        pipe.rpush(keys.node_control(node), f"preempt {job_id} {attempt} {for_job}")
-        pipe.execute()
+    def request_preempt(
+        self, job_id: int, node: str, attempt: int, for_job: int, detail: str, fence: Fence | None = None
+    ) -> bool:
+        """Mark a running attempt for preemption and tell its worker, which stops it (SIGTERM,
+        then SIGKILL after the grace period) and requeues it with reason Preempted. One script
+        (scripts.REQUEST_PREEMPT): nothing happens if the attempt is no longer RUNNING. Raises
+        Fenced when `fence` (the scheduler's leadership) is no longer current."""
+        fence = fence or Fence(keys.job(job_id), "")  # unused key when there is no token
+        done = self._request_preempt(
+            keys=[keys.job(job_id), keys.job_events(job_id), keys.node_control(node), fence.key],
+            args=[str(attempt), str(for_job), f"preempted {detail}", repr(time.time()), fence.token, str(job_id)],
+        )
+        if int(done) == -1:
+            raise Fenced(f"job {job_id}: preemption refused, a newer scheduler holds {fence.key}")
+        return int(done) == 1
 
     def set_pending_info(
         self,

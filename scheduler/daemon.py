@@ -213,7 +213,7 @@ class Scheduler:
         )  # fmt: skip
         _add_estimates(reasons, starts)
         left = [j for i, j in self._queue.by_id.items() if i in result.waiting]
-        self.preemptor.run(now, left, starts, active, running, accounts, self.policy, usage, unavailable)
+        self.preemptor.run(now, left, starts, active, running, accounts, self.policy, usage, unavailable, self.fence)
         self._write_reasons([r for r in waiting if r.state == JobState.PENDING], reasons)
         duration = time.perf_counter() - started
         self.redis.hset(

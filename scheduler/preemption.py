@@ -15,6 +15,7 @@ import logging
 import redis
 
 from jobs.config import Config
+from jobs.lifecycle import Fence
 from jobs.record import JobRecord
 from jobs.store import JobStore
 from scheduler.policy.accounting import AccountingPolicy, GpuAccount
@@ -42,7 +43,10 @@ class Preemptor:
         policy: AccountingPolicy,
         usage: dict[str, float],
         unavailable: frozenset[str],
+        fence: Fence | None = None,
     ) -> Preemption | None:
+        """Choose and ask for at most one preemption; the request carries the leader's `fence`
+        (jobs.store.Fenced when a newer scheduler leads)."""
         if self.config.policy.preempt_after_s <= 0:
             return None
         live = {r.id: r.attempt for r in active}
@@ -78,6 +82,6 @@ class Preemptor:
         for victim in chosen.victims:
             record = records[victim]
             log.info("preempting job %s on %s %s", victim, record.node, chosen.detail)
-            self.store.request_preempt(victim, record.node, record.attempt, chosen.job_id, chosen.detail)
-            self.stopping[victim] = record.attempt
+            if self.store.request_preempt(victim, record.node, record.attempt, chosen.job_id, chosen.detail, fence):
+                self.stopping[victim] = record.attempt
         return chosen
