@@ -22,7 +22,7 @@ def limit(job):  # type: ignore[no-untyped-def]
     return job.time_limit_s
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters(), queues(limits=True), policies())
 def test_with_known_time_limits_the_forecast_is_the_schedule(gpus, jobs, config) -> None:  # type: ignore[no-untyped-def]
     jobs = [replace(j, submitted_at=0.0) for j in jobs]

@@ -46,7 +46,7 @@ def accounts_for(gpus: list[Gpu], candidates: list[Candidate]):  # type: ignore[
     return cluster.accounts
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(busy_clusters(), st.integers(0, 5), st.sampled_from([4, 12, 20]), st.sampled_from("abcd"))
 def test_victims_opted_in_have_a_lower_claim_ran_long_enough_and_make_room(busy, priority, mem, user) -> None:  # type: ignore[no-untyped-def]
     gpus, candidates = busy
