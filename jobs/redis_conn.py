@@ -9,12 +9,13 @@ hosts"). The password is the data nodes'; the sentinels are asked without one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 SENTINEL_SCHEME = "redis+sentinel"
 
@@ -31,6 +32,22 @@ def redact(url: str) -> str:
     host = parts.netloc.rpartition("@")[2]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class _SentinelConnection(SentinelManagedConnection):  # type: ignore[misc]  # untyped in redis-py
+    """redis-py's Sentinel connection keeps the connection when a read is interrupted (its
+    read_response defaults to disconnect_on_error=False, unlike a plain Connection). A reply
+    never read then stays on it: RQ's SIGTERM handler interrupting its blocking BLMOVE left
+    the next command (RQ's register_death) waiting behind the BLMOVE for up to RQ's 415 s
+    socket timeout, and a worker that would not stop. Drop such a connection, as a plain
+    one does."""
+
+    def read_response(
+        self, disable_decoding: bool = False, *, disconnect_on_error: bool = True, **kwargs: Any
+    ) -> Any:
+        return super().read_response(
+            disable_decoding=disable_decoding, disconnect_on_error=disconnect_on_error, **kwargs
+        )
 
 
 class BadRedisUrl(ValueError):
@@ -86,7 +103,12 @@ def make_client(url: str, password: str | None = None, timeout_s: float = 15) ->
         # failover the retries land on the new one (and READONLY from a demoted one drops the
         # connection).
         client: redis.Redis = sentinel.master_for(
-            target.service, db=target.db, username=target.username, password=target.password or password, **options
+            target.service,
+            db=target.db,
+            username=target.username,
+            password=target.password or password,
+            connection_class=_SentinelConnection,
+            **options,
         )
         return client
     return redis.Redis.from_url(url, password=password, **options)
