@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import socket
 import sys
+import time
 
+import redis
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 from rq.serializers import JSONSerializer
 
 from jobs import keys
@@ -42,16 +47,33 @@ def run_worker(config: Config, name: str | None = None, sim_gpus: list[int] | No
     daemon.start()
     tasks.CURRENT = daemon
     queue = Queue(keys.node_queue_name(node), connection=client, serializer=JSONSerializer)
-    rq_worker = SimpleWorker(
-        [queue], connection=client, serializer=JSONSerializer, name=f"gpulab-{node}-{daemon.owner}"
-    )
     gpus = ", ".join(f"GPU{d.index} {format_size(d.total_bytes)}" for d in probe.snapshot().devices)
     print(f"gpulab worker ready: node {node}{' (simulated)' if simulated else ''}: {gpus}", flush=True)
     try:
-        rq_worker.work(logging_level="WARNING", with_scheduler=False)
+        _take_launches(queue, client, f"gpulab-{node}-{daemon.owner}")
     finally:
         daemon.shutdown()
     return 0
+
+
+def _take_launches(queue: Queue, client: redis.Redis, name: str) -> None:
+    """RQ's loop, until a signal stops it. RQ quits its loop on any error it does not expect
+    (Redis away during its own bookkeeping, a Sentinel failover): the worker would then stop
+    every job and exit. Start a new loop instead (a new RQ worker name: the old one may not
+    have been able to deregister)."""
+    for restart in itertools.count():
+        rq_worker = SimpleWorker(
+            [queue], connection=client, serializer=JSONSerializer, name=name + (f"-{restart}" if restart else "")
+        )
+        with contextlib.suppress(redis.RedisError):  # its teardown could not reach Redis either
+            rq_worker.work(logging_level="WARNING", with_scheduler=False)
+        if rq_worker._stop_requested:  # SIGTERM / SIGINT
+            return
+        log.warning("worker: RQ's loop ended without a stop request; taking launches again")
+        try:
+            time.sleep(min(5.0, 0.5 * (restart + 1)))  # RQ's signal handlers stay installed
+        except StopRequested:
+            return
 
 
 if __name__ == "__main__":
