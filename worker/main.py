@@ -67,7 +67,7 @@ def _take_launches(queue: Queue, client: redis.Redis, name: str) -> None:
         )
         with contextlib.suppress(redis.RedisError):  # its teardown could not reach Redis either
             rq_worker.work(logging_level="WARNING", with_scheduler=False)
-        if rq_worker._stop_requested:  # SIGTERM / SIGINT
+        if rq_worker._shutdown_requested_date is not None:  # SIGTERM / SIGINT (RQ sets it on either)
             return
         log.warning("worker: RQ's loop ended without a stop request; taking launches again")
         try:
