@@ -23,6 +23,8 @@ DRAINED = f"{PREFIX}:drained"  # hash: node name -> why (admin `gpulab node drai
 WAITING_COUNT = f"{PREFIX}:waiting"  # hash: user -> number of PENDING/HELD jobs (max_pending_per_user)
 WAITING_BYTES = f"{PREFIX}:waiting_bytes"  # hash: user -> bytes of their PENDING/HELD specs (max_stored_per_user)
 DURATIONS = f"{PREFIX}:durations"  # hash: "user\tname" -> {"n", "mean"}: learned run times (start estimates)
+# hash: Prometheus counters folded from EVENTS (scheduler/counters.py), "_cursor" -> last entry folded
+METRIC_COUNTERS = f"{PREFIX}:metric_counters"
 QUARANTINE = f"{PREFIX}:quarantine"  # stream: records a daemon refused (admin-visible, `gpulab doctor`)
 # Leader election among schedulers (scheduler/leader.py, docs/ARCHITECTURE.md "Leader and fencing").
 LEADER = f"{PREFIX}:leader"  # string "<epoch>:<token>" of the leader, with a PX TTL: the lease

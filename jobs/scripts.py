@@ -111,7 +111,8 @@ if ARGV[14] ~= '' then
 end
 local reason = redis.call('HGET', KEYS[1], 'reason') or ''
 redis.call('XADD', KEYS[2], '*', 'state', target, 'from', state, 'reason', reason, 'detail', ARGV[12], 'at', ARGV[4])
-redis.call('XADD', KEYS[9], 'MAXLEN', '~', 10000, '*', 'job', id, 'state', target, 'at', ARGV[4])
+redis.call('XADD', KEYS[9], 'MAXLEN', '~', 10000, '*', 'job', id, 'state', target, 'from', state, 'reason', reason,
+           'at', ARGV[4])
 -- A notification event when the job asked for this one (its 'notify' field: the events,
 -- comma separated), in the same step as the change: no change without its event, no event
 -- without its change (jobs.notify.STATE_EVENTS is the same table).
@@ -544,5 +545,20 @@ local h = redis.call('HMGET', KEYS[1], 'state', 'attempt')
 if h[1] ~= 'RUNNING' or h[2] ~= ARGV[2] then return 0 end
 for k, v in pairs(cjson.decode(ARGV[5])) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('XADD', KEYS[2], '*', 'state', 'RUNNING', 'reason', '', 'detail', ARGV[3], 'at', ARGV[4])
+return 1
+"""
+
+
+# Add counts folded from the global events stream to the metric counters (scheduler/counters.py),
+# and move the fold's cursor - unless another folder moved it first (then nothing is added).
+# KEYS: 1 counters hash. ARGV: 1 expected cursor ('' = none yet), 2 new cursor,
+# 3 JSON {field: increment}.
+FOLD_COUNTERS = """
+local current = redis.call('HGET', KEYS[1], '_cursor') or ''
+if current ~= ARGV[1] then return 0 end
+for field, n in pairs(cjson.decode(ARGV[3])) do
+  redis.call('HINCRBYFLOAT', KEYS[1], field, tostring(n))
+end
+redis.call('HSET', KEYS[1], '_cursor', ARGV[2])
 return 1
 """

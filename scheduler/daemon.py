@@ -30,6 +30,7 @@ from jobs.store import Fenced, JobStore, TransitionRefused
 from scheduler.active import Active, ActiveReader
 from scheduler.changes import ChangeFeed
 from scheduler.cluster import read_heartbeats, read_ledger
+from scheduler.counters import MetricCounters
 from scheduler.dependencies import DependencyReader
 from scheduler.dispatch import Dispatcher
 from scheduler.forecast import Forecaster
@@ -90,6 +91,7 @@ class Scheduler:
         self._last_full = -RESYNC_S  # time.monotonic() of the last full read of the waiting jobs
         self._last_lease_check = -RESYNC_S  # ... of the active jobs and their leases
         self.preemptor = Preemptor(client, config)
+        self.counters = MetricCounters(client)  # folded every few seconds: no stream entry is trimmed uncounted
 
     def run_forever(self, stop: threading.Event) -> None:
         """Pass after pass until `stop`. Nothing a user stored or Redis answered ends the loop:
@@ -102,6 +104,7 @@ class Scheduler:
                 continue
             try:
                 self.run_pass()
+                self.counters.maybe_fold()
                 self.redis.blpop([keys.WAKE], timeout=interval)
                 self.redis.delete(keys.WAKE)  # coalesce: one pass answers every wake so far
                 backoff = 0.1

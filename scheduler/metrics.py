@@ -1,8 +1,8 @@
 """Prometheus metrics, computed from Redis on each scrape (a custom Collector).
 
-Nothing on the scheduling hot path counts anything: the job counters are derived from the
-most recent `FINISHED_WINDOW` finished records (their states, reasons and attempts) plus the
-live ones, so they are exact until the history outgrows the window, and bounded in cost.
+Gauges are read from Redis on each scrape. The job counters and the wait histogram are real
+counters kept in Redis (scheduler/counters.py: folded from the transition stream), so they
+never decrease - not across scheduler restarts either - and cover all time, not a window.
 Label values that come from outside the scheduler (users, reasons, node and GPU names) go
 through jobs.text.safe: one printable line of bounded length (the exposition format escapes
 quotes and newlines itself, but not other control characters, and no label should be huge).
@@ -20,41 +20,35 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from jobs import keys
 from jobs.record import JobRecord
 from jobs.text import safe
+from scheduler.counters import WAIT_BUCKETS, MetricCounters
 from scheduler.service import Caller, SchedulerService
 
-FINISHED_WINDOW = 5000
-WAIT_WINDOW_S = 3600.0
-WAIT_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 READER = Caller(uid=-2, user="metrics", pid=0)
 GPU_LABELS = ["node", "gpu", "uuid", "model"]
 
 
-def wait_histogram(records: list[JobRecord], now: float) -> HistogramMetricFamily:
-    """started_at - submitted_at of the jobs that started in the last hour on their first attempt."""
-    waits = [
-        r.started_at - r.submitted_at
-        for r in records
-        if r.started_at and r.started_at >= now - WAIT_WINDOW_S and r.attempt <= 1
-    ]
-    buckets = [(repr(b), sum(1 for w in waits if w <= b)) for b in WAIT_BUCKETS] + [("+Inf", len(waits))]
-    family = HistogramMetricFamily(
-        "gpulab_job_wait_seconds", "Queue wait (start - submit) of jobs started in the last hour"
-    )
-    family.add_metric([], buckets, sum_value=sum(waits))
+def wait_histogram(counts: dict[str, float]) -> HistogramMetricFamily:
+    """Queue wait (submit -> first start) of every job counted since the counters began."""
+    buckets = [(repr(b), counts.get(f"wait_le:{b!r}", 0.0)) for b in WAIT_BUCKETS]
+    buckets.append(("+Inf", counts.get("wait_count", 0.0)))
+    family = HistogramMetricFamily("gpulab_job_wait_seconds", "Queue wait (first start - submit) of started jobs")
+    family.add_metric([], buckets, sum_value=counts.get("wait_sum", 0.0))
     return family
 
 
 class GpulabCollector(Collector):
     def __init__(self, service: SchedulerService) -> None:
         self.service = service
+        self.counters = MetricCounters(service.redis)
 
     def collect(self) -> Iterator[Metric]:
         svc, now = self.service, time.time()
         live = svc.store.waiting() + svc.store.active()
-        finished = svc.store.finished(limit=FINISHED_WINDOW)
+        self.counters.fold()  # current to this scrape
+        counts = self.counters.read()
         yield from self._jobs(live)
-        yield from self._outcomes(live, finished)
-        yield wait_histogram(live + finished, now)
+        yield from self._outcomes(counts)
+        yield wait_histogram(counts)
         yield from self._gpus()
         yield from self._scheduler(now)
 
@@ -64,21 +58,26 @@ class GpulabCollector(Collector):
             family.add_metric([state, safe(user)], n)
         yield family
 
-    def _outcomes(self, live: list[JobRecord], finished: list[JobRecord]) -> Iterator[Metric]:
+    def _outcomes(self, counts: dict[str, float]) -> Iterator[Metric]:
+        """Counters from Redis (scheduler/counters.py): they never go down, restarts included."""
         ended = CounterMetricFamily(
-            "gpulab_jobs_finished", "Finished jobs by state and reason (recent window)", labels=["state", "reason"]
+            "gpulab_jobs_finished", "Finished jobs by state and reason", labels=["state", "reason"]
         )
-        for (state, reason), n in sorted(Counter((r.state.value, r.reason) for r in finished).items()):
-            ended.add_metric([state, safe(reason)], n)
+        failed = oom = 0.0
+        for field, n in sorted(counts.items()):
+            if field.startswith("finished:"):
+                _, state, reason = field.split(":", 2)
+                ended.add_metric([state, safe(reason)], n)
+                failed += n if state == "FAILED" else 0.0
+                oom += n if reason == "OOM" else 0.0
         yield ended
-        started = sum(1 for r in live + finished if r.started_at)
-        yield CounterMetricFamily("gpulab_jobs_started", "Jobs that started at least once", value=started)
-        failed = sum(1 for r in finished if r.state.value == "FAILED")
+        yield CounterMetricFamily("gpulab_jobs_started", "Job starts (every attempt)", value=counts.get("started", 0.0))
         yield CounterMetricFamily("gpulab_jobs_failed", "Jobs that ended FAILED", value=failed)
-        oom = sum(1 for r in finished if r.reason == "OOM")
         yield CounterMetricFamily("gpulab_jobs_oom", "Jobs that ended with a CUDA out-of-memory error", value=oom)
-        requeues = sum(max(0, r.attempt - 1) for r in live + finished)  # dispatch counts attempts from 1
-        yield CounterMetricFamily("gpulab_jobs_requeued", "Requeues (node lost, preempted)", value=requeues)
+        requeued = counts.get("requeued", 0.0)
+        yield CounterMetricFamily(
+            "gpulab_jobs_requeued", "Jobs sent back to wait from a node (lost, preempted)", value=requeued
+        )
 
     def _gpus(self) -> Iterator[Metric]:
         fields = {
