@@ -22,6 +22,7 @@ from jobs.config import Config, ConfigError
 from jobs.invariants import violations
 from jobs.redis_conn import BadRedisUrl, make_client, redact
 from jobs.text import safe
+from scheduler.redis_server import is_local
 
 SKEW_WARN_S = 1.0
 SKEW_FAIL_S = 30.0
@@ -121,6 +122,14 @@ def check_redis(config: Config) -> Iterator[Check]:
     url = config.effective_redis_url
     try:
         password = config.redis_password()
+        embedded = config.state_dir / "redis.password"
+        if password is None and is_local(url) and embedded.is_file():
+            # `gpulab up`'s private Redis: its password is in the state dir (cli/stack.py), given
+            # to the daemons it starts; doctor, run from another shell, reads it there too.
+            password = embedded.read_text().strip() or None
+    except OSError as exc:
+        yield Check("FAIL", "redis password", f"cannot read {config.state_dir / 'redis.password'}: {exc.strerror}")
+        return
     except ConfigError as exc:
         yield Check("FAIL", "redis password", str(exc))
         return

@@ -73,6 +73,24 @@ def gpu_rows(nodes: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def request(job: dict[str, Any]) -> str:
+    """What the job asked for: `2 x 12.0GiB` (GPUs x memory per GPU), or whole GPUs."""
+    spec = job["spec"]
+    mem = spec.get("mem_bytes")
+    return f"{spec.get('gpus', 1)} x " + ("whole GPU" if mem is None else format_size(int(mem)))
+
+
+def priority(job: dict[str, Any]) -> str:
+    """Like `gpulab queue`: the total, then --priority + fair share + age."""
+    parts = job.get("priority")
+    if not isinstance(parts, dict):
+        return ""
+    try:
+        return f"{parts['total']:.0f} = {parts['priority']:.0f} + {parts['fairshare']:.0f} + {parts['age']:.0f}"
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
 def _job_cells(job: dict[str, Any], *extra: str) -> list[str]:
     return [_h(job["id"]), _h(job["name"]), _h(job["user"]), *(_h(e) for e in extra)]
 
@@ -86,6 +104,7 @@ def render_page(svc: SchedulerService, refresh_s: int = 2) -> str:
             j,
             j["state"],
             f"{j['node']}:" + ",".join(str(g["index"]) for g in j["gpus"]),  # escaped in _job_cells
+            request(j),
             format_size(sum(j.get("current_bytes", {}).values())),
             duration(now - j["started_at"] if j.get("started_at") else None),
             _progress(j) or j.get("mem_warning", ""),
@@ -94,7 +113,7 @@ def render_page(svc: SchedulerService, refresh_s: int = 2) -> str:
         if j["state"] in ("ASSIGNED", "RUNNING")
     ]
     queue = [
-        _job_cells(j, j["state"], duration(now - j["submitted_at"]), _why(j))
+        _job_cells(j, j["state"], request(j), priority(j), duration(now - j["submitted_at"]), _why(j))
         for j in jobs
         if j["state"] in ("PENDING", "HELD")
     ]
@@ -110,10 +129,22 @@ def render_page(svc: SchedulerService, refresh_s: int = 2) -> str:
     ]
     stamp = escape(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)))
     gpu_headers = ("Node", "GPU", "Memory (gpulab / others / free)", "gpulab / others", "Available", "State")
+    running_headers = ("ID", "Name", "User", "State", "GPUs", "Request", "Memory now", "Time", "Progress")
+    # Pending jobs in the order the scheduler considers them (scheduler/job_listing.py).
+    queue_headers = (
+        "ID",
+        "Name",
+        "User",
+        "State",
+        "Request",
+        "Priority = prio + fair share + age",
+        "Waiting",
+        "Reason",
+    )
     sections = [
         ("GPUs", _table(gpu_headers, gpu_rows(nodes), "No worker is heartbeating.")),
-        ("Running", _table(("ID", "Name", "User", "State", "GPUs", "Memory", "Time", "Progress"), running, "None.")),
-        ("Queue", _table(("ID", "Name", "User", "State", "Waiting", "Reason"), queue, "The queue is empty.")),
+        ("Running", _table(running_headers, running, "None.")),
+        ("Queue", _table(queue_headers, queue, "The queue is empty.")),
         ("Recently finished", _table(("ID", "Name", "User", "State", "Ended", "Reason"), ended, "None yet.")),
         ("Recent failures", _table(("ID", "Name", "User", "Ended", "Reason"), failed, "None.")),
     ]

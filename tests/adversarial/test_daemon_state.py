@@ -4,9 +4,11 @@ one user's waiting jobs."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -136,5 +138,10 @@ def test_state_and_redis_files_of_up_are_private(stack: Stack, tmp_path: Path) -
         second = Daemon([*cli_argv(stack), "up", "--sim-gpus", "1x24GiB", "--name", "other"], env)
         assert second.proc.wait(timeout=60) == 1
         assert any("gpulab up is already running" in line for line in second.lines), second.lines
+        # `gpulab doctor` on the stack that `gpulab up` started: nothing FAILs.
+        doctor = subprocess.run(
+            [*cli_argv(stack), "doctor", "--json"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert doctor.returncode == 0 and json.loads(doctor.stdout)["ok"], doctor.stdout + doctor.stderr
     finally:
         assert up.stop(signal.SIGTERM) == 0
