@@ -168,6 +168,7 @@ def test_queue_filters_order_and_priority_parts(daily: Stack, blocker: int) -> N
     assert daily.cli("cancel", *(str(j) for j in ours)).returncode == 0
 
 
+@pytest.mark.slow  # 1,020 jobs submitted and cancelled: more than one page of finished jobs
 def test_queue_all_pages_past_a_thousand_finished_jobs(daily: Stack, blocker: int) -> None:
     arrays = []
     for _ in range(2):
