@@ -151,6 +151,9 @@ def check_redis(config: Config) -> Iterator[Check]:
         yield from check_persistence(client)
         yield from check_clocks(client, config)
         yield from check_leader(client, config)
+        from cli.doctor_nodes import check_daemons  # it builds on this module's Check
+
+        yield from check_daemons(client)
         yield from check_invariants(client)
     finally:
         client.close()

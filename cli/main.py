@@ -270,6 +270,18 @@ def _sim_gpus(spec: str | None) -> list[int] | None:
         fail(f"--sim-gpus: {exc}", EXIT_USAGE)
 
 
+def _allow_mixed(_ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:  # read by jobs.daemons.Presence, like the variable set by a systemd drop-in
+        os.environ["GPULAB_ALLOW_MIXED_VERSIONS"] = "1"
+    return value
+
+
+allow_mixed_option = click.option(
+    "--allow-mixed-versions", is_flag=True, callback=_allow_mixed, expose_value=True,
+    help="Start even if a live daemon runs another gpulab version (a rolling upgrade).",
+)  # fmt: skip
+
+
 def _daemon_logging(verbose: bool) -> None:
     import logging
 
@@ -278,16 +290,18 @@ def _daemon_logging(verbose: bool) -> None:
 
 @main.command()
 @click.option("-v", "--verbose", is_flag=True)
+@allow_mixed_option
 @pass_ctx
-def scheduler(ctx: Context, verbose: bool) -> None:
+def scheduler(ctx: Context, verbose: bool, allow_mixed_versions: bool) -> None:
     """Run the scheduler daemon (API socket + scheduling loop)."""
+    from jobs.daemons import VersionMismatch
     from jobs.redis_conn import RedisUnavailable
     from scheduler.main import run_scheduler
 
     _daemon_logging(verbose)
     try:
         sys.exit(run_scheduler(ctx.config))
-    except (RedisUnavailable, ConfigError) as exc:
+    except (RedisUnavailable, ConfigError, VersionMismatch) as exc:
         fail(str(exc))
 
 
@@ -295,9 +309,11 @@ def scheduler(ctx: Context, verbose: bool) -> None:
 @click.option("--name", help="Node name (default: config [worker] name, else the host name).")
 @click.option("--sim-gpus", help="Simulate GPUs: 2x24GiB or 24GiB,16GiB.")
 @click.option("-v", "--verbose", is_flag=True)
+@allow_mixed_option
 @pass_ctx
-def worker(ctx: Context, name: str | None, sim_gpus: str | None, verbose: bool) -> None:
+def worker(ctx: Context, name: str | None, sim_gpus: str | None, verbose: bool, allow_mixed_versions: bool) -> None:
     """Run a worker daemon for this host's GPUs."""
+    from jobs.daemons import VersionMismatch
     from jobs.redis_conn import RedisUnavailable
     from worker.daemon import NodeNameTaken
     from worker.main import run_worker
@@ -305,7 +321,7 @@ def worker(ctx: Context, name: str | None, sim_gpus: str | None, verbose: bool) 
     _daemon_logging(verbose)
     try:
         sys.exit(run_worker(ctx.config, name, _sim_gpus(sim_gpus)))
-    except (RedisUnavailable, NodeNameTaken, ConfigError) as exc:
+    except (RedisUnavailable, NodeNameTaken, ConfigError, VersionMismatch) as exc:
         fail(str(exc))
 
 

@@ -262,6 +262,11 @@ def show_job(console: Console, job: dict[str, Any]) -> None:
         rows.append(("Progress", _progress(job)))
         if _metrics(status):
             rows.append(("Metrics", _metrics(status)))
+        if isinstance(status.get("checkpoint"), str):
+            step = number(status.get("checkpoint_step"))
+            node = status.get("checkpoint_node") or job.get("node") or "?"
+            at = f"{node}:{status['checkpoint']}" + (f" (step {int(step)})" if step is not None else "")
+            rows.append(("Checkpoint", at))
     for label, value in rows:
         # The label is ours; the value is escaped twice: safe() for the terminal, escape() for rich.
         text = value if label in ("Command", "Directory", "Log") else safe(value, LONG_FIELD_CHARS)

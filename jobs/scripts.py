@@ -562,3 +562,29 @@ end
 redis.call('HSET', KEYS[1], '_cursor', ARGV[2])
 return 1
 """
+
+DAEMON_CHECKIN = """
+-- KEYS: 1 live daemons (zset id -> expiry, Redis ms), 2 their records (hash id -> JSON)
+-- ARGV: 1 this daemon's id, 2 its gpulab version, 3 its record (JSON), 4 ttl ms,
+--       5 '1' = refuse if a live daemon runs another version (at start), '0' = just renew
+-- Forgets daemons whose expiry passed (by Redis's clock: one clock for every host), then
+-- checks and (re)registers this one. Returns {1, now ms} or {0, other id, its version}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, id in ipairs(gone) do redis.call('HDEL', KEYS[2], id) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if ARGV[5] == '1' then
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if id ~= ARGV[1] then
+      local raw = redis.call('HGET', KEYS[2], id)
+      local ok, info = pcall(cjson.decode, raw or '')
+      local version = (ok and type(info) == 'table' and info['version']) or '?'
+      if version ~= ARGV[2] then return {0, id, tostring(version)} end
+    end
+  end
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return {1, string.format('%d', now)}
+"""

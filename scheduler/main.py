@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import threading
 
 from jobs.config import Config
+from jobs.daemons import Presence
 from jobs.redis_conn import connect_redis, redact
 from scheduler.api_server import ApiServer, SocketInUse
 from scheduler.daemon import Scheduler
@@ -50,7 +52,10 @@ def run_scheduler(config: Config) -> int:
 
 def _serve(config: Config) -> int:
     client = connect_redis(config.effective_redis_url, "scheduler", config.redis_password())
+    presence = Presence(client, "scheduler", socket.gethostname())
+    presence.check_in(first=True)  # VersionMismatch: another version is live on this Redis
     stop = threading.Event()
+    presence.start(stop)
     server = ApiServer(config.socket_path, SchedulerService(config, client))
     start_web(config, server.service)
     api_thread = threading.Thread(target=server.serve_forever, name="api", daemon=True)
@@ -78,6 +83,7 @@ def _serve(config: Config) -> int:
         server.shutdown()
         server.server_close()
         server.remove_socket()  # ours only: while we held the lock no one else could bind it
+        presence.leave()
     return 0
 
 

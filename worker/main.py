@@ -16,6 +16,7 @@ from rq.serializers import JSONSerializer
 
 from jobs import keys
 from jobs.config import Config
+from jobs.daemons import Presence
 from jobs.redis_conn import connect_redis
 from jobs.sizes import format_size
 from worker import tasks
@@ -42,9 +43,12 @@ def run_worker(config: Config, name: str | None = None, sim_gpus: list[int] | No
 
         sim_gpus = parse_sim_gpus(list(config.worker.simulate_gpus))
     client = connect_redis(config.effective_redis_url, f"worker {node}", config.redis_password())
+    presence = Presence(client, "worker", node)
+    presence.check_in(first=True)  # VersionMismatch: another version is live on this Redis
     probe, simulated = make_probe(config, node, sim_gpus)
     daemon = WorkerDaemon(config, client, probe, node, simulated=simulated)
     daemon.start()
+    presence.start(daemon.stopping)
     tasks.CURRENT = daemon
     queue = Queue(keys.node_queue_name(node), connection=client, serializer=JSONSerializer)
     gpus = ", ".join(f"GPU{d.index} {format_size(d.total_bytes)}" for d in probe.snapshot().devices)
@@ -53,6 +57,7 @@ def run_worker(config: Config, name: str | None = None, sim_gpus: list[int] | No
         _take_launches(queue, client, f"gpulab-{node}-{daemon.owner}")
     finally:
         daemon.shutdown()
+        presence.leave()
     return 0
 
 

@@ -11,6 +11,7 @@ the same accumulation groups. Losses stay on the device as tensors and are read 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,9 +130,16 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.step == self._last_saved_step or not self.is_main:  # DDP: rank 0 writes for all
             return
-        self.ckpts.save(self.state_dict(), self.step)
+        path = self.ckpts.save(self.state_dict(), self.step)
         self._last_saved_step = self.step
+        self._note_checkpoint(path)
         self._last_ckpt_t = time.monotonic()
+
+    def _note_checkpoint(self, path: str) -> None:
+        """Where the newest checkpoint is, in the status: `gpulab show` shows it on every host."""
+        self.progress.extra["checkpoint"] = os.path.abspath(path)
+        self.progress.extra["checkpoint_step"] = self.step
+        self.progress.extra["checkpoint_node"] = os.environ.get("GPULAB_NODE", "")
 
     def resume(self) -> int | None:
         """Load the newest good checkpoint; return its step (None on a fresh start)."""
@@ -161,6 +169,7 @@ class Trainer:
         self._pending_rng = st["rng"]
         self._last_saved_step = self.step
         self.progress.resumed_from_step = self.step
+        self._note_checkpoint(loaded.path)
         notice(f"resumed from {loaded.path} (step {self.step}, epoch {self.epoch}, batch {self.batch_in_epoch})")
         return self.step
 

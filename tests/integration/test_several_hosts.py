@@ -1,8 +1,12 @@
-"""`gpulab logs [-f]` from any host: a scheduler and two workers, each in its own state
-directory ("three hosts" on one machine, sharing only Redis). The job runs on the second
-node; the log file is on that node's disk only; the CLI talks to the scheduler, whose host
-has no such file. Hostile output (floods, binary, escape sequences, no newlines) is capped
-and does not hurt the worker, Redis or the other jobs."""
+"""Several hosts, one experience: a scheduler and two workers, each in its own state
+directory ("three hosts" on one machine, sharing only Redis).
+
+- `gpulab logs [-f]` from any host: the job runs on the second node, its log file is on
+  that node's disk only, and the CLI talks to the scheduler, whose host has no such file.
+- Hostile output (floods, binary, escape sequences, no newlines) is capped and hurts
+  neither the worker, Redis nor the other jobs.
+- Every daemon publishes its version and clock; one of another version refuses to start
+  unless told; `gpulab doctor` shows them."""
 
 from __future__ import annotations
 
@@ -16,10 +20,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from jobs import keys
+from jobs import keys, scripts
+from jobs.daemons import live_daemons
 from jobs.states import JobState
+from jobs.version import gpulab_version
 from scheduler.redis_server import RedisServer
-from tests.helpers.stack import Stack, eventually, release, test_config
+from tests.helpers.stack import Daemon, Stack, eventually, release, test_config
 
 CAP = 64 * 1024
 HEAD = 4 * 1024
@@ -134,6 +140,7 @@ def test_follow_on_a_pending_job_names_its_reason(hosts: Hosts) -> None:
     assert follower.wait(timeout=60) == 0
 
 
+@pytest.mark.slow  # floods the node's disk and Redis on purpose
 def test_a_flood_of_binary_without_newlines_is_capped_and_keeps_head_and_end(hosts: Hosts) -> None:
     """20 MB of binary garbage and escape sequences, no newlines, as fast as it can: Redis keeps
     at most the cap (the head and the newest bytes), the worker and a neighbour job are fine."""
@@ -165,6 +172,7 @@ def test_a_flood_of_binary_without_newlines_is_capped_and_keeps_head_and_end(hos
     assert head.redis.exists(keys.node("gpu1"))
 
 
+@pytest.mark.slow  # floods the node's disk and Redis on purpose
 def test_a_job_printing_forever_costs_redis_at_most_the_cap(hosts: Hosts) -> None:
     head = hosts.head
     forever = "import sys\nwhile True: sys.stdout.write('y' * 4095 + '\\n')\n"
@@ -198,3 +206,96 @@ def test_a_job_without_output_reads_as_empty_and_others_cannot_read_it(hosts: Ho
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     bad = head.cli("logs", "--json", "999999")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+# ---- versions and doctor -------------------------------------------------------------------------
+def fake_daemon(client: redis.Redis, daemon_id: str, **record: object) -> None:
+    """A live daemon's record as another gpulab would publish it (older version, skewed clock)."""
+    base = {"kind": "worker", "name": "old", "host": "elsewhere", "pid": 1, "version": gpulab_version()}
+    script = client.register_script(scripts.DAEMON_CHECKIN)
+    assert script(keys=[keys.DAEMONS, keys.DAEMON_INFO], args=[daemon_id, "x", json.dumps(base | record), 60_000, "0"])
+
+
+def forget_daemon(client: redis.Redis, daemon_id: str) -> None:
+    client.zrem(keys.DAEMONS, daemon_id)
+    client.hdel(keys.DAEMON_INFO, daemon_id)
+
+
+def test_every_daemon_publishes_its_version_and_clock(hosts: Hosts) -> None:
+    daemons, _now = live_daemons(hosts.head.redis)
+    seen = {(d.kind, d.name) for d in daemons}
+    assert {("worker", "gpu1"), ("worker", "gpu2")} <= seen and any(k == "scheduler" for k, _ in seen)
+    for d in daemons:
+        assert d.version == gpulab_version() and d.clock_offset_s is not None and d.rtt_s is not None
+
+
+def test_doctor_shows_each_node_version_clock_and_last_check_in(hosts: Hosts) -> None:
+    head = hosts.head
+    lines = head.cli("doctor").stdout.splitlines()
+    for node in ("gpu1", "gpu2"):
+        line = next(x for x in lines if f"worker {node}: gpulab" in x)
+        assert line.startswith("ok") and f"gpulab {gpulab_version()}" in line and "vs Redis" in line and "seen" in line
+    assert any(x.startswith("ok") and f"every daemon runs gpulab {gpulab_version()}" in x for x in lines)
+    fake_daemon(head.redis, "worker:skewed:elsewhere:1", name="skewed", clock_offset_s=4.5, rtt_s=0.001)
+    fake_daemon(head.redis, "worker:far:elsewhere:2", name="far", clock_offset_s=-300.0, rtt_s=0.001)
+    try:
+        result = head.cli("doctor")
+        lines = result.stdout.splitlines()
+        assert next(x for x in lines if "worker skewed:" in x).startswith("WARN")
+        far = next(x for x in lines if "worker far:" in x)
+        assert far.startswith("FAIL") and "-300.000s vs Redis" in far and "chrony" in far
+        assert result.returncode == 1
+    finally:
+        forget_daemon(head.redis, "worker:skewed:elsewhere:1")
+        forget_daemon(head.redis, "worker:far:elsewhere:2")
+
+
+def test_a_daemon_of_another_version_refuses_to_start_unless_told(hosts: Hosts, tmp_path: Path) -> None:
+    head, gpu1 = hosts.head, hosts.gpu1
+    old = "worker:gpu9:elsewhere:4242"
+    fake_daemon(head.redis, old, name="gpu9", version="0.0.1")
+    try:
+        for argv, stack in ((["worker", "--name", "gpu3", "--sim-gpus", "1x24GiB"], gpu1), (["scheduler"], head)):
+            if argv == ["scheduler"]:  # a second scheduler host: its own state directory
+                config = head.tmp_path.joinpath("config.toml").read_text()
+                stack = Stack(tmp_path, head.env["GPULAB_REDIS_URL"], head.redis, config)
+            refused = subprocess.run(
+                [sys.executable, "-m", "cli", *argv], env=stack.env, capture_output=True, text=True, timeout=120
+            )
+            assert refused.returncode == 1, refused
+            assert refused.stderr.count("\n") == 1 and f"{old} runs gpulab 0.0.1" in refused.stderr
+            assert "--allow-mixed-versions" in refused.stderr
+        assert not head.redis.exists(keys.node("gpu3"))  # it took nothing
+        doctor = head.cli("doctor").stdout
+        assert "versions: mixed (" in doctor and "0.0.1: worker gpu9" in doctor
+        # A rolling upgrade says so, and the new worker runs beside the old one.
+        argv = ["worker", "--name", "gpu3", "--sim-gpus", "1x24GiB", "--allow-mixed-versions"]
+        mixed = Daemon([sys.executable, "-m", "cli", *argv], gpu1.env)
+        try:
+            mixed.wait_line("worker ready")
+            job = head.submit("--node", "gpu3", "--", sys.executable, "-c", "print('on the upgraded node')")
+            head.wait_state(job, JobState.COMPLETED)
+            assert "on the upgraded node" in head.cli("logs", str(job)).stdout
+        finally:
+            assert mixed.stop() == 0
+    finally:
+        forget_daemon(head.redis, old)
+
+
+@pytest.mark.slow  # imports torch and trains
+def test_training_status_metrics_and_checkpoint_path_show_from_every_host(hosts: Hosts) -> None:
+    head, gpu2 = hosts.head, hosts.gpu2
+    digits = str(Path(__file__).resolve().parents[2] / "examples" / "digits.py")
+    result = head.cli("train", digits, "--node", "gpu2", "--mem", "2GiB", "--epochs", "1", "--checkpoint-steps", "5")
+    assert result.returncode == 0, result.stderr
+    job = int(result.stdout)
+    head.wait_state(job, JobState.COMPLETED, timeout=180)
+    shown = json.loads(head.cli("show", "--json", str(job)).stdout)
+    status = shown["status"]
+    assert status["final"] is True and "test_accuracy" in status["metrics"]
+    assert status["checkpoint_node"] == "gpu2" and status["checkpoint_step"] > 0
+    checkpoint = Path(status["checkpoint"])
+    assert checkpoint.is_relative_to(gpu2.state_dir) and checkpoint.exists()  # on the node that ran it
+    text = head.cli("show", str(job)).stdout
+    assert f"gpu2:{checkpoint}" in text and "test_accuracy=" in text
+    assert "epoch 1/1" in head.cli("logs", str(job)).stdout
