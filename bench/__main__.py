@@ -14,6 +14,7 @@
     python -m bench placement [--quick] [--sizes 1000,10000,100000]   place() and run_pass() at scale
     python -m bench training [--runs 3]  the training loop under gpulab vs bare
     python -m bench drain [--tasks 1000] [--runs 1]   a 1,000-task array of `true` vs xargs -P 8
+    python -m bench logs [--lines 40] [--flood-s 10]   job output through Redis: latency, floods, bytes
 
 Each writes what it printed to bench/results/ as markdown (replay also a .png).
 """
@@ -34,6 +35,7 @@ from bench import (
     failover,
     footprint,
     latency,
+    log_shipping,
     memprof,
     notify_burst,
     placement_throughput,
@@ -64,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     memprof.add_arguments(sub.add_parser("memprof", help="learned --mem auto vs users' requests on openb"))
     placement_throughput.add_arguments(sub.add_parser("placement", help="place() and run_pass() at 1k-100k pending"))
     array_drain.add_arguments(sub.add_parser("drain", help="a 1,000-task array of `true` vs xargs -P 8"))
+    log_shipping.add_arguments(sub.add_parser("logs", help="job output through Redis: latency, floods, bytes"))
     return p
 
 
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         save("eta_quick" if args.quick else "eta", eta.run(args))
     elif args.command == "preempt":
         save(f"preempt_{args.trace}{'_quick' if args.quick else ''}", preempt.run(args))
+    elif args.command == "logs":
+        save("log_shipping", log_shipping.run(args))
     elif args.command == "replay":
         replay.run(args)
     elif args.command == "memprof":

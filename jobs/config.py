@@ -105,6 +105,7 @@ class WorkerConfig:
     log_ship_interval_s: float = 0.1
     log_rate_bytes: int = 256 * 2**10  # per job per second, after a burst of log_burst
     log_burst_bytes: int = 2**20
+    log_node_rate_bytes: int = 8 * 2**20  # all of one worker's jobs together, per second
     log_redis_cap_bytes: int = 2**20  # kept per job: the head and the newest output
     log_head_bytes: int = 64 * 2**10
     log_retention_s: float = 7 * 86400.0  # after the last byte shipped
@@ -220,7 +221,7 @@ def default_state_dir() -> Path:
 
 _SIZE_KEYS = {
     "headroom", "spike_buffer", "idle_gpu_max_used", "max_mem_per_user", "max_submit_size", "max_stored_per_user",
-    "log_rate", "log_burst", "log_redis_cap", "log_head",
+    "log_rate", "log_burst", "log_node_rate", "log_redis_cap", "log_head",
     "auto_min_request", "cuda_context",
 }  # fmt: skip
 _TUPLE_KEYS = {"simulate_gpus", "admin_users", "allow_networks", "profile_ignore_args"}

@@ -10,7 +10,10 @@ newest output and the head always reach Redis and a job printing forever costs t
 at most `log_burst` bytes of reading per tick and Redis at most `log_rate` bytes/s.
 The local file stays whole on the node (`<state_dir>/logs/<id>.log`).
 
-When a job ends, `finish` ships the rest (its head, then its last `log_burst` bytes) before
+All of the node's jobs together ship at most `log_node_rate` bytes/s, split evenly among
+the jobs with news, so a thousand-task array printing forever costs Redis no more.
+
+When a job ends, `finish` ships the rest (its head, then its last bytes) before
 the end is recorded, so a follower that sees the job final has seen its last line.
 """
 
@@ -31,6 +34,7 @@ from jobs.joblog import MAX_ENTRY_BYTES, JobLog, LogLimits
 log = logging.getLogger("gpulab.worker")
 TOUCH_EVERY_S = 3600.0  # a quiet running job's log keys get their retention renewed this often
 FINISH_WAIT_S = 5.0  # at most this long for the last flush before a job's end is recorded
+FINAL_BYTES = 256 * 1024  # a job's last flush ships at least this much of its end (the traceback)
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,9 @@ class LogShipper:
         self.rate = float(cfg.log_rate_bytes)
         self.burst = float(max(cfg.log_burst_bytes, MAX_ENTRY_BYTES))
         self.limits = LogLimits(cfg.log_redis_cap_bytes, cfg.log_head_bytes, cfg.log_retention_s)
+        self.node_rate = float(cfg.log_node_rate_bytes)
+        self.node_burst = max(self.node_rate, self.burst)
+        self.node_tokens, self.node_tick = self.node_burst, time.monotonic()
         self._tails: dict[tuple[int, int], _Tail] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -132,14 +139,18 @@ class LogShipper:
         now = time.monotonic()
         pipe = self.redis.pipeline(transaction=False)
         sent: list[tuple[_Tail, int, int, int]] = []  # tail, new position, its appends' answers (from, count)
+        sizes = {id(tail): self._size(tail) for tail in tails}
+        # The node's share: however many jobs print at once, this worker reads and sends at
+        # most log_node_rate bytes/s (split evenly among the jobs with news), plus final flushes.
+        self.node_tokens = min(self.node_burst, self.node_tokens + (now - self.node_tick) * self.node_rate)
+        self.node_tick = now
+        busy = sum(1 for tail in tails if sizes[id(tail)] > tail.pos and not tail.ending)
+        share = self.node_tokens / max(1, busy)
         for tail in tails:
             tail.tokens = min(self.burst, tail.tokens + (now - tail.last_tick) * self.rate)
             tail.last_tick = now
-            budget = int(max(tail.tokens, self.burst if tail.ending else 0.0))
-            try:
-                size = os.fstat(tail.fd).st_size
-            except OSError:
-                size = tail.pos
+            budget = int(max(tail.tokens, FINAL_BYTES) if tail.ending else min(tail.tokens, share))
+            size = sizes[id(tail)]
             if size < tail.pos:  # the job truncated its own log: follow it from its start
                 tail.pos = 0
             first, queued, pos, shipped = len(pipe), 0, tail.pos, 0
@@ -165,6 +176,8 @@ class LogShipper:
                 self.joblog.append(tail.job_id, tail.attempt, b"", self.limits, pipe=pipe)
                 queued = 1
             tail.announced = True
+            if not tail.ending:
+                self.node_tokens = max(0.0, self.node_tokens - shipped)
             if queued:
                 tail.tokens = max(0.0, tail.tokens - shipped)
                 tail.last_touch = now
@@ -178,6 +191,13 @@ class LogShipper:
             tail.pos = pos
             if stale or tail.ending:
                 self._forget(tail)
+
+    @staticmethod
+    def _size(tail: _Tail) -> int:
+        try:
+            return os.fstat(tail.fd).st_size
+        except OSError:
+            return tail.pos
 
     def _forget(self, tail: _Tail) -> None:
         with self._lock:

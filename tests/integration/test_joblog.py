@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobs import keys
-from jobs.joblog import JobLog, LogLimits, utf8_cut
+from jobs.config import Config, WorkerConfig
+from jobs.joblog import MAX_ENTRY_BYTES, JobLog, LogLimits, utf8_cut
 from scheduler.redis_server import RedisServer
+from worker.logship import LogShipper, plan
 
 LIMITS = LogLimits(cap_bytes=4096, head_bytes=512, retention_s=60.0)
 
@@ -122,3 +126,38 @@ def test_utf8_cut_never_splits_a_character() -> None:
         assert utf8_cut(text[:end], final=True) == end
     assert utf8_cut(b"\xff\xfe", final=False) == 2  # binary: handed out, never held forever
     assert utf8_cut(b"\xe2", final=False) == 1  # nothing else to hand out
+
+
+# ---- the worker's shipper (worker/logship.py) -------------------------------------------------------
+@given(st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**5), st.integers(0, 10**6))
+def test_plan_ships_the_unshipped_head_then_the_newest_within_budget(
+    pos: int, size: int, head: int, budget: int
+) -> None:
+    segments = plan(pos, size, head, budget)
+    assert sum(s.length for s in segments) <= budget
+    at = pos
+    for segment in segments:
+        assert segment.at == at + segment.skipped and segment.length > 0
+        at = segment.at + segment.length
+    assert at <= max(pos, size)
+    if size > pos and budget > max(0, min(head, size) - pos):
+        assert at == size  # past the head, the newest byte is always shipped
+    if segments and pos < head:
+        assert segments[0].at == pos and segments[0].skipped == 0  # the head first, from where it stopped
+
+
+def test_the_node_budget_is_shared_by_every_job_printing_at_once(redis_client: redis.Redis, tmp_path: Path) -> None:
+    config = Config(worker=WorkerConfig(log_rate_bytes=2**20, log_burst_bytes=2**20, log_node_rate_bytes=256 * 1024))
+    shipper = LogShipper(redis_client, config)
+    for job in range(1, 5):
+        path = tmp_path / f"{job}.log"
+        path.write_bytes(bytes([64 + job]) * 2**21)  # 2 MiB each, already written
+        shipper.add(job, 1, os.open(path, os.O_RDONLY), 0)
+    shipper.tick()
+    shipped = []
+    for job in range(1, 5):
+        meta = {k.decode(): int(v) for k, v in redis_client.hgetall(keys.job_log_meta(job)).items()}
+        assert meta["end"] == 2**21  # each job's newest byte is there
+        shipped.append(meta["end"] - meta["dropped"])
+    assert sum(shipped) <= 2**20 + 4 * MAX_ENTRY_BYTES  # the node's burst, split four ways
+    assert max(shipped) - min(shipped) <= MAX_ENTRY_BYTES
