@@ -89,7 +89,19 @@ def _heartbeat_age(stack: BenchStack) -> float:
     return seconds + micros / 1e6 - float(json.loads(raw)["sent_at"]) if raw else float("inf")
 
 
+def _bare_rate(stack: BenchStack, seconds: int) -> float:
+    """The flood program writing to a file outside gpulab: this disk's own speed now."""
+    path = stack.root / "bare.log"
+    with open(path, "wb") as out:
+        bare = subprocess.run(
+            [sys.executable, "-c", FLOOD.format(seconds=seconds)], stdout=out, stderr=subprocess.PIPE, text=True
+        )
+    path.unlink()
+    return int(bare.stderr.split()[1]) / float(bare.stderr.split()[2])
+
+
 def flood(stack: BenchStack, seconds: int) -> dict[str, float]:
+    before_bare = _bare_rate(stack, seconds)
     worker = psutil.Process(stack.worker.proc.pid)
     redis_before = int(stack.redis.info("memory")["used_memory"])
     cpu_before = sum(worker.cpu_times()[:2])
@@ -111,19 +123,13 @@ def flood(stack: BenchStack, seconds: int) -> dict[str, float]:
     wall = time.monotonic() - t0
     cpu = sum(worker.cpu_times()[:2]) - cpu_before
     meta = {k.decode(): int(v) for k, v in stack.redis.hgetall(keys.job_log_meta(job)).items()}
-    bare = subprocess.run(
-        [sys.executable, "-c", FLOOD.format(seconds=seconds)],
-        stdout=open(stack.root / "bare.log", "wb"),  # noqa: SIM115 - closed with the process
-        stderr=subprocess.PIPE,
-        text=True,
-        check=True,
-    )
-    bare_bytes, bare_s = int(bare.stderr.split()[1]), float(bare.stderr.split()[2])
+    bare_before, bare_after = before_bare, _bare_rate(stack, seconds)
     said = (stack.state_dir / "logs" / f"{job}.log").read_bytes()[-200:].split(b"wrote ")[-1].split()
     return {
         "written": meta["end"],
         "rate": int(said[0]) / float(said[1]),
-        "bare_rate": bare_bytes / bare_s,
+        "bare_rate": bare_before,
+        "bare_after": bare_after,
         "worker_cpu": cpu / wall,
         "worst_beat": worst,
         "stored": meta["stored"],
@@ -164,7 +170,8 @@ def run(args: argparse.Namespace) -> str:
             f"p95 {p95 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms |",
             f"| flood {args.flood_s} s: job's write rate under gpulab | {fl['rate'] / mib:.0f} MiB/s "
             f"({fl['written'] / mib:.0f} MiB) |",
-            f"| same program writing to a file outside gpulab | {fl['bare_rate'] / mib:.0f} MiB/s |",
+            f"| same program writing to a file outside gpulab, before / after | {fl['bare_rate'] / mib:.0f} / "
+            f"{fl['bare_after'] / mib:.0f} MiB/s |",
             f"| worker process CPU during the flood | {fl['worker_cpu'] * 100:.1f}% of one core |",
             f"| worst heartbeat age during the flood (interval 1 s) | {fl['worst_beat']:.2f} s |",
             f"| flood: kept in Redis / not kept | {fl['stored'] / 1024:.0f} KiB / {fl['dropped'] / mib:.0f} MiB |",
