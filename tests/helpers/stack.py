@@ -117,8 +117,12 @@ class Stack:
         self.state_dir.mkdir()
         config_path = tmp_path / "config.toml"
         config_path.write_text(config_text)
+        # No inherited COLUMNS/LINES: piped CLI output is then laid out wide (cli/render.py),
+        # whatever terminal (or pytest-xdist worker) the suite runs under; tests that check a
+        # width set COLUMNS themselves.
+        inherited = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
         self.env = dict(
-            os.environ,
+            inherited,
             GPULAB_STATE_DIR=str(self.state_dir),
             GPULAB_REDIS_URL=redis_url,
             GPULAB_CONFIG=str(config_path),
