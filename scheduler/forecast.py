@@ -2,7 +2,8 @@
 (scheduler/policy/forecast.py), with what durations, and the learned-duration history.
 
 Cost is bounded and kept off the pass: the forecast runs at most every `eta_interval_s`
-(sooner, but at most once a second, when the set of waiting jobs changed), each run makes
+(sooner, but at most once a second, when the set of waiting jobs changed; never sooner than
+ten times its own last duration, so it takes at most a tenth of a core), each run makes
 at most `max_eta_steps` placement calls, and it runs on a background thread over values the
 pass handed it (the policy is pure), so a pass never waits for it: each pass writes the
 newest finished answer (BENCHMARKS.md: about 0.6 s of CPU at 1k waiting jobs, 5 s at 10k,
@@ -36,6 +37,10 @@ log = logging.getLogger("gpulab.scheduler")
 
 OVERDUE_GRACE_S = 60.0  # a running job past its usual duration is expected to end this soon
 MIN_RECOMPUTE_S = 1.0  # a changed queue recomputes at most this often
+# ... and never sooner than this many times the last forecast's own duration: the forecast
+# runs on a thread of the scheduler's process, so without it a 10k queue that changes every
+# second would keep one core busy forecasting and slow every pass ~9x (BENCHMARKS.md, section 8).
+COST_FACTOR = 10.0
 MAX_LEARNED = 10_000  # (user, name) pairs kept; past it, the history starts over (bounded Redis)
 
 
@@ -113,7 +118,8 @@ class Forecaster:
         if interval <= 0:
             return False
         since = now - self._at
-        return since >= interval or (queue != self._queue and since >= MIN_RECOMPUTE_S)
+        gap = max(MIN_RECOMPUTE_S, COST_FACTOR * self.last_ms / 1000)
+        return since >= max(interval, gap) or (queue != self._queue and since >= gap)
 
     def update(
         self,

@@ -96,3 +96,23 @@ def test_estimates_within_tolerance_are_not_rewritten() -> None:
     assert same_estimate(1000.0, 1020.0, now=0.0)
     assert not same_estimate(1000.0, 1100.0, now=900.0)
     assert same_estimate(None, None, now=0.0) and not same_estimate(None, 5.0, now=0.0)
+
+
+def test_a_slow_forecast_is_not_rerun_before_ten_times_its_own_duration() -> None:
+    """The forecast shares the scheduler's process: a 5 s forecast on a queue that changes
+    every second must not run back to back (it would slow every pass)."""
+    import redis as redis_py
+
+    from jobs.config import Config
+    from scheduler.forecast import Forecaster
+
+    forecaster = Forecaster(redis_py.Redis(port=1), Config())  # `due` talks to no Redis
+    assert forecaster.due(0.0, frozenset({1}))
+    forecaster._at, forecaster._queue, forecaster.last_ms = 0.0, frozenset({1}), 5_000.0
+    changed = frozenset({1, 2})
+    assert not forecaster.due(2.0, changed)  # queue changed, but only 2 s after a 5 s run
+    assert not forecaster.due(49.0, changed)
+    assert forecaster.due(50.0, changed)
+    forecaster.last_ms = 10.0  # a cheap forecast: a changed queue is recomputed after 1 s
+    assert forecaster.due(1.0, changed)
+    assert not forecaster.due(1.0, frozenset({1}))  # unchanged: every eta_interval_s
