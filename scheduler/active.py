@@ -55,17 +55,22 @@ class ActiveReader:
                     self._active.pop(job_id, None)
         parsed = {r.id: r for r in self.store.get_many((i for i in rows if i not in self._cache), invalid)}
         for job_id, row in rows.items():
-            if job_id in self._cache:
-                seen, record = self._cache[job_id]
-                if row != seen:
-                    record = _refreshed(record, row)
-            elif job_id in parsed:
-                record = _refreshed(parsed[job_id], row)
-            else:
+            record = self._current(job_id, row, parsed)
+            if record is None:
                 continue
             self._cache[job_id] = (row, record)
             self._active[job_id] = Active(record, True, row[-1] == "1")
         return list(self._active.values())
+
+    def _current(self, job_id: int, row: tuple[str | None, ...], parsed: dict[int, JobRecord]) -> JobRecord | None:
+        """The job's record as of `row`: the cached one (refreshed when its fields changed), else
+        the one just parsed; None when it could not be parsed (quarantine's business)."""
+        if job_id in self._cache:
+            seen, record = self._cache[job_id]
+            return record if row == seen else _refreshed(record, row)
+        if job_id in parsed:
+            return _refreshed(parsed[job_id], row)
+        return None
 
     def read(self, invalid: dict[int, str] | None = None) -> list[Active]:
         ids = sorted(int(i) for i in self.redis.smembers(keys.ACTIVE))
@@ -81,13 +86,8 @@ class ActiveReader:
         cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
         out = []
         for job_id, row in values.items():
-            if job_id in self._cache:
-                seen, record = self._cache[job_id]
-                if row != seen:
-                    record = _refreshed(record, row)
-            elif job_id in parsed:
-                record = _refreshed(parsed[job_id], row)
-            else:
+            record = self._current(job_id, row, parsed)
+            if record is None:
                 continue
             cache[job_id] = (row, record)
             out.append(Active(record, leases[job_id], row[-1] == "1"))

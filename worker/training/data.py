@@ -82,10 +82,11 @@ def seed_epoch(loader: Any, seed: int, epoch: int) -> None:
     loader.generator = worker_gen
 
 
-def _clone_skipping(loader: DataLoader[Any], skip: int) -> DataLoader[Any]:
-    """The same loader (workers, collate, pinning...) over all but its first ``skip`` batches."""
+def with_batch_sampler(loader: DataLoader[Any], batch_sampler: Any) -> DataLoader[Any]:
+    """The same loader (workers, collate, pinning...) drawing its batches from ``batch_sampler``:
+    used to skip the batches a resumed epoch already did, and to shard batches across DDP ranks."""
     kwargs: dict[str, Any] = {
-        "batch_sampler": SkipBatchSampler(loader.batch_sampler, skip),  # type: ignore[arg-type]
+        "batch_sampler": batch_sampler,
         "num_workers": loader.num_workers,
         "collate_fn": loader.collate_fn,
         "pin_memory": loader.pin_memory,
@@ -111,7 +112,7 @@ def epoch_batches(loader: Any, seed: int, epoch: int, skip: int = 0) -> Iterator
         and not isinstance(loader.dataset, IterableDataset)
         and loader.batch_sampler is not None
     ):
-        return iter(_clone_skipping(loader, skip))
+        return iter(with_batch_sampler(loader, SkipBatchSampler(loader.batch_sampler, skip)))
     it = iter(loader)
     done = object()
     for _ in range(skip):

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from worker.training.data import with_batch_sampler
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -121,19 +123,7 @@ def shard_loader(loader: Any, ctx: DistContext) -> Any:
     has no positions to split, and ranks with unequal steps would wait on each other forever."""
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         raise ValueError("--gpus > 1 (DDP) needs a DataLoader over a map-style dataset (with __getitem__)")
-    kwargs: dict[str, Any] = {
-        "batch_sampler": ShardBatchSampler(loader.batch_sampler, ctx.rank, ctx.world_size),  # type: ignore[arg-type]
-        "num_workers": loader.num_workers,
-        "collate_fn": loader.collate_fn,
-        "pin_memory": loader.pin_memory,
-        "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
-        "multiprocessing_context": loader.multiprocessing_context,
-        "generator": loader.generator,
-    }
-    if loader.num_workers > 0:
-        kwargs["prefetch_factor"] = loader.prefetch_factor
-    return DataLoader(loader.dataset, **kwargs)
+    return with_batch_sampler(loader, ShardBatchSampler(loader.batch_sampler, ctx.rank, ctx.world_size))  # type: ignore[arg-type]
 
 
 def wrap_model(model: torch.nn.Module, device: torch.device, ctx: DistContext) -> torch.nn.Module:
