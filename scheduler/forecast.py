@@ -39,7 +39,7 @@ OVERDUE_GRACE_S = 60.0  # a running job past its usual duration is expected to e
 MIN_RECOMPUTE_S = 1.0  # a changed queue recomputes at most this often
 # ... and never sooner than this many times the last forecast's own duration: the forecast
 # runs on a thread of the scheduler's process, so without it a 10k queue that changes every
-# second would keep one core busy forecasting and slow every pass ~9x (BENCHMARKS.md, section 8).
+# second would keep one core busy forecasting and slow every pass ~9x (BENCHMARKS.md, section 11).
 COST_FACTOR = 10.0
 MAX_LEARNED = 10_000  # (user, name) pairs kept; past it, the history starts over (bounded Redis)
 
