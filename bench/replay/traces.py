@@ -1,4 +1,4 @@
-"""Turn the public traces in ../shared/traces/ into `SimJob`s. Every mapping the traces do not
+"""Turn the public GPU-cluster traces (openb, Philly; TRACE_DIR below) into `SimJob`s. Every mapping the traces do not
 give us is an assumption, stated in ASSUMPTIONS (printed with the results).
 
 openb (Alibaba GPU cluster, ATC'23): a fractional `gpu_milli` becomes a memory request of
