@@ -60,15 +60,21 @@ class DurationHistory:
             return
         if self.redis.hlen(keys.DURATIONS) > MAX_LEARNED:
             self.redis.delete(keys.DURATIONS)
+        # One read and one write for the whole batch: this runs inside the scheduling pass.
+        names = sorted({duration_key(r.user, r.spec.display_name) for r in done})
+        means: dict[str, tuple[int, float]] = {}
+        for key, raw in zip(names, self.redis.hmget(keys.DURATIONS, names), strict=True):
+            means[key] = _parse(raw) or (0, 0.0)
         for r in done:
             assert r.started_at is not None and r.ended_at is not None
             key = duration_key(r.user, r.spec.display_name)
-            old = _parse(self.redis.hget(keys.DURATIONS, key))
-            n, mean = old if old is not None else (0, 0.0)
+            n, mean = means[key]
             run = max(0.0, r.ended_at - r.started_at)
             n = min(n + 1, 20)  # a running mean over about the last 20 runs
-            mean += (run - mean) / n
-            self.redis.hset(keys.DURATIONS, key, json.dumps({"n": n, "mean": round(mean, 3)}))
+            means[key] = (n, mean + (run - mean) / n)
+        self.redis.hset(
+            keys.DURATIONS, mapping={k: json.dumps({"n": n, "mean": round(m, 3)}) for k, (n, m) in means.items()}
+        )
 
     def all(self) -> dict[str, float]:
         out = {}
