@@ -6,7 +6,9 @@ Values may be secrets: errors name the file, line and variable, never a value.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
@@ -33,11 +35,27 @@ def captured_env(
     return env
 
 
+MAX_ENV_FILE_BYTES = 1024 * 1024  # far above any real env file; the submit caps apply after
+
+
+def _read_regular_file(path: Path) -> str:
+    """The file's text; a FIFO, socket or device is refused (opened non-blocking, so a FIFO
+    with no writer cannot hang the CLI) and so is anything over MAX_ENV_FILE_BYTES."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SpecError("--env-file", f"{path} is not a regular file")
+        data = f.read(MAX_ENV_FILE_BYTES + 1)
+    if len(data) > MAX_ENV_FILE_BYTES:
+        raise SpecError("--env-file", f"{path} is larger than {MAX_ENV_FILE_BYTES} bytes")
+    return data.decode()
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """KEY=VALUE per line; blank lines and `#` comments skipped; `export KEY=VALUE` and one
     pair of surrounding quotes accepted (the dotenv subset people actually write)."""
     try:
-        text = path.read_text()
+        text = _read_regular_file(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError("--env-file", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
     env: dict[str, str] = {}
