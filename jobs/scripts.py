@@ -48,7 +48,9 @@ redis.call('LTRIM', KEYS[2], 0, 99)
 return #jobs
 """
 
-TRANSITION = """
+# One transition as a Lua function of its keys K and args A, shared by TRANSITION (one) and
+# TRANSITION_MANY (a batch in one script call): one body, so both write exactly the same.
+_TRANSITION_FUNCTION = """
 -- KEYS: 1 job, 2 job_events, 3 pending, 4 active, 5 finished, 6 ledger, 7 lease, 8 wake,
 --       9 events, 10 waiting counts, 11 fence key, 12 RQ queue, 13 RQ job, 14 waiting bytes,
 --       15 notification events
@@ -58,77 +60,101 @@ TRANSITION = """
 --       10 guard field ('' none), 11 guard value, 12 event detail, 13 fence token ('' none),
 --       14 RQ launch id to remove ('' none)
 -- Returns {1, previous state} or {0, current state | 'missing' | 'fenced'}.
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {0, 'missing'} end
-if ARGV[13] ~= '' and redis.call('GET', KEYS[11]) ~= ARGV[13] then return {0, 'fenced'} end
-local allowed = false
-for s in string.gmatch(ARGV[2], '[^,]+') do if s == state then allowed = true end end
-if not allowed then return {0, state} end
-if ARGV[10] ~= '' and redis.call('HGET', KEYS[1], ARGV[10]) ~= ARGV[11] then return {0, state} end
-local target = ARGV[3]
-local id = ARGV[1]
-redis.call('HSET', KEYS[1], 'state', target)
--- The per-user count of waiting (PENDING/HELD) jobs and the bytes of their specs: what
--- [scheduler] max_pending_per_user and max_stored_per_user cap. A job's spec is counted as
--- it is when it starts waiting (after this transition's writes: an OOM retry rewrites it) and
--- when it stops (before them); it does not change while it waits.
-local was_waiting = state == 'PENDING' or state == 'HELD'
-local is_waiting = target == 'PENDING' or target == 'HELD'
-local user = redis.call('HGET', KEYS[1], 'user') or ''
-if was_waiting ~= is_waiting then
-  local n = redis.call('HINCRBY', KEYS[10], user, is_waiting and 1 or -1)
-  if n <= 0 then redis.call('HDEL', KEYS[10], user) end
-end
-if was_waiting and not is_waiting then
-  local b = redis.call('HINCRBY', KEYS[14], user, -redis.call('HSTRLEN', KEYS[1], 'spec'))
-  if b <= 0 then redis.call('HDEL', KEYS[14], user) end
-end
-local fields = cjson.decode(ARGV[5])
-for k, v in pairs(fields) do
-  if v == '' then redis.call('HDEL', KEYS[1], k) else redis.call('HSET', KEYS[1], k, v) end
-end
-if is_waiting and not was_waiting then
-  redis.call('HINCRBY', KEYS[14], user, redis.call('HSTRLEN', KEYS[1], 'spec'))
-end
-if is_waiting then
-  redis.call('ZADD', KEYS[3], id, id)
-  redis.call('SREM', KEYS[4], id)
-elseif target == 'ASSIGNED' or target == 'RUNNING' then
-  redis.call('ZREM', KEYS[3], id)
-  redis.call('SADD', KEYS[4], id)
-else
-  redis.call('ZREM', KEYS[3], id)
-  redis.call('SREM', KEYS[4], id)
-  redis.call('ZADD', KEYS[5], ARGV[4], id)
-end
-if ARGV[6] == 'del' then redis.call('HDEL', KEYS[6], id)
-elseif ARGV[6] ~= '' then redis.call('HSET', KEYS[6], id, ARGV[6]) end
-if ARGV[7] == 'del' then redis.call('DEL', KEYS[7])
-elseif ARGV[7] ~= '' then redis.call('SET', KEYS[7], ARGV[8], 'PX', ARGV[7]) end
-if ARGV[14] ~= '' then
-  redis.call('LREM', KEYS[12], 0, ARGV[14])
-  redis.call('DEL', KEYS[13])
-end
-local reason = redis.call('HGET', KEYS[1], 'reason') or ''
-redis.call('XADD', KEYS[2], '*', 'state', target, 'from', state, 'reason', reason, 'detail', ARGV[12], 'at', ARGV[4])
-redis.call('XADD', KEYS[9], 'MAXLEN', '~', 10000, '*', 'job', id, 'state', target, 'from', state, 'reason', reason,
-           'at', ARGV[4])
--- A notification event when the job asked for this one (its 'notify' field: the events,
--- comma separated), in the same step as the change: no change without its event, no event
--- without its change (jobs.notify.STATE_EVENTS is the same table).
-local wants = redis.call('HGET', KEYS[1], 'notify')
-if wants then
-  local event = ({COMPLETED = 'end', FAILED = 'fail', HELD = 'held', RUNNING = 'started-late'})[target]
-  if event and string.find(',' .. wants .. ',', ',' .. event .. ',', 1, true) then
-    redis.call('XADD', KEYS[15], 'MAXLEN', '~', 1000000, '*', 'job', id, 'event', event, 'at', ARGV[4])
+local function transition(K, A)
+  local state = redis.call('HGET', K[1], 'state')
+  if not state then return {0, 'missing'} end
+  if A[13] ~= '' and redis.call('GET', K[11]) ~= A[13] then return {0, 'fenced'} end
+  local allowed = false
+  for s in string.gmatch(A[2], '[^,]+') do if s == state then allowed = true end end
+  if not allowed then return {0, state} end
+  if A[10] ~= '' and redis.call('HGET', K[1], A[10]) ~= A[11] then return {0, state} end
+  local target = A[3]
+  local id = A[1]
+  redis.call('HSET', K[1], 'state', target)
+  -- The per-user count of waiting (PENDING/HELD) jobs and the bytes of their specs: what
+  -- [scheduler] max_pending_per_user and max_stored_per_user cap. A job's spec is counted as
+  -- it is when it starts waiting (after this transition's writes: an OOM retry rewrites it) and
+  -- when it stops (before them); it does not change while it waits.
+  local was_waiting = state == 'PENDING' or state == 'HELD'
+  local is_waiting = target == 'PENDING' or target == 'HELD'
+  local user = redis.call('HGET', K[1], 'user') or ''
+  if was_waiting ~= is_waiting then
+    local n = redis.call('HINCRBY', K[10], user, is_waiting and 1 or -1)
+    if n <= 0 then redis.call('HDEL', K[10], user) end
   end
+  if was_waiting and not is_waiting then
+    local b = redis.call('HINCRBY', K[14], user, -redis.call('HSTRLEN', K[1], 'spec'))
+    if b <= 0 then redis.call('HDEL', K[14], user) end
+  end
+  local fields = cjson.decode(A[5])
+  for k, v in pairs(fields) do
+    if v == '' then redis.call('HDEL', K[1], k) else redis.call('HSET', K[1], k, v) end
+  end
+  if is_waiting and not was_waiting then
+    redis.call('HINCRBY', K[14], user, redis.call('HSTRLEN', K[1], 'spec'))
+  end
+  if is_waiting then
+    redis.call('ZADD', K[3], id, id)
+    redis.call('SREM', K[4], id)
+  elseif target == 'ASSIGNED' or target == 'RUNNING' then
+    redis.call('ZREM', K[3], id)
+    redis.call('SADD', K[4], id)
+  else
+    redis.call('ZREM', K[3], id)
+    redis.call('SREM', K[4], id)
+    redis.call('ZADD', K[5], A[4], id)
+  end
+  if A[6] == 'del' then redis.call('HDEL', K[6], id)
+  elseif A[6] ~= '' then redis.call('HSET', K[6], id, A[6]) end
+  if A[7] == 'del' then redis.call('DEL', K[7])
+  elseif A[7] ~= '' then redis.call('SET', K[7], A[8], 'PX', A[7]) end
+  if A[14] ~= '' then
+    redis.call('LREM', K[12], 0, A[14])
+    redis.call('DEL', K[13])
+  end
+  local reason = redis.call('HGET', K[1], 'reason') or ''
+  redis.call('XADD', K[2], '*', 'state', target, 'from', state, 'reason', reason, 'detail', A[12], 'at', A[4])
+  redis.call('XADD', K[9], 'MAXLEN', '~', 10000, '*', 'job', id, 'state', target, 'from', state, 'reason', reason,
+             'at', A[4])
+  -- A notification event when the job asked for this one (its 'notify' field: the events,
+  -- comma separated), in the same step as the change: no change without its event, no event
+  -- without its change (jobs.notify.STATE_EVENTS is the same table).
+  local wants = redis.call('HGET', K[1], 'notify')
+  if wants then
+    local event = ({COMPLETED = 'end', FAILED = 'fail', HELD = 'held', RUNNING = 'started-late'})[target]
+    if event and string.find(',' .. wants .. ',', ',' .. event .. ',', 1, true) then
+      redis.call('XADD', K[15], 'MAXLEN', '~', 1000000, '*', 'job', id, 'event', event, 'at', A[4])
+    end
+  end
+  if A[9] == '1' then
+    redis.call('LPUSH', K[8], id)
+    redis.call('LTRIM', K[8], 0, 99)
+  end
+  return {1, state}
 end
-if ARGV[9] == '1' then
-  redis.call('LPUSH', KEYS[8], id)
-  redis.call('LTRIM', KEYS[8], 0, 99)
-end
-return {1, state}
 """
+
+TRANSITION = _TRANSITION_FUNCTION + "return transition(KEYS, ARGV)\n"
+
+# A batch of transitions in one script call (dispatch queues a whole pass's assignments
+# inside its MULTI as one command instead of one EVALSHA each: per-command packing,
+# parsing and script start-up were most of a dispatch's cost). Each is applied on its own,
+# in order, exactly as TRANSITION would; a refused one does not stop the others.
+TRANSITION_MANY = (
+    _TRANSITION_FUNCTION
+    + """
+-- KEYS/ARGV: TRANSITION's 15 keys and 14 args per transition, one transition after another.
+-- Returns one TRANSITION reply per transition, in order.
+local out = {}
+for i = 0, #KEYS / 15 - 1 do
+  local K, A = {}, {}
+  for j = 1, 15 do K[j] = KEYS[i * 15 + j] end
+  for j = 1, 14 do A[j] = ARGV[i * 14 + j] end
+  out[#out + 1] = transition(K, A)
+end
+return out
+"""
+)
 
 RENEW_LEASES = """
 -- KEYS: 1 the worker's fence key, then the lease keys. ARGV: 1 ttl ms, 2 lease value (node),

@@ -51,6 +51,7 @@ class JobStore:
         self.redis = client
         self._submit = client.register_script(scripts.SUBMIT)
         self._transition = client.register_script(scripts.TRANSITION)
+        self._transition_batch = client.register_script(scripts.TRANSITION_MANY)
         self._renew = client.register_script(scripts.RENEW_LEASES)
         self._fields = client.register_script(scripts.JOB_FIELDS)
         self._observe = client.register_script(scripts.OBSERVE)
@@ -208,6 +209,20 @@ class JobStore:
         """Queue a transition inside a caller's MULTI (the caller has checked the state under WATCH)."""
         job_keys, args = self.transition_args(t)
         self._transition(keys=job_keys, args=args, client=pipe)
+
+    def queue_transitions(self, pipe: redis.client.Pipeline, transitions: list[Transition]) -> None:
+        """`queue_transition` for a batch as ONE command (the TRANSITION_MANY script): each is
+        applied as TRANSITION applies it, in order. Its reply is one TRANSITION reply per
+        transition. Dispatch queues a pass's assignments this way inside its MULTI."""
+        if not transitions:
+            return
+        all_keys: list[str] = []
+        all_args: list[str] = []
+        for t in transitions:
+            job_keys, args = self.transition_args(t)
+            all_keys += job_keys
+            all_args += args
+        self._transition_batch(keys=all_keys, args=all_args, client=pipe)
 
     def transition_many(self, transitions: list[Transition]) -> list[str | TransitionRefused]:
         """Apply many independent transitions in one round trip (one pipeline, no MULTI: each

@@ -28,7 +28,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from jobs import keys, lifecycle
-from jobs.lifecycle import Fence
+from jobs.lifecycle import Fence, Transition
 from jobs.states import JobState
 from jobs.store import Fenced, JobStore
 from scheduler.policy.placement import Assignment
@@ -47,6 +47,7 @@ LAUNCH_MANY_FUNCTION = "worker.tasks.launch_many"
 LAUNCHES_PER_ENTRY = 64
 
 log = logging.getLogger("gpulab.dispatch")
+_PENDING = JobState.PENDING.value.encode()
 
 
 class Dispatcher:
@@ -82,13 +83,16 @@ class Dispatcher:
                     raise Fenced("dispatch refused: a newer leader holds the fence")
                 pipe.multi()
                 written = []
+                transitions = []
                 launches: dict[str, list[tuple[int, int]]] = {}
+                now = time.time()
                 for assignment, (state, attempt) in zip(assignments, current, strict=True):
-                    if state is None or state.decode() != JobState.PENDING.value:
+                    if state != _PENDING:
                         continue
-                    self._queue_one(pipe, assignment, int(attempt or b"0") + 1)
+                    transitions.append(self._assign(assignment, int(attempt or b"0") + 1, now))
                     launches.setdefault(assignment.node, []).append((assignment.job_id, int(attempt or b"0") + 1))
                     written.append(assignment)
+                self.store.queue_transitions(pipe, transitions)  # one command for the batch
                 for node, pairs in launches.items():
                     for start in range(0, len(pairs), LAUNCHES_PER_ENTRY):
                         self._queue_launches(pipe, node, pairs[start : start + LAUNCHES_PER_ENTRY])
@@ -102,11 +106,10 @@ class Dispatcher:
                     raise Fenced("dispatch refused: a newer leader holds the fence") from None
                 return []
 
-    def _queue_one(self, pipe: redis.client.Pipeline, a: Assignment, attempt: int) -> None:
+    def _assign(self, a: Assignment, attempt: int, now: float) -> Transition:
         gpus = [{"index": g.index, "uuid": g.uuid} for g in a.gpus]
         reservation = {"node": a.node, "gpus": a.reserved_bytes, "whole_gpu": a.whole_gpu}
-        assigned = lifecycle.assign(a.job_id, attempt, a.node, gpus, reservation, self.assign_timeout_s, time.time())
-        self.store.queue_transition(pipe, assigned)
+        return lifecycle.assign(a.job_id, attempt, a.node, gpus, reservation, self.assign_timeout_s, now)
 
     def _queue_launches(self, pipe: redis.client.Pipeline, node: str, pairs: list[tuple[int, int]]) -> None:
         if len(pairs) > 1:

@@ -168,8 +168,10 @@ def place_queue(
 
     if wa >= 0:
         groups = list(queue.groups.values())
+        group_ids = list(queue.ids.values())
     else:  # a negative age weight puts newer jobs first: one group, sorted whole
         groups = [sorted(queue, key=order_key)]
+        group_ids = [[j.id for j in groups[0]]]
         skip_blocked_groups = False
     heads = [(*order_key(group[0]), g, 0) for g, group in enumerate(groups)]
     heapq.heapify(heads)
@@ -250,7 +252,7 @@ def place_queue(
             if known is not None and (
                 len(result.reservations) >= max_reservations or now - nxt.submitted_at < reserve_after
             ):
-                waiting.update(dict.fromkeys((j.id for j in group[pos:]), known))
+                waiting.update(dict.fromkeys(group_ids[g][pos:], known))
                 continue
         heapq.heappush(heads, (*order_key(nxt), g, pos))
     return result

@@ -35,6 +35,9 @@ def _submission(job: PendingJob) -> tuple[float, int]:
 class WaitingQueue:
     def __init__(self, jobs: Iterable[PendingJob] = ()) -> None:
         self.groups: dict[GroupKey, list[PendingJob]] = {}
+        # Each group's job ids in the same order: placement answers a blocked group's tail
+        # with `dict.fromkeys(ids[pos:], why)`, at C speed, not a Python loop over 10k jobs.
+        self.ids: dict[GroupKey, list[int]] = {}
         self._where: dict[int, GroupKey] = {}
         self.by_id: dict[int, PendingJob] = {}  # every job in the queue (read-only to callers)
         self._users: Counter[str] = Counter()
@@ -60,10 +63,14 @@ class WaitingQueue:
             self.discard(job.id)
         key = group_key(job)
         group = self.groups.setdefault(key, [])
+        ids = self.ids.setdefault(key, [])
         if not group or _submission(group[-1]) < _submission(job):
             group.append(job)  # the common case: newer than everything in its group
+            ids.append(job.id)
         else:
-            bisect.insort(group, job, key=_submission)
+            at = bisect.bisect_right(group, _submission(job), key=_submission)
+            group.insert(at, job)
+            ids.insert(at, job.id)
         self._where[job.id] = key
         self.by_id[job.id] = job
         self._users[job.user] += 1
@@ -80,6 +87,8 @@ class WaitingQueue:
                 if not self._users[group[i].user]:
                     del self._users[group[i].user]
                 del group[i]
+                del self.ids[key][i]
                 break
         if not group:
             del self.groups[key]
+            del self.ids[key]

@@ -134,3 +134,56 @@ def test_an_assignment_its_worker_could_not_hand_over_goes_back_to_wait_whole(re
     record = store.get(job_id)
     assert record is not None and record.state == JobState.PENDING and "did not start it" in record.detail
     assert record.node == "" and not store.ledger() and not store.has_lease(job_id) and launches.count == 0
+
+
+def test_a_batch_of_transitions_writes_what_one_by_one_writes(redis_client: redis.Redis) -> None:
+    """TRANSITION_MANY (dispatch's one command per batch) against TRANSITION one at a time:
+    the same states, replies, indexes, ledger, leases, waiting counts and history, and a
+    refused transition in the batch stops none of the others."""
+    store = JobStore(redis_client)
+
+    def plan(ids: list[int]) -> list[Transition]:
+        a, b, c, d = ids
+        reservation = {"node": "n1", "gpus": {"GPU-x": 2**30}, "whole_gpu": False}
+        gpus = [{"index": 0, "uuid": "GPU-x"}]
+        return [
+            lifecycle.assign(a, 1, "n1", gpus, reservation, 30, 1.0),
+            Transition(b, JobState.RUNNING, {}),  # refused: PENDING -> RUNNING is not an edge
+            lifecycle.assign(c, 1, "n1", gpus, reservation, 30, 1.0),
+            Transition(c, JobState.RUNNING, {"pid": 7}, guard=("attempt", "2")),  # refused: another attempt
+            Transition(c, JobState.RUNNING, {"pid": 7}, guard=("attempt", "1"), lease_ttl_s=5, lease_node="n1"),
+            Transition(d, JobState.CANCELLED, {}),
+            Transition(b, JobState.HELD, {}),
+        ]
+
+    def outcome(ids: list[int], user: str, replies: list[object]) -> dict[str, object]:
+        ledger = store.ledger()
+        return {
+            "replies": replies,
+            "states": [store.raw_state(i) for i in ids],
+            "pids": [redis_client.hget(keys.job(i), "pid") for i in ids],
+            "ledger": [ledger.get(i) for i in ids],
+            "leases": [store.has_lease(i) for i in ids],
+            "active": [redis_client.sismember(keys.ACTIVE, i) for i in ids],
+            "pending": [redis_client.zscore(keys.PENDING, i) is not None for i in ids],
+            "history": [[e["state"] for e in store.history(i)] for i in ids],
+            "waiting": redis_client.hget(keys.WAITING_COUNT, user),
+        }
+
+    one = [store.submit(_spec(), user="one", uid=1) for _ in range(4)]
+    replies: list[object] = []
+    for t in plan(one):
+        try:
+            replies.append([1, store.transition(t)])
+        except TransitionRefused as refused:
+            replies.append([0, refused.current])
+    many = [store.submit(_spec(), user="many", uid=1) for _ in range(4)]
+    pipe = redis_client.pipeline(transaction=True)
+    store.queue_transitions(pipe, plan(many))
+    [batch] = pipe.execute()
+    batch_replies = [[ok, previous.decode()] for ok, previous in batch]
+    assert batch_replies == replies == [
+        [1, "PENDING"], [0, "PENDING"], [1, "PENDING"], [0, "ASSIGNED"], [1, "ASSIGNED"], [1, "PENDING"], [1, "PENDING"]
+    ]  # fmt: skip
+    assert outcome(many, "many", batch_replies) == outcome(one, "one", replies)
+    assert store.raw_state(many[1]) == JobState.HELD and redis_client.hget(keys.WAITING_COUNT, "many") == b"1"

@@ -54,8 +54,15 @@ def test_a_queue_kept_across_changes_holds_each_job_once_in_submission_order() -
     queue.discard(2)
     queue.add(PendingJob(1, 1, 2**30, user="a", submitted_at=1.0))  # replaced, not doubled
     assert [j.id for j in queue] == [4, 1, 3, 5] and len(queue) == 4 and queue.users() == {"a", "b"}
+    _ids_follow_groups(queue)
     queue.discard(5)
     assert queue.users() == {"a"} and 5 not in queue
+    _ids_follow_groups(queue)
+
+
+def _ids_follow_groups(queue: WaitingQueue) -> None:
+    """The id lists placement answers blocked tails from are the groups' ids, in order."""
+    assert queue.ids == {key: [j.id for j in group] for key, group in queue.groups.items()}
 
 
 def test_a_negative_age_weight_still_orders_as_rank_does() -> None:
