@@ -13,6 +13,7 @@
     python -m bench memprof [--sigma 0.05]   learned --mem auto vs users' requests (openb)
     python -m bench placement [--quick] [--sizes 1000,10000,100000]   place() and run_pass() at scale
     python -m bench training [--runs 3]  the training loop under gpulab vs bare
+    python -m bench dispatch [--batch 130] [--nodes 64]   one Dispatcher.dispatch(): wall, CPU (own + Redis)
     python -m bench drain [--tasks 1000] [--runs 1]   a 1,000-task array of `true` vs xargs -P 8
     python -m bench logs [--lines 40] [--flood-s 10]   job output through Redis: latency, floods, bytes
 
@@ -31,6 +32,7 @@ from bench import (
     array_drain,
     bulk_actions,
     chaos_soak,
+    dispatch_cost,
     eta,
     failover,
     footprint,
@@ -65,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
     notify_burst.add_arguments(sub.add_parser("notify", help="a burst of job ends through the notifier"))
     memprof.add_arguments(sub.add_parser("memprof", help="learned --mem auto vs users' requests on openb"))
     placement_throughput.add_arguments(sub.add_parser("placement", help="place() and run_pass() at 1k-100k pending"))
+    dispatch_cost.add_arguments(sub.add_parser("dispatch", help="one Dispatcher.dispatch(): wall, CPU"))
     array_drain.add_arguments(sub.add_parser("drain", help="a 1,000-task array of `true` vs xargs -P 8"))
     log_shipping.add_arguments(sub.add_parser("logs", help="job output through Redis: latency, floods, bytes"))
     return p
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         save("failover_quick" if args.quick else "failover", failover.run(args))
     elif args.command == "notify":
         save(f"notify_burst_{args.users}users", notify_burst.run(args))
+    elif args.command == "dispatch":
+        save("dispatch_cost", dispatch_cost.run(args))
     elif args.command == "drain":
         save("array_drain_quick" if args.quick else "array_drain", array_drain.run(args))
     elif args.command == "placement":
