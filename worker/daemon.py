@@ -41,9 +41,10 @@ from worker.identity import RunAs
 from worker.journal import EndRecorder, Entry, Journal
 from worker.logship import LogShipper
 from worker.probe import GpuProbe
-from worker.process_tree import find_shims, kill_tree, tree_pids
+from worker.process_tree import children_by_parent, find_shims, kill_tree, tree_pids
 from worker.runner import MEMORY_STOP, SHIM_ENV, SHIM_PATH, JobRunner, LaunchError
 from worker.shim import PR_SET_CHILD_SUBREAPER, prctl
+from worker.shim_server import ShimServer
 
 log = logging.getLogger("gpulab.worker")
 
@@ -64,7 +65,10 @@ class WorkerDaemon:
         self.foreign_peak: dict[tuple[str, int], int] = {}  # (uuid, pid) -> peak bytes
         self.stopping = threading.Event()
         self._lock = threading.Lock()
-        self._beat_lock = threading.Lock()
+        self._beat_lock = threading.Lock()  # one heartbeat at a time
+        self._beat_seq_lock = threading.Lock()
+        self._beats_begun = 0  # heartbeats begun (counted under _beat_seq_lock)
+        self._beats_done = 0  # the number of the last one published
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.fence = Fence(keys.node_epoch(node), "")  # the real token comes with the name
         self.fenced = threading.Event()
@@ -75,6 +79,8 @@ class WorkerDaemon:
         folder = config.state_dir / "worker" / re.sub(r"[^A-Za-z0-9._-]", "_", node) / "journal"
         self.ends = EndRecorder(self.store, Journal(folder), lambda: self.fence, self._on_fenced)
         self.logs = LogShipper(client, config)
+        tags = ["--node", node, "--state-dir", str(config.state_dir)]
+        self.shim_server = ShimServer(SHIM_PATH, SHIM_ENV, tags)  # started by the first launch
         memory = config.memory
         self.enforcer = Enforcer(memory.enforce, memory.enforce_grace_s, config.scheduler.headroom_bytes)
 
@@ -104,10 +110,14 @@ class WorkerDaemon:
         (their worker died just as they started) must not run beside their requeued copies.
         Before this worker holds the name, only orphans (whose worker is gone) are killed: a
         live holder would refuse the name to this one. After, none of them can be this one's."""
-        for pid, ppid, worker in find_shims(SHIM_PATH, self.node, str(self.config.state_dir)):
+        found = find_shims(SHIM_PATH, self.node, str(self.config.state_dir))
+        # A live worker's shims: its exec'd shims and its fork server (children of the worker),
+        # and the shims that server forked (children of the server).
+        held = {pid for pid, ppid, worker in found if ppid == worker and psutil.pid_exists(worker)}
+        for pid, ppid, worker in found:
             if worker == os.getpid():
                 continue
-            if orphans_only and ppid == worker and psutil.pid_exists(worker):
+            if orphans_only and (pid in held or ppid in held):
                 continue
             log.warning("worker: killing job shim %s left by worker %s of node %s", pid, worker, self.node)
             kill_tree(pid)
@@ -159,6 +169,7 @@ class WorkerDaemon:
         for runner in runners:
             runner.done.wait(self.config.worker.kill_grace_s + 10)
         self.stopping.set()
+        self.shim_server.close()
         self.ends.wake()
         for thread in self._threads:
             thread.join(timeout=5)
@@ -194,6 +205,7 @@ class WorkerDaemon:
             shim_python=self.shim_python,
             on_log_open=self.logs.add,
             record_profile=self._record_profile,
+            shim_server=self.shim_server,
         )
         with self._lock:
             self.runners[job_id] = runner
@@ -277,8 +289,24 @@ class WorkerDaemon:
         # job this worker adopted (its shim was killed) dies first: the end is recorded only
         # once the whole tree is gone.
         self._forget(runner)
-        self._reap_orphans()
-        self.publish_heartbeat()
+        if runner.proc is None or runner.proc.poll() != 0:
+            # Only a shim that did not end cleanly can have left its tree to this worker: one
+            # that exits 0 has reaped all it had (it is their subreaper). Each look at the
+            # worker's children reads the whole process table: once per end made a drain of
+            # short jobs quadratic (the monitor still looks every heartbeat).
+            self._reap_orphans()
+        self._publish_after_now()
+
+    def _publish_after_now(self) -> None:
+        """A heartbeat that began after this call did, published. Ends that come together
+        share one: when an array drains, one heartbeat covers every job that ended while the
+        previous one was being measured (one per end made a drain quadratic in running jobs)."""
+        with self._beat_seq_lock:
+            wanted = self._beats_begun + 1
+        with self._beat_lock:
+            if self._beats_done >= wanted:
+                return
+            self._publish_locked()
 
     def _forget(self, runner: JobRunner) -> None:
         with self._lock:
@@ -329,47 +357,60 @@ class WorkerDaemon:
         """Renew leases first (they keep jobs alive) and tell each job's shim, then measure
         and publish the GPUs (not while shutting down: the node is offline then)."""
         with self._beat_lock:
-            with self._lock:
-                runners = list(self.runners.values())
-            running = [r for r in runners if r.pid is not None and not r.done.is_set()]
-            # A job whose end waits in the journal is still this worker's: keep its lease.
-            held = [r.job_id for r in running] + self.ends.pending_jobs()
-            before = time.monotonic()  # each renewed lease lasts at least until before + ttl
-            try:
-                lost = self.store.renew_leases(held, self.node, self.config.worker.lease_ttl_s, self.fence)
-            except Fenced:
-                self._on_fenced()
-                return
-            for runner in running:
-                if runner.job_id not in lost:
-                    runner.lease_renewed(before)
-            self._stop_lost(lost)
-            beat = self._measure(runners)
-            ttl_ms = int(self.config.worker.lease_ttl_s * 1000)
-            pipe = self.redis.pipeline(transaction=False)
-            if not self.draining.is_set():
-                pipe.set(keys.node(self.node), json.dumps(beat.to_json()), px=ttl_ms)
-            pipe.set(keys.node_owner(self.node), self.owner, px=ttl_ms)
-            pipe.sadd(keys.NODES, self.node)
-            for runner in running:
-                fields: dict[str, object] = {"current_bytes": runner.current, "peak_bytes": runner.peak}
-                if runner.mem_warning:
-                    fields["mem_warning"] = runner.mem_warning
-                status = runner.read_status()
-                if status is not None:
-                    fields["status"] = status
-                idle_since = runner.idle.flagged_since
-                if idle_since != runner.idle_written:
-                    fields["idle_since"] = "" if idle_since is None else idle_since
-                    runner.idle_written = idle_since
-                self.store.observe(pipe, runner.job_id, runner.attempt, self.fence, fields)
-            idle = [r for r in running if r.idle_due]
+            self._publish_locked()
+
+    def _publish_locked(self) -> None:
+        with self._beat_seq_lock:
+            self._beats_begun += 1
+            seq = self._beats_begun
+        with self._lock:
+            runners = list(self.runners.values())
+        running = [r for r in runners if r.pid is not None and not r.done.is_set()]
+        # Only started jobs' leases: a job still starting holds its assignment's lease, which
+        # its start transition replaces. Renewing that one raced the start: an assignment that
+        # timed out while the launch waited (a long queue of launches) came back "lost" just
+        # after the start had succeeded, and the freshly started job was stopped as NodeLost.
+        # (If the reaper requeues an expired assignment first, the start is refused.)
+        started = [r for r in running if r.gate_open]
+        # A job whose end waits in the journal is still this worker's: keep its lease.
+        held = [r.job_id for r in started] + self.ends.pending_jobs()
+        before = time.monotonic()  # each renewed lease lasts at least until before + ttl
+        try:
+            lost = self.store.renew_leases(held, self.node, self.config.worker.lease_ttl_s, self.fence)
+        except Fenced:
+            self._on_fenced()
+            return
+        for runner in started:
+            if runner.job_id not in lost:
+                runner.lease_renewed(before)
+        self._stop_lost(lost)
+        beat = self._measure(runners)
+        ttl_ms = int(self.config.worker.lease_ttl_s * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        if not self.draining.is_set():
+            pipe.set(keys.node(self.node), json.dumps(beat.to_json()), px=ttl_ms)
+        pipe.set(keys.node_owner(self.node), self.owner, px=ttl_ms)
+        pipe.sadd(keys.NODES, self.node)
+        for runner in running:
+            fields: dict[str, object] = {"current_bytes": runner.current, "peak_bytes": runner.peak}
+            if runner.mem_warning:
+                fields["mem_warning"] = runner.mem_warning
+            status = runner.read_status()
+            if status is not None:
+                fields["status"] = status
+            idle_since = runner.idle.flagged_since
+            if idle_since != runner.idle_written:
+                fields["idle_since"] = "" if idle_since is None else idle_since
+                runner.idle_written = idle_since
+            self.store.observe(pipe, runner.job_id, runner.attempt, self.fence, fields)
+        idle = [r for r in running if r.idle_due]
+        for runner in idle:
+            self._report_idle(pipe, runner)
+        pipe.execute()
+        self._beats_done = seq
+        if self.config.policy.idle_action == "stop":
             for runner in idle:
-                self._report_idle(pipe, runner)
-            pipe.execute()
-            if self.config.policy.idle_action == "stop":
-                for runner in idle:
-                    runner.stop("idle")
+                runner.stop("idle")
 
     def _report_idle(self, pipe: redis.client.Pipeline, runner: JobRunner) -> None:
         """The job's idle spell just reached idle_after_s: an Idle event in its history, and the
@@ -378,8 +419,7 @@ class WorkerDaemon:
         policy = self.config.policy
         detail = (
             f"idle: holds GPU memory at <= {policy.idle_max_util_percent:g}% utilisation for "
-            f"{duration(policy.idle_after_s)}"
-            + ("; stopping it" if policy.idle_action == "stop" else "")
+            f"{duration(policy.idle_after_s)}" + ("; stopping it" if policy.idle_action == "stop" else "")
         )
         log.info("worker: job %s %s", runner.job_id, detail)
         self.store.add_event(pipe, runner.job_id, JobState.RUNNING.value, Reason.IDLE.value, detail)
@@ -412,9 +452,10 @@ class WorkerDaemon:
     def _measure(self, runners: list[JobRunner]) -> NodeHeartbeat:
         snapshot = self.probe.snapshot()
         owner: dict[int, JobRunner] = {}
+        children = children_by_parent()  # one read of the process table for every job
         for runner in runners:
             if runner.pid is not None:
-                pids = tree_pids(runner.pid)
+                pids = tree_pids(runner.pid, children)
                 runner.track(pids)
                 for pid in pids:
                     owner[pid] = runner

@@ -15,13 +15,32 @@ import psutil
 KILL_ROUNDS = 50  # a tree that keeps forking is killed again, this many times at most
 
 
-def tree_pids(root_pid: int) -> set[int]:
-    """The root and all its live descendants (DataLoader workers, launched helpers...)."""
-    try:
-        root = psutil.Process(root_pid)
-        return {root_pid} | {c.pid for c in root.children(recursive=True)}
-    except psutil.Error:
+def children_by_parent() -> dict[int, list[int]]:
+    """The whole process table as parent pid -> child pids, read once (psutil's children()
+    reads it all for each call: a heartbeat over hundreds of jobs did it hundreds of times)."""
+    table: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        table.setdefault(proc.info["ppid"] or 0, []).append(proc.pid)
+    return table
+
+
+def tree_pids(root_pid: int, children: dict[int, list[int]] | None = None) -> set[int]:
+    """The root and all its live descendants (DataLoader workers, launched helpers...);
+    `children` (children_by_parent()) saves reading the process table again."""
+    if children is None:
+        try:
+            root = psutil.Process(root_pid)
+            return {root_pid} | {c.pid for c in root.children(recursive=True)}
+        except psutil.Error:
+            return set()
+    if not psutil.pid_exists(root_pid):
         return set()
+    found = {root_pid}
+    frontier = [root_pid]
+    while frontier:
+        frontier = [c for p in frontier for c in children.get(p, ()) if c not in found]
+        found.update(frontier)
+    return found
 
 
 def signal_tree(root_pid: int, sig: int) -> None:

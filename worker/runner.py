@@ -42,6 +42,7 @@ from worker.idle import IdleWatch
 from worker.outcome import Outcome, classify
 from worker.process_tree import kill_tree, signal_tree, tree_pids
 from worker.shim import ABORTED_EXIT
+from worker.shim_server import ServedShim, ShimServer, ShimServerError
 
 log = logging.getLogger("gpulab.worker")
 LOG_TAIL_BYTES = 64 * 1024
@@ -82,6 +83,7 @@ class JobRunner:
         shim_python: Callable[[RunAs | None], str] | None = None,
         on_log_open: Callable[[int, int, int, int], None] | None = None,
         record_profile: Callable[[JobRunner, Sample], None] | None = None,
+        shim_server: ShimServer | None = None,
     ) -> None:
         self.record = record
         self.job_id = record.id
@@ -98,11 +100,12 @@ class JobRunner:
         self.shim_python = shim_python or (lambda _run_as: sys.executable)
         self.on_log_open = on_log_open  # (job id, attempt, read fd, start offset): the log shipper
         self.record_profile = record_profile
+        self.shim_server = shim_server  # forks the shim; None: a new interpreter per job
         self.log_path = config.log_dir / f"{record.id}.log"
         self.run_dir = config.state_dir / "run" / str(record.id)
         self.status_path = self.run_dir / "status.json"
         self.checkpoint_dir = config.checkpoint_root / str(record.id)
-        self.proc: subprocess.Popen[bytes] | None = None  # the shim
+        self.proc: subprocess.Popen[bytes] | ServedShim | None = None  # the shim
         self.job_pid: int | None = None  # the command (what the record shows)
         self.started_at = 0.0
         self.started = False  # the shim exec'd the command
@@ -126,6 +129,11 @@ class JobRunner:
         self._known: dict[int, float] = {}  # pid -> create time of every tree member seen
         self.run_as: RunAs | None = None
         self.done = threading.Event()
+
+    @property
+    def gate_open(self) -> bool:
+        """ "go" was sent: the job is RUNNING in Redis with its own lease."""
+        return self._gate_open
 
     @property
     def pid(self) -> int | None:
@@ -240,6 +248,9 @@ class JobRunner:
 
     def _spawn_shim(self, run_as: RunAs | None, log_fd: int) -> None:
         report_r, report_w = os.pipe()
+        if self.shim_server is not None:
+            self._spawn_served(run_as, log_fd, report_r, report_w)
+            return
         argv = [
             self.shim_python(run_as), "-I", "-S", SHIM_PATH,
             "--node", self.node,
@@ -275,7 +286,40 @@ class JobRunner:
             raise LaunchError(message) from None
         finally:
             os.close(report_w)
-        assert self.proc.stdin is not None
+        self._send_launch(run_as, report_r)
+
+    def _spawn_served(self, run_as: RunAs | None, log_fd: int, report_r: int, report_w: int) -> None:
+        """The shim forked by the worker's fork server: the same process as the exec'd one
+        (same user, groups, umask, session, fds, environment), without an interpreter start."""
+        assert self.shim_server is not None
+        stdin_r, stdin_w = os.pipe()
+        request = {
+            "node": self.node,
+            "job": self.job_id,
+            "attempt": self.attempt,
+            "uid": run_as.uid if run_as else None,
+            "gid": run_as.gid if run_as else None,
+            "groups": list(run_as.groups) if run_as else None,
+            "umask": 0o022 if run_as else None,
+            "lease_ttl": self.config.worker.lease_ttl_s,
+            "kill_grace": self.config.worker.kill_grace_s,
+        }
+        try:
+            with self._lock:
+                self.proc = self.shim_server.spawn(request, stdin_r, report_w, log_fd, stdin_w)
+        except (OSError, ShimServerError) as exc:
+            os.close(report_r)
+            os.close(stdin_w)
+            message = f"cannot start the job's launcher: {getattr(exc, 'strerror', None) or exc}"
+            self._end_launch(message)
+            raise LaunchError(message) from None
+        finally:
+            os.close(report_w)
+            os.close(stdin_r)
+        self._send_launch(run_as, report_r)
+
+    def _send_launch(self, run_as: RunAs | None, report_r: int) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
         self._to_shim = self.proc.stdin.fileno()
         self._from_shim = report_r
         launch = {"argv": list(self.record.spec.command), "cwd": self.record.spec.cwd, "env": self._job_env(run_as)}
@@ -479,7 +523,8 @@ class JobRunner:
         if self.job_pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.job_pid, signal.SIGKILL)
-        if self.proc is not None:
+        if isinstance(self.proc, subprocess.Popen):
+            # (A served shim was reaped by its server: its pid may already be another's.)
             signal_tree(self.proc.pid, signal.SIGKILL)
 
     def read_status(self) -> dict[str, Any] | None:
@@ -702,7 +747,7 @@ def _describe(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-def _reported_child(answer: str, shim: subprocess.Popen[bytes] | None) -> int | None:
+def _reported_child(answer: str, shim: subprocess.Popen[bytes] | ServedShim | None) -> int | None:
     """The pid in the shim's `ready <pid>`, only if it is a live direct child of that shim:
     the worker later signals it as root, so a pid a job could have slipped in (another
     user's process, 0, -1) is refused."""

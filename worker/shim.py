@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import os
 import select
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -73,6 +75,15 @@ class Options:
             if not flag.startswith("--"):
                 raise SystemExit(f"gpulab shim: unexpected argument {flag!r}")
             values[flag[2:]] = next(it)
+        self._take(values)
+
+    @classmethod
+    def from_values(cls, values: dict[str, str]) -> Options:
+        opts = cls.__new__(cls)
+        opts._take(values)
+        return opts
+
+    def _take(self, values: dict[str, str]) -> None:
         self.node = values["node"]
         self.job = values["job"]
         self.attempt = values["attempt"]
@@ -388,6 +399,10 @@ class Shim:
         the shim inherits every orphan, so no child left means no descendant left."""
         deadline = time.monotonic() + DRAIN_S
         while time.monotonic() < deadline:
+            # Reaped first: a command that left nothing behind (the usual end) costs no walk
+            # of /proc (thousands of entries on a busy node, once per job).
+            if not self.reap():
+                return
             for pid in self.descendants():
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
@@ -428,7 +443,13 @@ def _why(exc: BaseException) -> str:
 def main(argv: list[str]) -> int:
     if argv == ["--self-check"]:  # the worker checks that a user can run this interpreter and file
         return 0
-    opts = Options(argv)
+    if argv[-2:] == ["--serve", "yes"]:
+        return serve(argv[:-2])
+    return run_shim(Options(argv))
+
+
+def run_shim(opts: Options) -> int:
+    """The shim proper, once it is the job's user with its fds in place (exec'd or forked)."""
     os.set_inheritable(opts.report_fd, False)  # the command never gets the worker's pipe
     os.set_blocking(opts.report_fd, False)
     os.set_blocking(0, False)
@@ -448,6 +469,181 @@ def main(argv: list[str]) -> int:
             shim.signal_tree(signal.SIGKILL)
             shim.drain()
         return LAUNCH_FAILED_EXIT if not shim.started else 1
+
+
+# ---- the fork server ---------------------------------------------------------------------------
+# Starting a Python interpreter per job costs ~36 ms of CPU; forking this already-started one
+# costs well under a millisecond. The worker starts one server (as itself: root on a shared
+# node), over a SOCK_SEQPACKET socket on fd 0:
+#
+#     python -I -S /abs/worker/shim.py --node N --state-dir D --worker-pid P --serve yes
+#
+# (the shims it forks keep that command line: a restarted worker finds them like exec'd ones)
+#
+# Worker -> server: `spawn <json>` with three fds (SCM_RIGHTS): the shim's stdin, its report
+# pipe and the job's log. The json: job, attempt, uid/gid/groups/umask (null: stay as is),
+# lease_ttl, kill_grace. Server -> worker: `spawned <pid>` with a pidfd of the new shim (so
+# the worker signals that process and no other, even after the pid is reused), or
+# `error <why>`; and `exit <pid> <wait status>` for every shim it reaped.
+# The forked child drops to the job's user (setgroups, setresgid, setresuid: exactly what
+# Popen's user/group/extra_groups did), leads its own session, has only its three fds and
+# then is a shim like an exec'd one (run_shim: subreaper, parent-death signal and
+# non-dumpable set after the uid change, which clears them), with the server as the parent
+# it watches. The server dies with its worker (parent-death signal, checked against the
+# worker's pid, and EOF on its socket), and each shim with the server, so a job still dies
+# with its worker. The server never reads anything a job wrote: only the worker talks to it.
+
+SERVER_FD = 0
+MAX_REQUEST = 65536
+
+
+def serve(argv: list[str]) -> int:
+    values = dict(zip(argv[::2], argv[1::2], strict=False))
+    worker_pid = int(values["--worker-pid"])
+    sock = socket.socket(fileno=SERVER_FD)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    for sig in (signal.SIGCHLD, PDEATH_SIGNAL):
+        signal.signal(sig, lambda _s, _f: None)
+    prctl(PR_SET_PDEATHSIG, PDEATH_SIGNAL)
+    if os.getppid() != worker_pid:  # the worker died before PDEATHSIG was armed
+        return ABORTED_EXIT
+    gc.freeze()  # the forked shims' collections skip these objects: fewer pages copied per fork
+    while os.getppid() == worker_pid:
+        try:
+            readable, _, _ = select.select([sock.fileno(), wake_r], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in readable:
+            with contextlib.suppress(OSError):
+                while os.read(wake_r, 512):
+                    pass
+            _report_exits(sock)
+        if SERVER_FD in readable:
+            try:
+                data, ancdata, _flags, _addr = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(3 * 4))
+            except InterruptedError:
+                continue
+            if not data:
+                return 0  # the worker closed its end (shut down, or died)
+            fds = _received_fds(ancdata)
+            try:
+                _spawn(sock, data, fds)
+            finally:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+    return 0  # the worker died: every shim's parent-death signal follows this exit
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, usable, 4))
+    return fds
+
+
+def _send(sock: socket.socket, text: str, fds: tuple[int, ...] = ()) -> None:
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))]
+    with contextlib.suppress(OSError):
+        sock.sendmsg([text.encode()], ancillary if fds else [])
+
+
+def _report_exits(sock: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _send(sock, f"exit {pid} {status}")
+
+
+def _spawn(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    word, _, rest = data.decode(errors="replace").partition(" ")
+    try:
+        request = json.loads(rest) if word == "spawn" else None
+    except ValueError:
+        request = None
+    if not isinstance(request, dict) or len(fds) != 3:
+        _send(sock, "error malformed spawn request")
+        return
+    server_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        code = LAUNCH_FAILED_EXIT
+        try:
+            code = _become_shim(request, fds, server_pid)
+        finally:
+            os._exit(code)
+    try:
+        pidfd = os.pidfd_open(pid)  # not reaped yet (only this loop reaps): it is the shim
+    except OSError as exc:
+        os.kill(pid, signal.SIGKILL)
+        _send(sock, f"error cannot hold the shim: {_why(exc)}")
+        return
+    try:
+        _send(sock, f"spawned {pid}", (pidfd,))
+    finally:
+        os.close(pidfd)
+
+
+def _become_shim(request: dict[str, Any], fds: list[int], parent: int) -> int:
+    """In the forked child: the job's user, its own session, stdin/stdout+stderr/report on
+    0/1/2/3 and no other fd, default signal handling; then the shim."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, PDEATH_SIGNAL):
+        signal.signal(sig, signal.SIG_DFL)
+    stdin_r, report_w, log_fd = fds
+    os.setsid()
+    moved = [os.dup(fd) for fd in (stdin_r, log_fd, report_w)]  # none of them may be 0-3 now
+    for target, fd in zip((0, 1, 3), moved, strict=True):
+        os.dup2(fd, target)
+    os.dup2(1, 2)
+    # Every other fd goes: the server's socket and wake pipe too (their Python objects live
+    # on in the server's frames, unused: this process ends with os._exit, never closing them).
+    os.closerange(4, max(os.sysconf("SC_OPEN_MAX"), 65536))
+    if request.get("uid") is not None:
+        try:
+            uid, gid = int(request["uid"]), int(request["gid"])
+            os.setgroups([int(g) for g in request.get("groups") or []])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        except (OSError, TypeError, ValueError) as exc:
+            os.write(3, f"fail cannot become the job's user: {_why(exc)}\n".encode())
+            return LAUNCH_FAILED_EXIT
+        if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or (uid != 0 and _can_regain_root()):
+            os.write(3, f"fail still privileged after becoming uid {uid}\n".encode())
+            return LAUNCH_FAILED_EXIT
+    umask = request.get("umask")
+    if isinstance(umask, int) and umask >= 0:
+        os.umask(umask)
+    os.chdir("/")
+    opts = Options.from_values(
+        {
+            "node": str(request.get("node", "")),
+            "job": str(request.get("job", "")),
+            "attempt": str(request.get("attempt", "")),
+            "worker-pid": str(parent),  # the parent whose death it watches: the server
+            "lease-ttl": str(request.get("lease_ttl")),
+            "kill-grace": str(request.get("kill_grace")),
+            "report-fd": "3",
+        }
+    )
+    return run_shim(opts)
+
+
+def _can_regain_root() -> bool:
+    try:
+        os.setuid(0)
+    except OSError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

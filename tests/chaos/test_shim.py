@@ -15,12 +15,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.chaos.markers import Marker, pid_alive
 from tests.helpers.stack import eventually
 from worker.runner import SHIM_ENV, SHIM_PATH
 from worker.shim import ABORTED_EXIT, LAUNCH_FAILED_EXIT
+from worker.shim_server import ServedShim, ShimServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,18 +47,29 @@ def job_env(**extra: str) -> dict[str, str]:
 
 
 class Shim:
-    """A shim started by this test process (its "worker")."""
+    """A shim started by this test process (its "worker"): exec'd, or forked by a fork server."""
+
+    server: ShimServer | None = None
 
     def __init__(self, argv: list[str], cwd: str, ttl: float = 30.0, grace: float = 30.0) -> None:
         report_r, report_w = os.pipe()
-        self.proc = subprocess.Popen(
-            shim_argv(os.getpid(), report_w, ttl, grace),
-            stdin=subprocess.PIPE,
-            pass_fds=(report_w,),
-            start_new_session=True,
-            cwd="/",
-            env=SHIM_ENV,
-        )
+        self.proc: subprocess.Popen[bytes] | ServedShim
+        if self.server is None:
+            self.proc = subprocess.Popen(
+                shim_argv(os.getpid(), report_w, ttl, grace),
+                stdin=subprocess.PIPE,
+                pass_fds=(report_w,),
+                start_new_session=True,
+                cwd="/",
+                env=SHIM_ENV,
+            )
+        else:
+            stdin_r, stdin_w = os.pipe()
+            log = os.open(os.devnull, os.O_WRONLY)
+            request = {"node": "shim-test", "job": 7, "attempt": 1, "lease_ttl": ttl, "kill_grace": grace}
+            self.proc = self.server.spawn(request, stdin_r, report_w, log, stdin_w)
+            os.close(stdin_r)
+            os.close(log)
         os.close(report_w)
         self.report = report_r
         self.buffer = b""
@@ -65,8 +78,9 @@ class Shim:
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write((line + "\n").encode())
-        self.proc.stdin.flush()
+        data = (line + "\n").encode()
+        while data:
+            data = data[os.write(self.proc.stdin.fileno(), data) :]
 
     def close_input(self) -> None:
         assert self.proc.stdin is not None
@@ -98,6 +112,21 @@ class Shim:
 
     def wait(self, timeout: float = 60.0) -> int:
         return self.proc.wait(timeout=timeout)
+
+
+@pytest.fixture(autouse=True, params=["exec", "served"])
+def shim_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs with an exec'd shim and with one forked by the fork server."""
+    if request.param == "exec":
+        yield "exec"
+        return
+    server = ShimServer(SHIM_PATH, SHIM_ENV, ["--node", "shim-test", "--state-dir", "/nonexistent"])
+    Shim.server = server
+    try:
+        yield "served"
+    finally:
+        Shim.server = None
+        server.close()
 
 
 @pytest.fixture
@@ -170,26 +199,47 @@ def test_renewals_keep_the_job_running_and_its_status_comes_through(marker: Mark
     assert [e.code for e in marker.ends(7)] == [7]
 
 
-def test_a_dead_worker_takes_the_tree_with_it(marker: Marker, tmp_path: Path) -> None:
+def test_a_dead_worker_takes_the_tree_with_it(marker: Marker, tmp_path: Path, shim_kind: str) -> None:
     """kill -9 of the worker: the shim's parent-death signal stops the tree at once (the
-    lease here is long: it is not the silence that does it)."""
+    lease here is long: it is not the silence that does it). A served shim's parent is the
+    fork server, which dies with the worker: the same end, one parent-death signal later."""
+    if shim_kind == "exec":
+        start_shim = (
+            f"argv = {shim_argv(0, 0, 600.0, 1.0)!r}\n"
+            "argv[argv.index('--worker-pid') + 1] = str(os.getpid())\n"
+            "argv[argv.index('--report-fd') + 1] = str(w)\n"
+            "p = subprocess.Popen(argv, stdin=subprocess.PIPE, pass_fds=(w,), start_new_session=True,"
+            f" env={SHIM_ENV!r})\n"
+            "send = lambda line: (p.stdin.write(line.encode()), p.stdin.flush())\n"
+        )
+    else:
+        start_shim = (
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "from worker.shim_server import ShimServer\n"
+            f"tags = ['--node', 'shim-test', '--state-dir', '/nonexistent']\n"
+            f"server = ShimServer({SHIM_PATH!r}, {SHIM_ENV!r}, tags)\n"
+            "sr, sw = os.pipe()\n"
+            "log = os.open(os.devnull, os.O_WRONLY)\n"
+            "request = {'node': 'shim-test', 'job': 7, 'attempt': 1, 'lease_ttl': 600.0, 'kill_grace': 1.0}\n"
+            "p = server.spawn(request, sr, w, log, sw)\n"
+            "send = lambda line: os.write(sw, line.encode())\n"
+        )
     script = (
         "import json, os, subprocess, sys, time\n"
         "r, w = os.pipe()\n"
-        f"argv = {shim_argv(0, 0, 600.0, 1.0)!r}\n"
-        "argv[argv.index('--worker-pid') + 1] = str(os.getpid())\n"
-        "argv[argv.index('--report-fd') + 1] = str(w)\n"
-        f"p = subprocess.Popen(argv, stdin=subprocess.PIPE, pass_fds=(w,), start_new_session=True, env={SHIM_ENV!r})\n"
-        f"launch = {{'argv': {marked(marker, '--escape')!r}, 'env': {job_env()!r}, 'cwd': {str(tmp_path)!r}}}\n"
-        "p.stdin.write(('launch ' + json.dumps(launch) + '\\n').encode()); p.stdin.flush()\n"
+        + start_shim
+        + f"launch = {{'argv': {marked(marker, '--escape')!r}, 'env': {job_env()!r}, 'cwd': {str(tmp_path)!r}}}\n"
+        "send('launch ' + json.dumps(launch) + '\\n')\n"
         "os.read(r, 4096)\n"
-        "p.stdin.write(f'go {time.monotonic()!r}\\n'.encode()); p.stdin.flush()\n"
+        "send(f'go {time.monotonic()!r}\\n')\n"
         "print(p.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
     worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert worker.stdout is not None
     shim_pid = int(worker.stdout.readline())
+    parent = psutil.Process(shim_pid).ppid()
+    assert (parent if shim_kind == "exec" else psutil.Process(parent).ppid()) == worker.pid
     start = marker.wait_start(7, 1)
     (escapee,) = marker.escaped(7)
     worker.kill()

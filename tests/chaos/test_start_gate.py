@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -19,10 +20,24 @@ from jobs.spec import JobSpec
 from jobs.states import JobState, Reason
 from jobs.store import Fenced, TransitionRefused
 from tests.helpers.stack import eventually
-from worker.runner import JobRunner
+from worker.runner import SHIM_ENV, SHIM_PATH, JobRunner
+from worker.shim_server import ShimServer
 
 
-def _runner(tmp_path: Path, on_start: object, ends: list[Transition]) -> tuple[JobRunner, Path]:
+@pytest.fixture(params=["exec", "served"])
+def server(request: pytest.FixtureRequest) -> Iterator[ShimServer | None]:
+    """Each test with an exec'd shim and with one forked by the worker's fork server."""
+    if request.param == "exec":
+        yield None
+        return
+    srv = ShimServer(SHIM_PATH, SHIM_ENV, ["--node", "n1", "--state-dir", "/nonexistent"])
+    yield srv
+    srv.close()
+
+
+def _runner(
+    tmp_path: Path, on_start: object, ends: list[Transition], server: ShimServer | None
+) -> tuple[JobRunner, Path]:
     ran = tmp_path / "ran"
     spec = JobSpec(command=("/bin/sh", "-c", f"touch {ran}"), cwd=str(tmp_path), env={"PATH": "/usr/bin:/bin"})
     record = JobRecord(
@@ -51,6 +66,7 @@ def _runner(tmp_path: Path, on_start: object, ends: list[Transition]) -> tuple[J
         record_end=lambda t, late_ok: ends.append(t),
         before_finish=lambda r: None,
         shim_python=lambda run_as: sys.executable,
+        shim_server=server,
     )
     return runner, ran
 
@@ -71,9 +87,11 @@ def _raise(exc: BaseException) -> object:
     ],
     ids=["refused", "fenced", "redis-down"],
 )
-def test_command_never_runs_when_the_start_is_not_recorded(tmp_path: Path, refusal: BaseException) -> None:
+def test_command_never_runs_when_the_start_is_not_recorded(
+    tmp_path: Path, refusal: BaseException, server: ShimServer | None
+) -> None:
     ends: list[Transition] = []
-    runner, ran = _runner(tmp_path, _raise(refusal), ends)
+    runner, ran = _runner(tmp_path, _raise(refusal), ends, server)
     with pytest.raises(type(refusal)):
         runner.start()
     assert runner.proc is not None and runner.proc.poll() is not None, "the shim is still there"
@@ -82,9 +100,9 @@ def test_command_never_runs_when_the_start_is_not_recorded(tmp_path: Path, refus
     assert ends == []  # nothing to record: the scheduler decides (it still sees ASSIGNED)
 
 
-def test_cancel_while_starting_never_releases_the_command(tmp_path: Path) -> None:
+def test_cancel_while_starting_never_releases_the_command(tmp_path: Path, server: ShimServer | None) -> None:
     ends: list[Transition] = []
-    runner, ran = _runner(tmp_path, lambda r: r.stop("cancelled"), ends)
+    runner, ran = _runner(tmp_path, lambda r: r.stop("cancelled"), ends, server)
     runner.start()
     eventually(lambda: runner.done.is_set())
     assert not ran.exists()
@@ -92,9 +110,9 @@ def test_cancel_while_starting_never_releases_the_command(tmp_path: Path) -> Non
     assert (ending.target, ending.fields["reason"]) == (JobState.CANCELLED, Reason.CANCELLED.value)
 
 
-def test_recorded_start_releases_the_command(tmp_path: Path) -> None:
+def test_recorded_start_releases_the_command(tmp_path: Path, server: ShimServer | None) -> None:
     ends: list[Transition] = []
-    runner, ran = _runner(tmp_path, None, ends)
+    runner, ran = _runner(tmp_path, None, ends, server)
     runner.start()
     eventually(lambda: runner.done.is_set())
     assert ran.exists()
