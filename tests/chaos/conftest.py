@@ -16,6 +16,7 @@ import redis
 
 from tests.chaos.markers import Marker
 from tests.helpers.stack import Stack, free_port
+from tests.helpers.users import shared_dir, users  # noqa: F401 (fixtures of tests/chaos/test_shim_server.py)
 
 
 class OwnRedis:
