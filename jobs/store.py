@@ -51,7 +51,6 @@ class JobStore:
         self.redis = client
         self._submit = client.register_script(scripts.SUBMIT)
         self._transition = client.register_script(scripts.TRANSITION)
-        self._transition_batch = client.register_script(scripts.TRANSITION_MANY)
         self._renew = client.register_script(scripts.RENEW_LEASES)
         self._fields = client.register_script(scripts.JOB_FIELDS)
         self._observe = client.register_script(scripts.OBSERVE)
@@ -222,7 +221,10 @@ class JobStore:
             job_keys, args = self.transition_args(t)
             all_keys += job_keys
             all_args += args
-        self._transition_batch(keys=all_keys, args=all_args, client=pipe)
+        # EVAL with the script's text, not EVALSHA: a registered script queued on a pipeline
+        # makes redis-py send SCRIPT EXISTS first, one more round trip before every dispatch
+        # (Redis caches the compiled script by its hash; the text costs a few KiB on the wire).
+        pipe.eval(scripts.TRANSITION_MANY, len(all_keys), *all_keys, *all_args)
 
     def transition_many(self, transitions: list[Transition]) -> list[str | TransitionRefused]:
         """Apply many independent transitions in one round trip (one pipeline, no MULTI: each
