@@ -8,11 +8,18 @@ record and two more commands per job. A cache: rebuilt from Redis after a restar
 `read` checks every active job and its lease (what the reaper needs); between such checks
 `update` re-reads only the jobs the event stream says changed (scheduler/changes.py) and
 reports every lease as held, so only a checked pass reaps.
+
+A job the scheduler just dispatched is not parsed again: `known` (the waiting jobs' cache,
+scheduler/pending.py) hands over the record it parsed while the job waited, when the active
+attempt is the one after it. That is safe because a spec is rewritten only when an attempt
+ends back in the waiting states (an OOM retry raises --mem), so between the waiting record
+of attempt N and the active attempt N+1 there was one dispatch and no rewrite.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import redis
@@ -35,9 +42,10 @@ class Active:
 
 
 class ActiveReader:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, known: Callable[[int], JobRecord | None] | None = None) -> None:
         self.redis = client
         self.store = JobStore(client)
+        self._known = known or (lambda _job_id: None)
         self._cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
         self._active: dict[int, Active] = {}  # as of the last read or update, leases as then
 
@@ -53,7 +61,7 @@ class ActiveReader:
                 else:
                     self._cache.pop(job_id, None)
                     self._active.pop(job_id, None)
-        parsed = {r.id: r for r in self.store.get_many((i for i in rows if i not in self._cache), invalid)}
+        parsed = self._parse_new(rows, invalid)
         for job_id, row in rows.items():
             record = self._current(job_id, row, parsed)
             if record is None:
@@ -61,6 +69,24 @@ class ActiveReader:
             self._cache[job_id] = (row, record)
             self._active[job_id] = Active(record, True, row[-1] == "1")
         return list(self._active.values())
+
+    def _parse_new(
+        self, rows: dict[int, tuple[str | None, ...]], invalid: dict[int, str] | None
+    ) -> dict[int, JobRecord]:
+        """Records for the jobs not cached yet: handed over from the waiting jobs' cache when
+        it holds the attempt just before this one, else read and parsed."""
+        out: dict[int, JobRecord] = {}
+        unknown = []
+        for job_id, row in rows.items():
+            if job_id in self._cache:
+                continue
+            waited = self._known(job_id)
+            if waited is not None and str(waited.attempt + 1) == row[1]:
+                out[job_id] = waited
+            else:
+                unknown.append(job_id)
+        out.update((r.id, r) for r in self.store.get_many(unknown, invalid))
+        return out
 
     def _current(self, job_id: int, row: tuple[str | None, ...], parsed: dict[int, JobRecord]) -> JobRecord | None:
         """The job's record as of `row`: the cached one (refreshed when its fields changed), else
@@ -82,7 +108,7 @@ class ActiveReader:
                 if row[0]:  # a job whose hash is gone has no state: skip it
                     values[job_id] = row
                     leases[job_id] = has_lease
-        parsed = {r.id: r for r in self.store.get_many((i for i in values if i not in self._cache), invalid)}
+        parsed = self._parse_new(values, invalid)
         cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
         out = []
         for job_id, row in values.items():

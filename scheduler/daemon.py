@@ -81,7 +81,7 @@ class Scheduler:
         self.policy = accounting_policy(config)
         self.dispatcher = Dispatcher(client, self.store, config.scheduler.assign_timeout_s)
         self.pending = PendingReader(client)
-        self.active = ActiveReader(client)
+        self.active = ActiveReader(client, self.pending.known)  # a dispatched job is not parsed again
         self.dependencies = DependencyReader(client)
         self.usage = UsageTracker(client, config.policy.fairshare_half_life_s)
         self.forecaster = Forecaster(client, config)

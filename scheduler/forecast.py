@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import redis
 
@@ -41,6 +42,7 @@ MIN_RECOMPUTE_S = 1.0  # a changed queue recomputes at most this often
 # runs on a thread of the scheduler's process, so without it a 10k queue that changes every
 # second would keep one core busy forecasting and slow every pass ~9x (BENCHMARKS.md, section 11).
 COST_FACTOR = 10.0
+ENDED_FIELDS = ("state", "started_at", "ended_at")  # what learning needs of a job that left
 MAX_LEARNED = 10_000  # (user, name) pairs kept; past it, the history starts over (bounded Redis)
 
 
@@ -103,7 +105,7 @@ class Forecaster:
         self.history = DurationHistory(client)
         self._at = -float("inf")
         self._queue: frozenset[int] = frozenset()
-        self._active: set[int] = set()
+        self._active: dict[int, JobRecord] = {}  # the active jobs of the last pass
         self.starts: dict[int, float | None] = {}
         self.last_ms = 0.0
         self.last_steps = 0
@@ -112,12 +114,29 @@ class Forecaster:
 
     def learn_from(self, active: list[JobRecord]) -> None:
         """Jobs that left the active set since the last pass: learn the run time of those
-        that completed. One read per ended job."""
-        now_active = {r.id for r in active}
-        gone = self._active - now_active
-        self._active = now_active
-        if gone:
-            self.history.learn(self.store.get_many(sorted(gone)))
+        that completed. Their user and name are in the records of the last pass, so only the
+        three fields that moved since are read, for all of them in one call."""
+        now_active = {r.id: r for r in active}
+        gone = sorted(self._active.keys() - now_active.keys())
+        before, self._active = self._active, now_active
+        if not gone:
+            return
+        ended = []
+        for job_id, (state, started, ended_at) in zip(gone, self.store.job_fields(gone, ENDED_FIELDS), strict=True):
+            if state is None:
+                continue  # its record is gone
+            try:
+                ended.append(
+                    replace(
+                        before[job_id],
+                        state=JobState(state),
+                        started_at=float(started) if started else None,
+                        ended_at=float(ended_at) if ended_at else None,
+                    )
+                )
+            except ValueError:
+                continue  # not ours to judge: quarantine reads records, learning skips them
+        self.history.learn(ended)
 
     def due(self, now: float, queue: frozenset[int]) -> bool:
         interval = self.config.scheduler.eta_interval_s

@@ -38,6 +38,11 @@ class PendingReader:
     def __len__(self) -> int:
         return len(self._cache)
 
+    def known(self, job_id: int) -> JobRecord | None:
+        """The job's record as last read while it waited (None if it was not waiting then)."""
+        entry = self._cache.get(job_id)
+        return entry[1] if entry is not None else None
+
     def records(self) -> list[JobRecord]:
         """The waiting jobs as last read, in id order."""
         return [record for _, record in self._cache.values()]

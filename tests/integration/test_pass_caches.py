@@ -1,0 +1,109 @@
+"""What the scheduler keeps between passes instead of reading it again (scheduler/active.py,
+scheduler/pending.py, scheduler/forecast.py, scheduler/cluster.py): each cache must show
+what a fresh read of Redis shows - a changed record is seen, a gap makes it read again."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+
+from jobs import keys
+from jobs.config import Config
+from jobs.gpus import GpuDevice, GpuSnapshot, NodeHeartbeat
+from jobs.lifecycle import Transition
+from jobs.record import JobRecord
+from jobs.spec import JobSpec
+from jobs.states import JobState
+from jobs.store import JobStore
+from scheduler.active import ActiveReader
+from scheduler.daemon import Scheduler
+from scheduler.forecast import duration_key
+
+GIB = 2**30
+
+
+def fake_node(client: redis.Redis, name: str = "n1", gpus: int = 1) -> None:
+    """A node that heartbeats (as far as Redis can tell); no worker takes its launches."""
+    devices = tuple(GpuDevice(i, f"GPU-{name}-{i}", "Sim", 80 * GIB, 80 * GIB, 0) for i in range(gpus))
+    beat = NodeHeartbeat(name, GpuSnapshot(devices, time.time()), sent_at=time.time())
+    client.set(keys.node(name), json.dumps(beat.to_json()), px=600_000)
+    client.sadd(keys.NODES, name)
+
+
+def submit(store: JobStore, count: int = 1, *, mem: int = GIB, name: str = "") -> list[int]:
+    spec = JobSpec(command=("true",), cwd="/", mem_bytes=mem, name=name, env={"PATH": "/usr/bin:/bin"})
+    return store.submit_reserved(store.reserve_ids(count), [spec] * count, user="alice", uid=1000)
+
+
+def seen(record: JobRecord) -> tuple[object, ...]:
+    """What the pass uses of an active job."""
+    return (record.id, record.state, record.attempt, record.node, record.gpus, record.spec, record.user,
+            record.submitted_at, record.array_id, record.assigned_at, record.started_at, record.peak_bytes)  # fmt: skip
+
+
+def fresh_active(client: redis.Redis) -> dict[int, tuple[object, ...]]:
+    return {a.record.id: seen(a.record) for a in ActiveReader(client).read()}
+
+
+def run(store: JobStore, job_id: int, attempt: int) -> None:
+    store.transition(
+        Transition(job_id, JobState.RUNNING, {"started_at": time.time()}, guard=("attempt", str(attempt)), wake=False)
+    )
+
+
+def test_a_dispatched_job_is_known_to_the_active_reader_as_a_fresh_read_knows_it(
+    redis_client: redis.Redis,
+) -> None:
+    store = JobStore(redis_client)
+    fake_node(redis_client, gpus=2)
+    scheduler = Scheduler(Config(), redis_client)
+    ids = submit(store, 3)
+    assert scheduler.run_pass().placed == 3
+    run(store, ids[0], 1)
+    scheduler.run_pass()  # the records come from the waiting jobs' cache, refreshed by their rows
+    kept = {a.record.id: seen(a.record) for a in scheduler.active.update(set())}
+    assert kept == fresh_active(redis_client)
+    assert set(kept) == set(ids) and kept[ids[0]][1] == JobState.RUNNING
+
+
+def test_a_spec_rewritten_by_a_retry_another_scheduler_dispatched_is_read_again(
+    redis_client: redis.Redis,
+) -> None:
+    """The waiting record of attempt N may stand for attempt N+1 only: here the job ran out
+    of memory (its spec rewritten with more --mem) and another scheduler dispatched the
+    retry while this one was away, so its cache still holds attempt 0 with the old spec."""
+    store = JobStore(redis_client)
+    fake_node(redis_client)
+    scheduler = Scheduler(Config(), redis_client)
+    [job_id] = submit(store, mem=GIB)
+    assert scheduler.run_pass().placed == 1  # attempt 1; its waiting record (attempt 0) is still cached
+    run(store, job_id, 1)
+    old = store.get(job_id)
+    assert old is not None
+    retry = JobSpec(**{**old.spec.__dict__, "mem_bytes": 2 * GIB})
+    store.transition(Transition(job_id, JobState.PENDING, {"spec": retry.to_json(), "oom_retries": 1}, wake=False))
+    assert Scheduler(Config(), redis_client).run_pass().placed == 1  # the other one: attempt 2
+    scheduler.run_pass()
+    [active] = [a.record for a in scheduler.active.update(set())]
+    assert (active.attempt, active.spec.mem_bytes) == (2, 2 * GIB)
+    assert {active.id: seen(active)} == fresh_active(redis_client)
+
+
+def test_run_times_of_completed_jobs_are_learned_as_they_leave(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    fake_node(redis_client, gpus=3)
+    scheduler = Scheduler(Config(), redis_client)
+    done = submit(store, 2, name="train")
+    [failed] = submit(store, 1, name="broken")
+    assert scheduler.run_pass().placed == 3
+    scheduler.run_pass()  # the three are active in the scheduler's picture
+    for job_id, run_s in ((done[0], 100.0), (done[1], 300.0)):
+        store.transition(Transition(job_id, JobState.RUNNING, {"started_at": 1000.0}, wake=False))
+        store.transition(Transition(job_id, JobState.COMPLETED, {"ended_at": 1000.0 + run_s}, wake=False))
+    store.transition(Transition(failed, JobState.RUNNING, {"started_at": 1000.0}, wake=False))
+    store.transition(Transition(failed, JobState.FAILED, {"ended_at": 1050.0}, wake=False))
+    scheduler.run_pass()
+    learned = scheduler.forecaster.history.all()
+    assert learned == {duration_key("alice", "train"): 200.0}  # running mean of 100 and 300
