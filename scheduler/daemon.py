@@ -38,7 +38,6 @@ from scheduler.leader import Leadership
 from scheduler.pending import PendingReader
 from scheduler.policy.accounting import AccountingPolicy, build_accounts
 from scheduler.policy.dependencies import evaluate
-from scheduler.policy.forecast import same_estimate
 from scheduler.policy.inputs import pending_job, running_job
 from scheduler.policy.placement import Waiting, WaitingQueue, place_queue
 from scheduler.preemption import Preemptor
@@ -215,9 +214,13 @@ class Scheduler:
             running, active, usage, unavailable,
         )  # fmt: skip
         _add_estimates(reasons, starts)
-        left = [j for i, j in self._queue.by_id.items() if i in result.waiting]
+        left = (  # built only for preemption: a pass over the whole queue
+            [j for i, j in self._queue.by_id.items() if i in result.waiting]
+            if self.config.policy.preempt_after_s > 0
+            else []
+        )
         self.preemptor.run(now, left, starts, active, running, accounts, self.policy, usage, unavailable, self.fence)
-        self._write_reasons([r for r in waiting if r.state == JobState.PENDING], reasons)
+        self._write_reasons(reasons)
         duration = time.perf_counter() - started
         self.redis.hset(
             keys.SCHEDULER_STATUS,
@@ -284,23 +287,18 @@ class Scheduler:
             with contextlib.suppress(TransitionRefused):
                 self.store.transition(self._fenced(lifecycle.quarantine(job_id, state, why, time.time())))
 
-    def _write_reasons(self, pending: list[JobRecord], waiting: dict[int, Waiting]) -> None:
+    def _write_reasons(self, waiting: dict[int, Waiting]) -> None:
+        """Write the reasons that changed (scheduler/pending.py, `stale_reasons`)."""
+        now = time.time()
+        stale = self.pending.stale_reasons(waiting, now)
+        if not stale:
+            return
         pipe = self.redis.pipeline(transaction=False)
-        changed = False
-        now = repr(time.time())
-        for record in pending:
-            why = waiting.get(record.id)
-            if why is None:
-                continue
-            if (record.reason, record.detail) != (why.reason.value, why.detail) or not same_estimate(
-                record.est_start_at, why.est_start, float(now)
-            ):
-                self.store.set_pending_info(
-                    pipe, record.id, why.reason.value, why.detail, why.est_start, now, self.fence
-                )
-                self.pending.remember_reason(record.id, why.reason.value, why.detail, why.est_start)
-                changed = True
-        if changed and -1 in pipe.execute():
+        at = repr(now)
+        for job_id, why in stale:
+            self.store.set_pending_info(pipe, job_id, why.reason.value, why.detail, why.est_start, at, self.fence)
+            self.pending.remember_reason(job_id, why.reason.value, why.detail, why.est_start)
+        if -1 in pipe.execute():
             raise Fenced("pending reasons refused")
 
     def reap(self, active: list[Active] | None = None) -> int:

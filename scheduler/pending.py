@@ -15,6 +15,7 @@ event, are remembered here (`remember_reason`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 import redis
@@ -23,6 +24,8 @@ from jobs import keys
 from jobs.record import JobRecord
 from jobs.states import JobState
 from jobs.store import JobStore
+from scheduler.policy.forecast import same_estimate
+from scheduler.policy.types import Waiting
 
 MUTABLE = ("state", "reason", "detail", "attempt", "est_start_at")
 WAITING = frozenset({JobState.PENDING.value, JobState.HELD.value})
@@ -84,6 +87,30 @@ class PendingReader:
         if appended_before_end:  # a requeued job comes back: keep id order
             self._cache = dict(sorted(self._cache.items()))
         return self.records()
+
+    def stale_reasons(self, reasons: Mapping[int, Waiting], now: float) -> list[tuple[int, Waiting]]:
+        """The reasons to write: those of PENDING jobs whose stored reason or detail differs,
+        or whose stored start estimate is not `same_estimate` as the new one. One look-up per
+        reason; most of a long queue shares a handful of Waiting values, so their fields are
+        read once per value, not once per job."""
+        cache = self._cache
+        pending = JobState.PENDING
+        fields: dict[int, tuple[str, str]] = {}  # id(Waiting) -> (reason, detail)
+        out = []
+        for job_id, why in reasons.items():
+            entry = cache.get(job_id)
+            if entry is None:
+                continue
+            record = entry[1]
+            if record.state is not pending:
+                continue
+            text = fields.get(id(why))
+            if text is None:
+                text = fields[id(why)] = (why.reason.value, why.detail)
+            old, new = record.est_start_at, why.est_start
+            if (record.reason, record.detail) != text or (old != new and not same_estimate(old, new, now)):
+                out.append((job_id, why))
+        return out
 
     def remember_reason(self, job_id: int, reason: str, detail: str, est_start: float | None) -> None:
         """The scheduler wrote this job's reason (no event): keep the cached record in step."""

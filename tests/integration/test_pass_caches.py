@@ -107,3 +107,27 @@ def test_run_times_of_completed_jobs_are_learned_as_they_leave(redis_client: red
     scheduler.run_pass()
     learned = scheduler.forecaster.history.all()
     assert learned == {duration_key("alice", "train"): 200.0}  # running mean of 100 and 300
+
+
+def stored_reasons(client: redis.Redis, ids: list[int]) -> list[tuple[str, str]]:
+    out = []
+    for job_id in ids:
+        reason, detail = client.hmget(keys.job(job_id), "reason", "detail")
+        out.append(((reason or b"").decode(), (detail or b"").decode()))
+    return out
+
+
+def test_reasons_are_written_when_they_change_and_only_then(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    scheduler = Scheduler(Config(), redis_client)
+    small, big = submit(store, 2, mem=GIB), submit(store, 1, mem=100 * GIB)
+    scheduler.run_pass()
+    assert stored_reasons(redis_client, small + big) == [("Resources", "no worker is online")] * 3
+    # A mark no event announces: rewritten only if the scheduler writes that job's reason again.
+    redis_client.hset(keys.job(small[0]), "detail", "mark")
+    scheduler.run_pass()  # nothing changed: nothing is written
+    assert stored_reasons(redis_client, small)[0] == ("Resources", "mark")
+    fake_node(redis_client)  # 80 GiB: the big job can never fit here, the small ones start
+    assert scheduler.run_pass().placed == 2
+    [(reason, detail)] = stored_reasons(redis_client, big)
+    assert reason == "Infeasible" and "the largest GPU offers" in detail
