@@ -29,14 +29,14 @@ from jobs.states import JobState, Reason
 from jobs.store import Fenced, JobStore, TransitionRefused
 from scheduler.active import Active, ActiveReader
 from scheduler.changes import ChangeFeed
-from scheduler.cluster import read_heartbeats, read_ledger
+from scheduler.cluster import Ledger, read_heartbeats
 from scheduler.counters import MetricCounters
 from scheduler.dependencies import DependencyReader
 from scheduler.dispatch import Dispatcher
 from scheduler.forecast import Forecaster
 from scheduler.leader import Leadership
 from scheduler.pending import PendingReader
-from scheduler.policy.accounting import AccountingPolicy, build_accounts
+from scheduler.policy.accounting import AccountingPolicy, Reservation, build_accounts
 from scheduler.policy.dependencies import evaluate
 from scheduler.policy.inputs import pending_job, running_job
 from scheduler.policy.placement import Waiting, WaitingQueue, place_queue
@@ -81,14 +81,17 @@ class Scheduler:
         self.dispatcher = Dispatcher(client, self.store, config.scheduler.assign_timeout_s)
         self.pending = PendingReader(client)
         self.active = ActiveReader(client, self.pending.known)  # a dispatched job is not parsed again
+        self.ledger = Ledger(client)
         self.dependencies = DependencyReader(client)
         self.usage = UsageTracker(client, config.policy.fairshare_half_life_s)
         self.forecaster = Forecaster(client, config)
         self._queue = WaitingQueue()  # the eligible jobs, grouped for placement
         self._queued: dict[int, int] = {}  # job id -> the attempt queued
+        self._with_deps: dict[int, JobRecord] = {}  # waiting jobs that name dependencies
         self.changes = ChangeFeed(client)
         self._last_full = -RESYNC_S  # time.monotonic() of the last full read of the waiting jobs
         self._last_lease_check = -RESYNC_S  # ... of the active jobs and their leases
+        self._ledger: dict[int, Reservation] = {}  # the reservations, as of this pass's read
         self.preemptor = Preemptor(client, config)
         self.counters = MetricCounters(client)  # folded every few seconds: no stream entry is trimmed uncounted
 
@@ -148,8 +151,8 @@ class Scheduler:
             self.changes.forget()  # the events read this pass may not have been applied
             raise
 
-    def _read_jobs(self, invalid: dict[int, str]) -> tuple[list[Active], int, list[JobRecord]]:
-        """(active jobs, how many were reaped, waiting jobs): re-read what the event stream
+    def _read_jobs(self, invalid: dict[int, str]) -> tuple[list[Active], int]:
+        """(active jobs, how many were reaped), the waiting jobs in `pending`: re-read what the event stream
         says changed, everything when it cannot say; leases are checked (and expired ones
         reaped) once per housekeeping interval."""
         clock = time.monotonic()
@@ -160,39 +163,45 @@ class Scheduler:
         if full or clock - self._last_lease_check >= self.config.scheduler.housekeeping_interval_s:
             self._last_lease_check = clock
             current = self.active.read(invalid)
+            self._ledger = self.ledger.read()
         else:
             current = self.active.update(changed or set(), invalid)
+            self._ledger = self.ledger.update(changed or set())
         reaped = self.reap(current)
         if reaped:
             current = self.active.read(invalid)
+            self._ledger = self.ledger.read()
         if not full and changed is not None:
-            waiting = self.pending.update(changed, invalid)
-            if not changed and waiting_count != len(waiting):
-                log.warning("waiting jobs: %d in Redis, %d known; reading them all", waiting_count, len(waiting))
+            self.pending.apply(changed, invalid)
+            if not changed and waiting_count != len(self.pending):
+                log.warning("waiting jobs: %d in Redis, %d known; reading them all", waiting_count, len(self.pending))
                 full = True
                 self.changes.mark()
         if full:
             self._last_full = clock
-            waiting = self.pending.read(invalid)
-        return current, reaped, waiting
+            self.pending.read(invalid)
+        return current, reaped
 
     def _run_pass(self) -> PassStats:
         started = time.perf_counter()
         now = time.time()
         invalid: dict[int, str] = {}
-        current, reaped, waiting = self._read_jobs(invalid)
+        current, reaped = self._read_jobs(invalid)
         active = [a.record for a in current]
         beats, _down = read_heartbeats(self.redis)
-        ledger = {r.job_id: r for r in read_ledger(self.redis)}
+        ledger = self._ledger  # read with the active jobs (scheduler/cluster.py, Ledger)
         if invalid:
             self.quarantine(invalid)
         accounts = build_accounts(beats, list(ledger.values()), self.policy)
         unavailable = frozenset(b.node for b in beats if b.draining) | frozenset(read_drained(self.redis))
         whole_gpu_bytes = max((g.total for gpus in accounts.values() for g in gpus), default=0)
         usage = self.usage.update(now, active, ledger, whole_gpu_bytes)
-        eligible, reasons = self._dependencies(waiting)
+        touched = self.pending.take_touched()
+        self._track_dependencies(touched)
+        blocked = self._dependencies()
+        reasons = {k: v for k, v in blocked.items() if v.reason == Reason.DEPENDENCY}
         running = [running_job(r, ledger.get(r.id)) for r in active]
-        self._sync_queue(eligible)
+        self._sync_queue(touched, blocked)
         place_started = time.perf_counter()
         result = place_queue(
             self._queue,
@@ -210,7 +219,7 @@ class Scheduler:
             self.store.wake_scheduler()  # something changed under us: look again at once
         reasons.update(result.waiting)
         starts = self.forecaster.update(
-            now, self._queue.by_id, {r.id: r for r in eligible}, accounts, self.policy,
+            now, self._queue.by_id, self.pending.known, accounts, self.policy,
             running, active, usage, unavailable,
         )  # fmt: skip
         _add_estimates(reasons, starts)
@@ -229,31 +238,51 @@ class Scheduler:
                 "last_pass_at": time.time(),
                 "last_pass_ms": round(duration * 1000, 3),
                 "last_place_ms": round(place_s * 1000, 3),
-                "pending": len(eligible),
+                "pending": len(self._queue),
                 "reservations": len(result.reservations),
                 "last_eta_ms": round(self.forecaster.last_ms, 3),
                 "last_eta_steps": self.forecaster.last_steps,
             },
         )
-        pending = sum(1 for r in waiting if r.state == JobState.PENDING)
+        pending = len(self._queue) + sum(1 for i in blocked if self._is_pending(i))
         return PassStats(pending, len(placed), reaped, duration, len(result.reservations), place_s)
 
-    def _sync_queue(self, eligible: list[JobRecord]) -> None:
+    def _sync_queue(self, touched: set[int] | None, blocked: dict[int, Waiting]) -> None:
         """Keep the grouped queue placement works on (scheduler/policy/queue.py) equal to the
-        eligible jobs: a job's placement inputs do not change within an attempt, so only jobs
-        that came, went or started a new attempt are touched."""
-        now_queued = {r.id: r.attempt for r in eligible}
-        for job_id in [i for i in self._queued if i not in now_queued]:
-            self._queue.discard(job_id)
-            del self._queued[job_id]
-        for record in eligible:
-            if self._queued.get(record.id) != record.attempt:
+        eligible jobs (PENDING, not waiting on a dependency): a job's placement inputs do not
+        change within an attempt, so only jobs that came, went or started a new attempt are
+        touched, and only the jobs the reader says changed (and those with dependencies) are
+        looked at; after a full read (`touched` None), every job."""
+        if touched is None:
+            candidates = set(self._queued) | set(self.pending.ids())
+        else:
+            candidates = touched | self._with_deps.keys()
+        pending = JobState.PENDING
+        for job_id in sorted(candidates):
+            record = self.pending.known(job_id)
+            if record is None or record.state is not pending or job_id in blocked:
+                if self._queued.pop(job_id, None) is not None:
+                    self._queue.discard(job_id)
+            elif self._queued.get(job_id) != record.attempt:
                 self._queue.add(pending_job(record))
-                self._queued[record.id] = record.attempt
+                self._queued[job_id] = record.attempt
 
-    def _dependencies(self, waiting: list[JobRecord]) -> tuple[list[JobRecord], dict[int, Waiting]]:
-        """PENDING jobs free to run; reason Dependency for the others; cancel the hopeless."""
-        with_deps = [r for r in waiting if r.spec.after_ok or r.spec.after_any]
+    def _track_dependencies(self, touched: set[int] | None) -> None:
+        """Keep `_with_deps` (the waiting jobs that name dependencies) current."""
+        if touched is None:
+            self._with_deps = {r.id: r for r in self.pending.records() if r.spec.after_ok or r.spec.after_any}
+            return
+        for job_id in touched:
+            record = self.pending.known(job_id)
+            if record is not None and (record.spec.after_ok or record.spec.after_any):
+                self._with_deps[job_id] = record
+            else:
+                self._with_deps.pop(job_id, None)
+
+    def _dependencies(self) -> dict[int, Waiting]:
+        """Why the waiting jobs with dependencies wait (reason Dependency, or never satisfied:
+        those are cancelled); the others are free to run."""
+        with_deps = [self._with_deps[i] for i in sorted(self._with_deps)]
         states = self.dependencies.states(with_deps) if with_deps else {}
         blocked: dict[int, Waiting] = {}
         for record in with_deps:
@@ -263,8 +292,11 @@ class Scheduler:
                 blocked[record.id] = Waiting(Reason.DEPENDENCY_NEVER_SATISFIED, verdict.detail)
             elif not verdict.ready:
                 blocked[record.id] = Waiting(Reason.DEPENDENCY, verdict.detail)
-        eligible = [r for r in waiting if r.state == JobState.PENDING and r.id not in blocked]
-        return eligible, {k: v for k, v in blocked.items() if v.reason == Reason.DEPENDENCY}
+        return blocked
+
+    def _is_pending(self, job_id: int) -> bool:
+        record = self.pending.known(job_id)
+        return record is not None and record.state == JobState.PENDING
 
     def _cancel_never_satisfied(self, record: JobRecord, detail: str) -> None:
         # If it moved meanwhile (cancelled, released), the next pass looks again.

@@ -150,7 +150,7 @@ class Forecaster:
         self,
         now: float,
         jobs: dict[int, PendingJob],
-        records: dict[int, JobRecord],
+        records: Callable[[int], JobRecord | None],
         accounts: dict[str, list[GpuAccount]],
         policy: AccountingPolicy,
         running: list[RunningJob],
@@ -158,7 +158,7 @@ class Forecaster:
         usage: dict[str, float],
         unavailable: frozenset[str],
     ) -> dict[int, float | None]:
-        """The cached estimates, recomputed when due. `records`: the waiting jobs' records (names)."""
+        """The cached estimates, recomputed when due. `records`: a waiting job's record (names)."""
         self.learn_from(active)
         if self._done is not None:
             self.starts, self._done = self._done, None
@@ -181,7 +181,7 @@ class Forecaster:
         self,
         now: float,
         jobs: dict[int, PendingJob],
-        records: dict[int, JobRecord],
+        records: Callable[[int], JobRecord | None],
         accounts: dict[str, list[GpuAccount]],
         policy: AccountingPolicy,
         running: list[RunningJob],
@@ -203,11 +203,17 @@ class Forecaster:
             for r in running
         ]
 
+        # The names now, on the pass's thread: the records behind `records` change with the queue.
+        unlimited = {}
+        for job in jobs.values():
+            if not job.time_limit_s:
+                record = records(job.id)
+                unlimited[job.id] = record.spec.display_name if record else ""
+
         def duration_of(job: PendingJob) -> float | None:
             if job.time_limit_s:
                 return job.time_limit_s
-            record = records.get(job.id)
-            return learned_for(job.user, record.spec.display_name if record else "")
+            return learned_for(job.user, unlimited.get(job.id, ""))
 
         pending = list(jobs.values())
         usage = dict(usage)

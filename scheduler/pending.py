@@ -37,6 +37,8 @@ class PendingReader:
         self.redis = client
         self.store = JobStore(client)
         self._cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
+        # Ids whose entry may have changed since `take_touched`; None: everything (a full read).
+        self._touched: set[int] | None = None
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -46,6 +48,15 @@ class PendingReader:
         entry = self._cache.get(job_id)
         return entry[1] if entry is not None else None
 
+    def take_touched(self) -> set[int] | None:
+        """The ids whose entry may have changed since the last call (None: any may have, after
+        a full read); the caller keeps what it derives from the waiting jobs current with it."""
+        touched, self._touched = self._touched, set()
+        return touched
+
+    def ids(self) -> list[int]:
+        return list(self._cache)
+
     def records(self) -> list[JobRecord]:
         """The waiting jobs as last read, in id order."""
         return [record for _, record in self._cache.values()]
@@ -53,8 +64,15 @@ class PendingReader:
     def update(self, changed: set[int], invalid: dict[int, str] | None = None) -> list[JobRecord]:
         """Apply the jobs that changed since the last read; return every waiting job, in id
         order. A job that left the waiting states is dropped, one that (re)entered is read whole."""
+        self.apply(changed, invalid)
+        return self.records()
+
+    def apply(self, changed: set[int], invalid: dict[int, str] | None = None) -> None:
+        """`update` without building the list (the scheduler's pass looks jobs up instead)."""
         if not changed:
-            return self.records()
+            return
+        if self._touched is not None:
+            self._touched |= changed
         ids = sorted(changed)
         current: dict[int, tuple[str | None, ...]] = {}
         for start in range(0, len(ids), PAGE):
@@ -86,7 +104,6 @@ class PendingReader:
             self._cache[job_id] = entry
         if appended_before_end:  # a requeued job comes back: keep id order
             self._cache = dict(sorted(self._cache.items()))
-        return self.records()
 
     def stale_reasons(self, reasons: Mapping[int, Waiting], now: float) -> list[tuple[int, Waiting]]:
         """The reasons to write: those of PENDING jobs whose stored reason or detail differs,
@@ -123,6 +140,7 @@ class PendingReader:
     def read(self, invalid: dict[int, str] | None = None) -> list[JobRecord]:
         """Every PENDING and HELD job, in id (submission) order. Records that do not parse
         go into `invalid` (id -> why) for the scheduler to quarantine."""
+        self._touched = None
         current: dict[int, tuple[str | None, ...]] = {}
         after = 0
         while True:

@@ -18,6 +18,7 @@ from jobs.spec import JobSpec
 from jobs.states import JobState
 from jobs.store import JobStore
 from scheduler.active import ActiveReader
+from scheduler.cluster import read_ledger
 from scheduler.daemon import Scheduler
 from scheduler.forecast import duration_key
 
@@ -131,3 +132,56 @@ def test_reasons_are_written_when_they_change_and_only_then(redis_client: redis.
     assert scheduler.run_pass().placed == 2
     [(reason, detail)] = stored_reasons(redis_client, big)
     assert reason == "Infeasible" and "the largest GPU offers" in detail
+
+
+def test_the_kept_ledger_follows_dispatch_and_ends_and_a_gap_rebuilds_it(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    fake_node(redis_client, gpus=2)
+    scheduler = Scheduler(Config(), redis_client)
+    scheduler._last_lease_check = float("inf")  # no lease check: only the event stream updates it
+
+    def fresh() -> dict[int, object]:
+        return {r.job_id: r for r in read_ledger(redis_client)}
+
+    ids = submit(store, 3)
+    assert scheduler.run_pass().placed == 3
+    scheduler.run_pass()
+    assert scheduler.ledger.reservations() == fresh() and set(fresh()) == set(ids)
+    run(store, ids[0], 1)
+    store.transition(Transition(ids[0], JobState.COMPLETED, {"ended_at": time.time()}, wake=False))
+    scheduler.run_pass()
+    assert scheduler.ledger.reservations() == fresh() and set(fresh()) == set(ids[1:])
+    redis_client.hdel(keys.LEDGER, ids[1])  # behind every script's back, and no event says so
+    redis_client.xtrim(keys.EVENTS, maxlen=0)  # ... but a gap: the next pass reads everything
+    scheduler.run_pass()
+    assert scheduler.ledger.reservations() == fresh() and set(fresh()) == {ids[2]}
+
+
+def test_the_kept_queue_follows_dependencies_without_events_of_their_own_and_a_gap_rebuilds_it(
+    redis_client: redis.Redis,
+) -> None:
+    store = JobStore(redis_client)
+    scheduler = Scheduler(Config(), redis_client)
+    scheduler._last_lease_check = float("inf")  # only the event stream updates what it keeps
+    [first] = submit(store)
+    spec = JobSpec(command=("true",), cwd="/", mem_bytes=GIB, after_ok=(first,), env={"PATH": "/usr/bin:/bin"})
+    [second] = store.submit_reserved(store.reserve_ids(1), [spec], user="alice", uid=1000)
+    others = submit(store, 2)
+    assert scheduler.run_pass().pending == 4
+    assert set(scheduler._queue.by_id) == {first, *others}  # `second` waits for `first`
+    fake_node(redis_client)
+    assert scheduler.run_pass().placed == 3
+    run(store, first, 1)
+    store.transition(Transition(first, JobState.COMPLETED, {"ended_at": time.time()}, wake=False))
+    # `second` has no event of its own: its dependency ended.
+    assert scheduler.run_pass().placed == 1
+    record = store.get(second)
+    assert record is not None and record.state == JobState.ASSIGNED
+    late = submit(store, 2, mem=100 * GIB)  # never fit: they stay queued
+    scheduler.run_pass()
+    assert set(scheduler._queue.by_id) == set(late)
+    redis_client.zrem(keys.PENDING, late[0])  # behind every script's back ...
+    redis_client.delete(keys.job(late[0]))
+    redis_client.xtrim(keys.EVENTS, maxlen=0)  # ... with a gap: everything is read again
+    assert scheduler.run_pass().pending == 1
+    assert set(scheduler._queue.by_id) == {late[1]}
