@@ -177,11 +177,15 @@ def test_job_that_kills_its_worker_every_time_is_held_after_the_requeue_limit(
 ) -> None:
     stack = make_stack(scheduler={"max_requeues": 2})
     stack.start_scheduler()
-    # Its parent is its shim (worker/shim.py); the shim's parent is the worker.
+    # Its parent is its shim; above the shim is the shim server, then the worker (`cli worker`).
     killer = (
         "import os, signal\n"
-        "stat = open(f'/proc/{os.getppid()}/stat').read()\n"
-        "os.kill(int(stat.rpartition(')')[2].split()[1]), signal.SIGKILL)\n"
+        "pid = os.getppid()\n"
+        "while pid > 1:\n"
+        "    if b'worker' in open(f'/proc/{pid}/cmdline', 'rb').read().split(b'\\0'):\n"
+        "        os.kill(pid, signal.SIGKILL)\n"
+        "        break\n"
+        "    pid = int(open(f'/proc/{pid}/stat').read().rpartition(')')[2].split()[1])\n"
     )
     job_id = stack.submit("--requeue", "--mem", "1GiB", "--", sys.executable, "-c", killer)
     for attempt in (1, 2, 3):
