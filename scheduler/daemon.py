@@ -222,14 +222,13 @@ class Scheduler:
             now, self._queue.by_id, self.pending.known, accounts, self.policy,
             running, active, usage, unavailable,
         )  # fmt: skip
-        _add_estimates(reasons, starts)
         left = (  # built only for preemption: a pass over the whole queue
             [j for i, j in self._queue.by_id.items() if i in result.waiting]
             if self.config.policy.preempt_after_s > 0
             else []
         )
         self.preemptor.run(now, left, starts, active, running, accounts, self.policy, usage, unavailable, self.fence)
-        self._write_reasons(reasons)
+        self._write_reasons(reasons, starts)
         duration = time.perf_counter() - started
         self.redis.hset(
             keys.SCHEDULER_STATUS,
@@ -319,17 +318,18 @@ class Scheduler:
             with contextlib.suppress(TransitionRefused):
                 self.store.transition(self._fenced(lifecycle.quarantine(job_id, state, why, time.time())))
 
-    def _write_reasons(self, waiting: dict[int, Waiting]) -> None:
-        """Write the reasons that changed (scheduler/pending.py, `stale_reasons`)."""
+    def _write_reasons(self, waiting: dict[int, Waiting], starts: dict[int, float | None]) -> None:
+        """Write the reasons that changed (scheduler/pending.py, `stale_reasons`), with the start
+        estimates: a reservation's own, else the forecast's."""
         now = time.time()
-        stale = self.pending.stale_reasons(waiting, now)
+        stale = self.pending.stale_reasons(waiting, starts, now)
         if not stale:
             return
         pipe = self.redis.pipeline(transaction=False)
         at = repr(now)
-        for job_id, why in stale:
-            self.store.set_pending_info(pipe, job_id, why.reason.value, why.detail, why.est_start, at, self.fence)
-            self.pending.remember_reason(job_id, why.reason.value, why.detail, why.est_start)
+        for job_id, why, est_start in stale:
+            self.store.set_pending_info(pipe, job_id, why.reason.value, why.detail, est_start, at, self.fence)
+            self.pending.remember_reason(job_id, why.reason.value, why.detail, est_start)
         if -1 in pipe.execute():
             raise Fenced("pending reasons refused")
 
@@ -358,11 +358,3 @@ class Scheduler:
             except TransitionRefused:
                 pass  # it finished or moved in the meantime: nothing to do
         return reaped
-
-
-def _add_estimates(reasons: dict[int, Waiting], starts: dict[int, float | None]) -> None:
-    """A reservation's own expected start wins; every other waiting job gets the forecast's."""
-    for job_id, why in reasons.items():
-        est = starts.get(job_id)
-        if why.est_start is None and est is not None:
-            reasons[job_id] = replace(why, est_start=est)

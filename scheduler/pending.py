@@ -105,11 +105,14 @@ class PendingReader:
         if appended_before_end:  # a requeued job comes back: keep id order
             self._cache = dict(sorted(self._cache.items()))
 
-    def stale_reasons(self, reasons: Mapping[int, Waiting], now: float) -> list[tuple[int, Waiting]]:
-        """The reasons to write: those of PENDING jobs whose stored reason or detail differs,
-        or whose stored start estimate is not `same_estimate` as the new one. One look-up per
-        reason; most of a long queue shares a handful of Waiting values, so their fields are
-        read once per value, not once per job."""
+    def stale_reasons(
+        self, reasons: Mapping[int, Waiting], starts: Mapping[int, float | None], now: float
+    ) -> list[tuple[int, Waiting, float | None]]:
+        """The reasons to write, each with its start estimate (a reservation's own wins, else
+        the forecast's from `starts`): those of PENDING jobs whose stored reason or detail
+        differs, or whose stored estimate is not `same_estimate` as the new one. One look-up
+        per reason; most of a long queue shares a handful of Waiting values, so their fields
+        are read once per value, not once per job, and no Waiting is copied per job."""
         cache = self._cache
         pending = JobState.PENDING
         fields: dict[int, tuple[str, str]] = {}  # id(Waiting) -> (reason, detail)
@@ -125,8 +128,10 @@ class PendingReader:
             if text is None:
                 text = fields[id(why)] = (why.reason.value, why.detail)
             old, new = record.est_start_at, why.est_start
+            if new is None:
+                new = starts.get(job_id)
             if (record.reason, record.detail) != text or (old != new and not same_estimate(old, new, now)):
-                out.append((job_id, why))
+                out.append((job_id, why, new))
         return out
 
     def remember_reason(self, job_id: int, reason: str, detail: str, est_start: float | None) -> None:
