@@ -115,6 +115,7 @@ class JobRunner:
         self.current: dict[str, int] = {}
         self.mem_warning = ""
         self._stop_reason = ""  # "cancelled" | "timeout" | "preempted" | "idle" | "lease" | ... | "gpu lost: ..."
+        self.ended_unasked = False  # the shim saw the command exit before any stop request
         self.preempted_for = 0  # the job this one was preempted for
         self.idle = IdleWatch(config.policy.idle_after_s, config.policy.idle_max_util_percent)
         self.idle_written: float | None = None  # the idle_since last written to the record
@@ -502,6 +503,8 @@ class JobRunner:
         elif word == "fail":
             self.fail_message = rest
             self._log_line(f"gpulab: {rest}")
+        elif word == "ended":
+            self.ended_unasked = True
         elif word == "lost":
             self.lost_message = rest
             log.warning("worker: job %s stopped by its shim: %s", self.job_id, rest)
@@ -557,6 +560,10 @@ class JobRunner:
         if not self.started:
             self._finish_unstarted(returncode, now)
             return
+        if self.ended_unasked:
+            # A stop that arrived after the command had exited (the worker was frozen and
+            # then saw its lease gone, or a cancel raced the end) does not change the result.
+            self._stop_reason = ""
         self._status_mtime = 0
         status = self.read_status()
         outcome = classify(

@@ -263,6 +263,10 @@ class Shim:
         self.started = True
         self.report("started")
         self.supervise()
+        if not self.stopping:
+            # Nobody asked it to stop before it exited: its result is its own, even if a stop
+            # (a lapsed lease seen late by a worker that was frozen) reaches the worker next.
+            self.report("ended")
         self.drain()
         return self.exit_with_child_status()
 

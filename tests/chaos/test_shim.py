@@ -259,6 +259,32 @@ def test_sigterm_stops_the_whole_tree(marker: Marker, tmp_path: Path) -> None:
     assert not pid_alive(start.pid) and not pid_alive(escapee)
 
 
+def test_shim_says_whether_the_command_ended_before_any_stop(tmp_path: Path) -> None:
+    # The worker trusts a job's own result over a stop it sent too late (its lease lapsed
+    # while it was frozen, and the job had exited meanwhile): only the shim can tell the two apart.
+    shim = Shim(["/bin/sh", "-c", "exit 0"], str(tmp_path))
+    shim.ready()
+    shim.go()
+    assert shim.next_line() == "ended"
+    shim.proc.send_signal(signal.SIGTERM)  # the late stop
+    assert shim.wait() == 0
+    shim = Shim(["/bin/sleep", "60"], str(tmp_path))
+    shim.ready()
+    shim.go()
+    shim.proc.send_signal(signal.SIGTERM)
+    assert shim.wait() == -signal.SIGTERM
+    assert "ended" not in _rest_of_report(shim)
+
+
+def _rest_of_report(shim: Shim) -> list[str]:
+    while True:
+        chunk = os.read(shim.report, 4096)
+        if not chunk:
+            break
+        shim.buffer += chunk
+    return [line.decode() for line in shim.buffer.split(b"\n") if line]
+
+
 def test_exit_status_and_signal_come_through(tmp_path: Path) -> None:
     shim = Shim(["/bin/sh", "-c", "exit 3"], str(tmp_path))
     shim.ready()
