@@ -61,13 +61,29 @@ def run_worker(config: Config, name: str | None = None, sim_gpus: list[int] | No
     return 0
 
 
+class LaunchWorker(SimpleWorker):
+    """RQ's in-process worker, with its command channel polled every second. RQ listens on it
+    in a redis-py thread that waits up to 60 s for a message; since redis-py 8.2 RQ's
+    teardown joins that thread, so a worker told to stop could hang for a minute (found by
+    the suite: one stop in ~60 took 60 s)."""
+
+    PUBSUB_POLL_S = 1.0
+
+    def subscribe(self) -> None:
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=self.PUBSUB_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
+
+
 def _take_launches(queue: Queue, client: redis.Redis, name: str) -> None:
     """RQ's loop, until a signal stops it. RQ quits its loop on any error it does not expect
     (Redis away during its own bookkeeping, a Sentinel failover): the worker would then stop
     every job and exit. Start a new loop instead (a new RQ worker name: the old one may not
     have been able to deregister)."""
     for restart in itertools.count():
-        rq_worker = SimpleWorker(
+        rq_worker = LaunchWorker(
             [queue], connection=client, serializer=JSONSerializer, name=name + (f"-{restart}" if restart else "")
         )
         with contextlib.suppress(redis.RedisError):  # its teardown could not reach Redis either
