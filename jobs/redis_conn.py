@@ -8,6 +8,7 @@ hosts"). The password is the data nodes'; the sentinels are asked without one.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -86,12 +87,24 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     )
 
 
+def _keepalive_options() -> dict[int, int]:
+    """A TCP peer that vanished (host down, network cut, a failed-over primary's machine) is
+    noticed in about 10 s even on a connection idle in a long blocking read, where only the
+    socket timeout would catch it otherwise. Applied by redis-py to TCP connections only."""
+    wanted = {"TCP_KEEPIDLE": 3, "TCP_KEEPINTVL": 2, "TCP_KEEPCNT": 3, "TCP_USER_TIMEOUT": 10_000}
+    return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
+
+
 def make_client(url: str, password: str | None = None, timeout_s: float = 15) -> redis.Redis:
-    """`rediss://` URLs get TLS from redis-py. A password in the URL wins over `password`."""
+    """`rediss://` URLs get TLS from redis-py. A password in the URL wins over `password`.
+    `timeout_s` bounds every call: a daemon whose lease depends on its next call (a worker's
+    heartbeat) passes a fraction of that lease."""
     # Blocking reads (BLPOP, XREAD) block for at most 2 s, well inside the socket timeout.
     options = {
         "socket_connect_timeout": min(5, timeout_s),
         "socket_timeout": timeout_s,
+        "socket_keepalive": True,
+        "socket_keepalive_options": _keepalive_options(),
         "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=3),
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
         "health_check_interval": 30,
@@ -114,10 +127,10 @@ def make_client(url: str, password: str | None = None, timeout_s: float = 15) ->
     return redis.Redis.from_url(url, password=password, **options)
 
 
-def connect_redis(url: str, who: str, password: str | None = None) -> redis.Redis:
+def connect_redis(url: str, who: str, password: str | None = None, timeout_s: float = 15) -> redis.Redis:
     """A client that has answered PING, or RedisUnavailable naming the URL and the cause."""
     try:
-        client = make_client(url, password)
+        client = make_client(url, password, timeout_s)
     except BadRedisUrl as exc:
         raise RedisUnavailable(f"{who}: bad [redis] url: {exc}") from None
     try:

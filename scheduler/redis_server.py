@@ -90,6 +90,11 @@ class RedisServer:
             # Every job has its own small history stream; the default 4 KiB first node per
             # stream would triple Redis' memory per job (BENCHMARKS.md, footprint).
             "--stream-node-max-bytes", "512",
+            # A job hash's values (its spec as JSON, a reason, a path) pass Redis' default 64 B
+            # listpack limit, which turned every job hash into a hashtable: ~30 % more bytes
+            # per waiting job (BENCHMARKS.md, footprint). A job hash has ~40 fields; a listpack
+            # of that size is read as fast.
+            "--hash-max-listpack-value", "512",
             "--daemonize", "no",
             "--bind", "127.0.0.1",
             "--port", str(self.port),

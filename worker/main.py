@@ -42,7 +42,15 @@ def run_worker(config: Config, name: str | None = None, sim_gpus: list[int] | No
         from worker.sim_probe import parse_sim_gpus
 
         sim_gpus = parse_sim_gpus(list(config.worker.simulate_gpus))
-    client = connect_redis(config.effective_redis_url, f"worker {node}", config.redis_password())
+    who = f"worker {node}"
+    # A call stuck on a dead connection (a Sentinel failover, a cut network) must fail well
+    # before the job leases it renews would lapse: a quarter of the lease, then a retry.
+    call_timeout = max(2.0, config.worker.lease_ttl_s / 4)  # above its 1 s BLPOP
+    client = connect_redis(config.effective_redis_url, who, config.redis_password(), call_timeout)
+    # RQ gets a client of its own: RQ raises its connection pool's socket timeout to its
+    # dequeue timeout (415 s), and on a shared pool every heartbeat after a failover could
+    # then wait that long on a connection to the old primary.
+    rq_client = connect_redis(config.effective_redis_url, who, config.redis_password())
     presence = Presence(client, "worker", node)
     presence.check_in(first=True)  # VersionMismatch: another version is live on this Redis
     probe, simulated = make_probe(config, node, sim_gpus)
@@ -50,11 +58,11 @@ def run_worker(config: Config, name: str | None = None, sim_gpus: list[int] | No
     daemon.start()
     presence.start(daemon.stopping)
     tasks.CURRENT = daemon
-    queue = Queue(keys.node_queue_name(node), connection=client, serializer=JSONSerializer)
+    queue = Queue(keys.node_queue_name(node), connection=rq_client, serializer=JSONSerializer)
     gpus = ", ".join(f"GPU{d.index} {format_size(d.total_bytes)}" for d in probe.snapshot().devices)
     print(f"gpulab worker ready: node {node}{' (simulated)' if simulated else ''}: {gpus}", flush=True)
     try:
-        _take_launches(queue, client, f"gpulab-{node}-{daemon.owner}")
+        _take_launches(queue, rq_client, f"gpulab-{node}-{daemon.owner}")
     finally:
         daemon.shutdown()
         presence.leave()
@@ -92,7 +100,7 @@ def _take_launches(queue: Queue, client: redis.Redis, name: str) -> None:
             return
         log.warning("worker: RQ's loop ended without a stop request; taking launches again")
         try:
-            time.sleep(min(5.0, 0.5 * (restart + 1)))  # RQ's signal handlers stay installed
+            time.sleep(min(2.0, 0.5 * (restart + 1)))  # RQ's signal handlers stay installed
         except StopRequested:
             return
 
