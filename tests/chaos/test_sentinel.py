@@ -144,11 +144,6 @@ def test_an_interrupted_blocking_read_does_not_poison_the_connection(cluster: Re
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect: after the failover a worker sometimes stalls in Redis calls (heartbeat, or its stop "
-    "on SIGTERM takes over 60 s); the jobs' assertions pass in most runs; see README 'Several hosts'",
-)
 def test_primary_killed_while_jobs_are_submitted_and_running(tmp_path: Path, cluster: RedisCluster) -> None:
     config = test_config(
         # Long enough to ride out the failover (about 2-4 s here): a worker lease that ran out
