@@ -90,7 +90,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
 def _keepalive_options() -> dict[int, int]:
     """A TCP peer that vanished (host down, network cut, a failed-over primary's machine) is
     noticed in about 10 s even on a connection idle in a long blocking read, where only the
-    socket timeout would catch it otherwise. Applied by redis-py to TCP connections only."""
+    socket timeout would catch it otherwise."""
     wanted = {"TCP_KEEPIDLE": 3, "TCP_KEEPINTVL": 2, "TCP_KEEPCNT": 3, "TCP_USER_TIMEOUT": 10_000}
     return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
 
@@ -103,12 +103,12 @@ def make_client(url: str, password: str | None = None, timeout_s: float = 15) ->
     options = {
         "socket_connect_timeout": min(5, timeout_s),
         "socket_timeout": timeout_s,
-        "socket_keepalive": True,
-        "socket_keepalive_options": _keepalive_options(),
         "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=3),
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
         "health_check_interval": 30,
     }
+    if urlsplit(url).scheme != "unix":  # a Unix socket's connection takes no TCP options
+        options |= {"socket_keepalive": True, "socket_keepalive_options": _keepalive_options()}
     if urlsplit(url).scheme == SENTINEL_SCHEME:
         target = parse_sentinel_url(url)
         sentinel = Sentinel(target.sentinels, sentinel_kwargs={"socket_timeout": 2, "socket_connect_timeout": 2})
