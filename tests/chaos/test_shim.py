@@ -266,7 +266,6 @@ def test_shim_says_whether_the_command_ended_before_any_stop(tmp_path: Path) -> 
     shim.ready()
     shim.go()
     assert shim.next_line() == "ended"
-    shim.proc.send_signal(signal.SIGTERM)  # the late stop
     assert shim.wait() == 0
     shim = Shim(["/bin/sleep", "60"], str(tmp_path))
     shim.ready()
