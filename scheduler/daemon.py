@@ -338,6 +338,7 @@ class Scheduler:
         if active is None:
             active = self.active.read()
         reaped = 0
+        lost_nodes: set[str] = set()
         for job in active:
             if job.has_lease:
                 continue
@@ -356,5 +357,13 @@ class Scheduler:
                 self.store.transition(self._fenced(verdict))
                 reaped += 1
             except TransitionRefused:
-                pass  # it finished or moved in the meantime: nothing to do
+                continue  # it finished or moved in the meantime: nothing to do
+            if record.node:
+                lost_nodes.add(record.node)
+        if lost_nodes:
+            # A node that let a lease lapse is not offered again until it publishes a new
+            # heartbeat: its last one can outlive the lease by a moment, and a job requeued
+            # from a dead worker was then placed straight back on it (a third attempt after
+            # the assign timeout; test_killed_worker_jobs_are_requeued_on_a_live_node).
+            self.redis.delete(*(keys.node(n) for n in sorted(lost_nodes)))
         return reaped
