@@ -91,14 +91,18 @@ def _take_launches(queue: Queue, client: redis.Redis, name: str) -> None:
     every job and exit. Start a new loop instead (a new RQ worker name: the old one may not
     have been able to deregister)."""
     for restart in itertools.count():
-        rq_worker = LaunchWorker(
-            [queue], connection=client, serializer=JSONSerializer, name=name + (f"-{restart}" if restart else "")
-        )
-        with contextlib.suppress(redis.RedisError):  # its teardown could not reach Redis either
-            rq_worker.work(logging_level="WARNING", with_scheduler=False)
-        if rq_worker._shutdown_requested_date is not None:  # SIGTERM / SIGINT (RQ sets it on either)
-            return
-        log.warning("worker: RQ's loop ended without a stop request; taking launches again")
+        try:
+            rq_worker = LaunchWorker(
+                [queue], connection=client, serializer=JSONSerializer, name=name + (f"-{restart}" if restart else "")
+            )
+        except redis.RedisError as exc:  # RQ's constructor talks to Redis, which may still be away
+            log.warning("worker: cannot start RQ's loop yet (%s); retrying", exc)
+        else:
+            with contextlib.suppress(redis.RedisError):  # its teardown could not reach Redis either
+                rq_worker.work(logging_level="WARNING", with_scheduler=False)
+            if rq_worker._shutdown_requested_date is not None:  # SIGTERM / SIGINT (RQ sets it on either)
+                return
+            log.warning("worker: RQ's loop ended without a stop request; taking launches again")
         try:
             time.sleep(min(2.0, 0.5 * (restart + 1)))  # RQ's signal handlers stay installed
         except StopRequested:
