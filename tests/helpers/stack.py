@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,18 +139,28 @@ class Stack:
     def sim_dir(self) -> Path:
         return self.state_dir / "sim"
 
-    def start_scheduler(self) -> Daemon:
-        self.scheduler = Daemon([sys.executable, "-m", "cli", "scheduler"], self.env)
+    def start_scheduler(self, *, wrap: Sequence[str] = (), env: Mapping[str, str] | None = None) -> Daemon:
+        """`wrap`: an argv prefix (e.g. `ip netns exec NAME`); `env`: overrides of the stack's env."""
+        self.scheduler = Daemon([*wrap, sys.executable, "-m", "cli", "scheduler"], {**self.env, **(env or {})})
+        self.daemons.append(self.scheduler)  # before the wait: one that never gets ready is stopped too
         self.scheduler.wait_line("scheduler ready")
-        self.daemons.append(self.scheduler)
         return self.scheduler
 
-    def start_worker(self, name: str = "n1", sim_gpus: str | None = "1x24GiB") -> Daemon:
-        """A worker on simulated GPUs, or on this host's real ones (through NVML) with sim_gpus=None."""
+    def start_worker(
+        self,
+        name: str = "n1",
+        sim_gpus: str | None = "1x24GiB",
+        *,
+        wrap: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> Daemon:
+        """A worker on simulated GPUs, or on this host's real ones (through NVML) with sim_gpus=None.
+        `wrap` and `env` as for start_scheduler."""
         sim = ["--sim-gpus", sim_gpus] if sim_gpus else []
-        worker = Daemon([sys.executable, "-m", "cli", "worker", "--name", name, *sim], self.env)
-        worker.wait_line("worker ready")
+        argv = [*wrap, sys.executable, "-m", "cli", "worker", "--name", name, *sim]
+        worker = Daemon(argv, {**self.env, **(env or {})})
         self.daemons.append(worker)
+        worker.wait_line("worker ready")
         return worker
 
     def cli(self, *args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
