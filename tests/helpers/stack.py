@@ -200,8 +200,19 @@ class Stack:
         return eventually(lambda: _log_line(self.state_dir / "logs" / f"{job_id}.log", needle), timeout)
 
     def stop(self) -> None:
+        """Every daemon, even when one will not stop: that one is killed, the others are still
+        stopped, and the first failure is raised at the end (a worker that hung on SIGTERM
+        once left its scheduler running after the test)."""
+        failure: BaseException | None = None
         for daemon in reversed(self.daemons):
-            daemon.stop()
+            try:
+                daemon.stop()
+            except BaseException as exc:
+                failure = failure or exc
+                daemon.proc.kill()
+                daemon.proc.wait()
+        if failure is not None:
+            raise failure
 
 
 def _log_line(path: Path, needle: str) -> str | None:
