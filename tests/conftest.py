@@ -32,9 +32,7 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def make_stack(
-    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
-) -> Iterator[Callable[..., Stack]]:
+def make_stack(tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis) -> Iterator[Callable[..., Stack]]:
     """make_stack(scheduler={...}, worker={...}): a stack whose config overrides the test
     defaults. Every stack made is stopped at the end of the test."""
     made: list[Stack] = []

@@ -22,9 +22,7 @@ pytestmark = needs_users
 
 
 @pytest.fixture
-def multi_stack(
-    make_stack: Callable[..., Stack], shared_dir: Path
-) -> Stack:
+def multi_stack(make_stack: Callable[..., Stack], shared_dir: Path) -> Stack:
     stack = make_stack(scheduler={"socket": shared_dir / "gpulab.sock"})
     stack.start_scheduler()
     stack.start_worker()
