@@ -21,7 +21,10 @@ def test_oom_peak_over_the_gpu_size_fails_the_job_at_once(stack: Stack) -> None:
     stack.start_scheduler()
     stack.start_worker("n1", "1x24GiB")
     job = _oom_job(stack, 30 * 2**30, "1GiB")
-    done = stack.wait_state(job, JobState.FAILED, JobState.COMPLETED, JobState.CANCELLED, JobState.PENDING)
+    # PENDING counts only after a run (a retry would show as PENDING again): right after the
+    # submit the job is PENDING with attempt 0, which is not an answer.
+    ended_or_retried = (JobState.FAILED, JobState.COMPLETED, JobState.CANCELLED, JobState.PENDING)
+    done = stack.wait_for(job, lambda r: r.attempt >= 1 and r.state in ended_or_retried)
     assert (done.state, done.reason, done.attempt) == (JobState.FAILED, Reason.OOM.value, 1), done
     assert "not retried" in done.detail and done.spec.mem_bytes == 2**30
 
