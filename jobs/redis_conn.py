@@ -43,9 +43,7 @@ class _SentinelConnection(SentinelManagedConnection):  # type: ignore[misc]  # u
     socket timeout, and a worker that would not stop. Drop such a connection, as a plain
     one does."""
 
-    def read_response(
-        self, disable_decoding: bool = False, *, disconnect_on_error: bool = True, **kwargs: Any
-    ) -> Any:
+    def read_response(self, disable_decoding: bool = False, *, disconnect_on_error: bool = True, **kwargs: Any) -> Any:
         return super().read_response(
             disable_decoding=disable_decoding, disconnect_on_error=disconnect_on_error, **kwargs
         )
@@ -107,9 +105,10 @@ def make_client(url: str, password: str | None = None, timeout_s: float = 15) ->
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
         "health_check_interval": 30,
     }
-    if urlsplit(url).scheme != "unix":  # a Unix socket's connection takes no TCP options
+    scheme = urlsplit(url).scheme
+    if scheme != "unix":  # a Unix socket's connection takes no TCP options
         options |= {"socket_keepalive": True, "socket_keepalive_options": _keepalive_options()}
-    if urlsplit(url).scheme == SENTINEL_SCHEME:
+    if scheme == SENTINEL_SCHEME:
         target = parse_sentinel_url(url)
         sentinel = Sentinel(target.sentinels, sentinel_kwargs={"socket_timeout": 2, "socket_connect_timeout": 2})
         # The pool asks the sentinels for the primary on every new connection: after a

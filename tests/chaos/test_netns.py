@@ -178,14 +178,6 @@ def make_stack(tmp_path: Path, netns: NetNs, net_redis: NetRedis) -> Iterator[Ca
         s.redis.close()
 
 
-def _ran_once(stack: Stack, job_id: int) -> None:
-    """Dispatched exactly once, on its first attempt (as in tests/integration/test_leader.py)."""
-    record = stack.store.get(job_id)
-    assert record is not None and record.attempt == 1, record
-    assigned = [e for e in stack.store.history(job_id) if e["state"] == "ASSIGNED"]
-    assert len(assigned) == 1, stack.store.history(job_id)
-
-
 def _completed(stack: Stack, job_id: int) -> None:
     record = stack.wait_state(job_id, *FINAL)
     assert record.state == JobState.COMPLETED, record
@@ -224,13 +216,13 @@ def test_leader_cut_off_from_redis_is_replaced_and_steps_down_when_back(
     assert outside.redis.get(keys.LEADER) == lease  # the successor's lease is untouched
     assert int(outside.redis.get(keys.LEADER_EPOCH)) == 2
     for job_id in [*before, *during]:
-        _ran_once(outside, job_id)
+        outside.assert_ran_once(job_id)
     assert violations(outside.redis) == []
 
     # The ex-leader is a follower now: a job submitted through its own socket runs once.
     later = inside.submit("--mem", "1GiB", "--", "true")
     _completed(outside, later)
-    _ran_once(outside, later)
+    outside.assert_ran_once(later)
     assert int(outside.redis.get(keys.LEADER_EPOCH)) == 2
     assert violations(outside.redis) == []
 

@@ -199,6 +199,13 @@ class Stack:
         """Await a line in a job's log. The log is a plain file, so this polls it (bounded)."""
         return eventually(lambda: _log_line(self.state_dir / "logs" / f"{job_id}.log", needle), timeout)
 
+    def assert_ran_once(self, job_id: int) -> None:
+        """Dispatched exactly once, on its first attempt."""
+        record = self.store.get(job_id)
+        assert record is not None and record.attempt == 1, record
+        assigned = [e for e in self.store.history(job_id) if e["state"] == "ASSIGNED"]
+        assert len(assigned) == 1, self.store.history(job_id)
+
     def stop(self) -> None:
         """Every daemon, even when one will not stop: that one is killed, the others are still
         stopped, and the first failure is raised at the end (a worker that hung on SIGTERM

@@ -21,14 +21,6 @@ LEADS = "this scheduler leads now"
 FINAL = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
 
 
-def _ran_once(stack: Stack, job_id: int) -> None:
-    """Dispatched exactly once, on its first attempt."""
-    record = stack.store.get(job_id)
-    assert record is not None and record.attempt == 1, record
-    assigned = [e for e in stack.store.history(job_id) if e["state"] == "ASSIGNED"]
-    assert len(assigned) == 1, stack.store.history(job_id)
-
-
 def test_any_scheduler_serves_the_api_and_a_killed_leader_is_replaced(make_stack: Callable[..., Stack]) -> None:
     first: Stack = make_stack(scheduler=LEASE)
     second: Stack = make_stack(scheduler=LEASE)
@@ -66,7 +58,7 @@ def test_any_scheduler_serves_the_api_and_a_killed_leader_is_replaced(make_stack
     release(fifo, 0)
     assert second.wait_state(running, *FINAL).state == JobState.COMPLETED
     for job_id in [running, held, *before, *after]:
-        _ran_once(second, job_id)
+        second.assert_ran_once(job_id)
     assert second.store.get(cancelled).state == JobState.CANCELLED  # type: ignore[union-attr]
     assert violations(second.redis) == []
     assert int(second.redis.get(keys.LEADER_EPOCH)) == 2
@@ -93,7 +85,7 @@ def test_a_leader_frozen_before_its_dispatch_exec_cannot_write_after_a_successor
     old.proc.send_signal(signal.SIGCONT)  # it wakes and sends its EXEC
     old.wait_line("dispatch of 1 jobs refused: a newer leader holds the fence")
     old.wait_line("epoch 1 ends")
-    _ran_once(successor, job_id)
+    successor.assert_ran_once(job_id)
     queued: Any = successor.redis.lrange(keys.rq_queue("n1"), 0, -1)
     assert queued == []  # no second launch entry was left for the worker
     assert successor.redis.hlen(keys.LEDGER) == 0
@@ -101,5 +93,5 @@ def test_a_leader_frozen_before_its_dispatch_exec_cannot_write_after_a_successor
     # The woken ex-leader is a follower now: jobs still flow, through its own socket too.
     later = frozen.submit("--mem", "20GiB", "--", "true")
     assert successor.wait_state(later, *FINAL).state == JobState.COMPLETED
-    _ran_once(successor, later)
+    successor.assert_ran_once(later)
     assert int(successor.redis.get(keys.LEADER_EPOCH)) == epoch
