@@ -9,9 +9,10 @@ import pwd
 import signal
 from pathlib import Path
 
+from jobs.api import job_path
 from jobs.states import JobState
 from tests.adversarial.support import api
-from tests.helpers.stack import Stack
+from tests.helpers.stack import Stack, eventually
 from tests.helpers.users import as_user, needs_users
 
 PATH_ENV = {"PATH": "/usr/bin:/bin"}
@@ -86,3 +87,59 @@ def test_job_that_kills_its_own_shim_leaves_no_process_behind(
         if escapee and _pid_alive(escapee):
             with contextlib.suppress(OSError):
                 os.kill(escapee, signal.SIGKILL)
+
+
+# A job that tries to forge its shim's "ended" report (which makes the worker keep the job's own
+# result over a stop): it writes the line into every descriptor of its shim it can open through
+# /proc, then waits to be cancelled. The shim is not dumpable, so /proc/<shim>/fd is closed to
+# the job's user, and the command never inherits the report pipe.
+_FORGE_ENDED = r"""
+import os, sys, time
+opened = 0
+shim = os.getppid()
+for fd in range(256):
+    try:
+        f = os.open(f"/proc/{shim}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        continue
+    opened += 1
+    try:
+        os.write(f, b"ended\n")
+    except OSError:
+        pass
+for fd in range(3, 256):
+    try:
+        os.write(fd, b"ended\n")
+    except OSError:
+        pass
+with open(sys.argv[1], "w") as out:
+    out.write(str(opened))
+time.sleep(600)
+"""
+
+
+@needs_users
+def test_a_job_cannot_forge_its_shims_ended_report(
+    multi_stack: Stack, users: dict[str, pwd.struct_passwd], shared_dir: Path
+) -> None:
+    alice = users["gpulab-alice"]
+    work = shared_dir / "alice-forge"
+    work.mkdir()
+    os.chown(work, alice.pw_uid, alice.pw_gid)
+    report = work / "opened"
+    spec = {
+        "command": ["/usr/bin/python3", "-c", _FORGE_ENDED, str(report)],
+        "cwd": str(work),
+        "mem_bytes": 2**30,
+        "env": PATH_ENV,
+    }
+    status, payload = _submit_as(multi_stack, alice, spec)
+    assert status == 200, payload
+    job_id = int(payload["id"])  # type: ignore[index]
+    multi_stack.wait_state(job_id, JobState.RUNNING)
+    eventually(lambda: report.exists() and report.read_text())
+    assert report.read_text() == "0", "the job opened its shim's descriptors"
+    cancel = as_user(alice, lambda: api(multi_stack.state_dir / "gpulab.sock", "POST", job_path(job_id, "cancel"), {}))
+    assert "ok" in cancel and cancel["ok"][0] == 200, cancel
+    done = multi_stack.wait_state(job_id, *FINAL_STATES)
+    assert done.state == JobState.CANCELLED, done  # a forged "ended" would have kept a signal exit
