@@ -27,6 +27,27 @@ def _submit_as(stack: Stack, user: pwd.struct_passwd, spec: dict) -> tuple[int, 
     return status, payload
 
 
+def _alice_workdir(users: dict[str, pwd.struct_passwd], shared_dir: Path, name: str) -> Path:
+    alice = users["gpulab-alice"]
+    work = shared_dir / name
+    work.mkdir()
+    os.chown(work, alice.pw_uid, alice.pw_gid)
+    return work
+
+
+def _run_script_as_alice(stack: Stack, users: dict[str, pwd.struct_passwd], work: Path, script: str, *args: str) -> int:
+    """Submit `python3 -c script args...` as gpulab-alice, in `work`; its job id."""
+    spec = {
+        "command": ["/usr/bin/python3", "-c", script, *args],
+        "cwd": str(work),
+        "mem_bytes": 2**30,
+        "env": PATH_ENV,
+    }
+    status, payload = _submit_as(stack, users["gpulab-alice"], spec)
+    assert status == 200, payload
+    return int(payload["id"])  # type: ignore[index]
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -60,20 +81,9 @@ time.sleep(60)
 def test_job_that_kills_its_own_shim_leaves_no_process_behind(
     multi_stack: Stack, users: dict[str, pwd.struct_passwd], shared_dir: Path
 ) -> None:
-    alice = users["gpulab-alice"]
-    work = shared_dir / "alice-work"
-    work.mkdir()
-    os.chown(work, alice.pw_uid, alice.pw_gid)
+    work = _alice_workdir(users, shared_dir, "alice-work")
     pidfile, stopfile = work / "escapee.pid", work / "stop"
-    spec = {
-        "command": ["/usr/bin/python3", "-c", _KILL_SHIM, str(pidfile), str(stopfile)],
-        "cwd": str(work),
-        "mem_bytes": 2**30,
-        "env": PATH_ENV,
-    }
-    status, payload = _submit_as(multi_stack, alice, spec)
-    assert status == 200, payload
-    job_id = int(payload["id"])  # type: ignore[index]
+    job_id = _run_script_as_alice(multi_stack, users, work, _KILL_SHIM, str(pidfile), str(stopfile))
     escapee = 0
     try:
         done = multi_stack.wait_state(job_id, *FINAL_STATES)
@@ -122,24 +132,16 @@ time.sleep(600)
 def test_a_job_cannot_forge_its_shims_ended_report(
     multi_stack: Stack, users: dict[str, pwd.struct_passwd], shared_dir: Path
 ) -> None:
-    alice = users["gpulab-alice"]
-    work = shared_dir / "alice-forge"
-    work.mkdir()
-    os.chown(work, alice.pw_uid, alice.pw_gid)
+    work = _alice_workdir(users, shared_dir, "alice-forge")
     report = work / "opened"
-    spec = {
-        "command": ["/usr/bin/python3", "-c", _FORGE_ENDED, str(report)],
-        "cwd": str(work),
-        "mem_bytes": 2**30,
-        "env": PATH_ENV,
-    }
-    status, payload = _submit_as(multi_stack, alice, spec)
-    assert status == 200, payload
-    job_id = int(payload["id"])  # type: ignore[index]
+    job_id = _run_script_as_alice(multi_stack, users, work, _FORGE_ENDED, str(report))
     multi_stack.wait_state(job_id, JobState.RUNNING)
     eventually(lambda: report.exists() and report.read_text())
     assert report.read_text() == "0", "the job opened its shim's descriptors"
-    cancel = as_user(alice, lambda: api(multi_stack.state_dir / "gpulab.sock", "POST", job_path(job_id, "cancel"), {}))
+    cancel = as_user(
+        users["gpulab-alice"],
+        lambda: api(multi_stack.state_dir / "gpulab.sock", "POST", job_path(job_id, "cancel"), {}),
+    )
     assert "ok" in cancel and cancel["ok"][0] == 200, cancel
     done = multi_stack.wait_state(job_id, *FINAL_STATES)
     assert done.state == JobState.CANCELLED, done  # a forged "ended" would have kept a signal exit
