@@ -18,9 +18,11 @@ DistributedDataParallel. What makes it resume exactly like the single-process lo
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -28,6 +30,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from worker.training.data import with_batch_sampler
+
+
+BARRIER_TIMEOUT_S = 300  # rank 0's final evaluation runs while the others wait here
 
 
 @dataclass(frozen=True)
@@ -71,9 +76,28 @@ def rank_device(device: torch.device, ctx: DistContext | None) -> torch.device:
     return device
 
 
-def teardown(ctx: DistContext | None) -> None:
-    if ctx is not None and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(ctx: DistContext | None, finished: bool) -> None:
+    """Leave the process group while the interpreter is fully alive.
+
+    A rank that finished (or stopped with the others) first waits for the rest (rank 0 is
+    still evaluating), so no rank tears gloo down under a peer that is still talking to it. The DDP wrapper keeps the
+    group alive through reference cycles; left to interpreter shutdown, gloo's threads die
+    with the interpreter and the rank aborts ("terminate called without an active
+    exception", seen once in CI on rank 1 after a clean run). Collect them now instead.
+    """
+    if ctx is None or not dist.is_initialized():
+        return
+    if finished:
+        try:
+            if ctx.backend == "gloo":  # the barrier that can time out and name the missing rank
+                dist.monitored_barrier(timeout=timedelta(seconds=BARRIER_TIMEOUT_S))
+            else:
+                dist.barrier()
+        except RuntimeError as exc:  # a peer died or hung after training: leave anyway
+            print(f"gpulab training: rank {ctx.rank}: the ranks did not meet at the end: {exc}", flush=True)
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def agree_stop(local_stop: bool, device: torch.device) -> bool:

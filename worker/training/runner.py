@@ -104,10 +104,12 @@ def run(cfg: RunConfig) -> int:
     stop = StopFlag()
     stop.install()
     dist_ctx: list[DistContext | None] = [None]
+    code = 1
     try:
-        return _run(cfg, stop, dist_ctx)
+        code = _run(cfg, stop, dist_ctx)
+        return code
     finally:
-        teardown(dist_ctx[0])
+        teardown(dist_ctx[0], finished=code == 0 or code > 128)  # > 128: stopped together
         stop.uninstall()
 
 
