@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from worker.training.data import with_batch_sampler
 
-
 BARRIER_TIMEOUT_S = 300  # rank 0's final evaluation runs while the others wait here
 
 
