@@ -32,6 +32,16 @@ class _UnixConnection(http.client.HTTPConnection):
         sock.connect(self._path)
         self.sock = sock
 
+    def exchange(self, method: str, path: str, payload: bytes | None) -> http.client.HTTPResponse:
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        try:
+            self.request(method, path, body=payload, headers=headers)
+        except (BrokenPipeError, ConnectionResetError):
+            # The scheduler refuses a connection over its caps with an answer, at once, and
+            # closes it unread: that answer is waiting here even though our send failed.
+            pass
+        return self.getresponse()
+
 
 class ApiClient:
     def __init__(self, socket_path: Path, timeout_s: float = 30.0) -> None:
@@ -41,10 +51,7 @@ class ApiClient:
     def request(self, method: str, path: str, body: Any = None, *, timeout_s: float | None = None) -> Any:
         conn = _UnixConnection(self.socket_path, timeout_s or self.timeout_s)
         try:
-            payload = None if body is None else json.dumps(body).encode()
-            headers = {"Content-Type": "application/json"} if payload is not None else {}
-            conn.request(method, path, body=payload, headers=headers)
-            response = conn.getresponse()
+            response = conn.exchange(method, path, None if body is None else json.dumps(body).encode())
             data = response.read()
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonUnreachable(self.socket_path, exc.strerror or type(exc).__name__) from None

@@ -47,7 +47,10 @@ def api(sock: Path, method: str, path: str, body: Any = None, *, raw: bytes | No
     try:
         payload = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        conn.request(method, path, body=payload, headers=headers)
+        try:
+            conn.request(method, path, body=payload, headers=headers)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused over the connection caps: the answer was sent before the close
         response = conn.getresponse()
         data = response.read()
     finally:

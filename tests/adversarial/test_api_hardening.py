@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import redis
 
+from cli.client import ApiClient
 from jobs import keys
-from jobs.api import API_PREFIX
+from jobs.api import API_PREFIX, ApiError
 from jobs.states import JobState
 from tests.adversarial.support import api
 from tests.helpers.stack import Stack, eventually, test_config
@@ -189,6 +190,24 @@ def test_one_users_connections_cannot_lock_out_another(limited: Stack, users: di
         # another user is still served at once
         alice = as_user(users["gpulab-alice"], lambda: api(sock, "GET", f"{API_PREFIX}/jobs"))
         assert alice["ok"][0] == 200, alice
+    finally:
+        for conn in mine:
+            conn.close()
+    _served_again(limited)
+
+
+def test_a_refused_client_reads_the_refusal_even_mid_send(limited: Stack) -> None:
+    """Break (found, as a flaky BrokenPipe in the test above): the scheduler answers a refused
+    connection at once and closes it without reading the request, so a client still sending
+    got EPIPE and reported the scheduler unreachable instead of the refusal it had been sent.
+    A 1 MB request cannot fit in the socket's buffer, so the send always fails here."""
+    sock = limited.state_dir / "gpulab.sock"
+    mine = [_idle(sock) for _ in range(3)]
+    try:
+        with pytest.raises(ApiError) as refused:
+            ApiClient(sock).request("POST", f"{API_PREFIX}/jobs", {"padding": "x" * 1_000_000})
+        assert refused.value.status == 429 and "too many connections" in str(refused.value)
+        assert api(sock, "POST", f"{API_PREFIX}/jobs", raw=b"x" * 1_000_000)[0] == 429  # the tests' client too
     finally:
         for conn in mine:
             conn.close()
