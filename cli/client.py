@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -34,12 +35,10 @@ class _UnixConnection(http.client.HTTPConnection):
 
     def exchange(self, method: str, path: str, payload: bytes | None) -> http.client.HTTPResponse:
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        try:
+        # The scheduler refuses a connection over its caps with an answer, at once, and closes
+        # it unread: that answer is waiting here even when our send failed.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.request(method, path, body=payload, headers=headers)
-        except (BrokenPipeError, ConnectionResetError):
-            # The scheduler refuses a connection over its caps with an answer, at once, and
-            # closes it unread: that answer is waiting here even though our send failed.
-            pass
         return self.getresponse()
 
 

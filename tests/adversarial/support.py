@@ -4,6 +4,7 @@ argv as the `stack` fixture runs it (so these tests follow the CLI wherever it m
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -47,10 +48,9 @@ def api(sock: Path, method: str, path: str, body: Any = None, *, raw: bytes | No
     try:
         payload = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        try:
+        # refused over the connection caps: the answer was sent before the close
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             conn.request(method, path, body=payload, headers=headers)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused over the connection caps: the answer was sent before the close
         response = conn.getresponse()
         data = response.read()
     finally:

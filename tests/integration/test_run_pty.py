@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
+import psutil
 import pytest
 import redis
 
@@ -52,6 +53,10 @@ def spawn(stack: Stack, *args: str) -> pexpect.spawn:
                          timeout=WAIT_S, encoding="utf-8", dimensions=(30, 100))  # fmt: skip
 
 
+def _running(*argv: str) -> bool:
+    return any(p.info["cmdline"] == list(argv) for p in psutil.process_iter(["cmdline"]))
+
+
 def job_id_of(child: pexpect.spawn, state: str) -> int:
     """The job id from the client's `gpulab run: job N ...` line about `state`."""
     child.expect(rf"gpulab run: job (\d+) {state}")
@@ -69,9 +74,14 @@ def test_a_shell_on_the_gpu_with_its_exit_code(run_stack: Stack) -> None:
     child.setwinsize(40, 120)
     child.sendline("stty size")
     child.expect("40 120")
-    child.sendline("sleep 300")
+    child.expect("gpulab-prompt")  # the prompt after `stty size`, so the next one is the shell's answer to ^C
+    child.sendline("sleep 3017")
+    # ^C before the shell has started sleep would reach the shell instead (and sleep would then
+    # swallow `exit 7`): send it once the program runs.
+    assert eventually(lambda: _running("sleep", "3017"), timeout=WAIT_S)
     child.sendintr()  # Ctrl-C goes to the program, as under srun --pty: the shell lives on
     child.expect("gpulab-prompt")
+    assert not _running("sleep", "3017")
     child.sendline("exit 7")
     child.expect(pexpect.EOF)
     child.close()
