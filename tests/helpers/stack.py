@@ -59,10 +59,30 @@ def _toml(value: Any) -> str:
 TEST_CONFIG = test_config()
 
 
+_PORTS_GIVEN: set[int] = set()
+PORT_BASE, PORT_WORKERS = 12000, 16  # 12000-27999: below Linux's default ephemeral range (32768-60999)
+PORT_BLOCK = 1000  # ports per xdist worker, from PORT_BASE up: below the kernel's ephemeral range
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port no one listens on, for a server a test starts. Not bind(0): that draws from
+    the ephemeral range, where the kernel may hand the same port to the next caller (a
+    Sentinel test got its primary's port twice) or to any client socket before our server
+    binds it. Instead: a block of its own per xdist worker, below that range, and never the
+    same port twice in one process."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = PORT_BASE + (int(worker) if worker.isdigit() else 0) % PORT_WORKERS * PORT_BLOCK
+    for port in range(first, first + PORT_BLOCK):
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port in {first}-{first + PORT_BLOCK - 1}")
 
 
 class Daemon:
