@@ -309,7 +309,7 @@ class WorkerDaemon:
         with self._beat_lock:
             if self._beats_done >= wanted:
                 return
-            self._publish_locked()
+            self._publish_locked(leases=False)
 
     def _forget(self, runner: JobRunner) -> None:
         with self._lock:
@@ -371,7 +371,11 @@ class WorkerDaemon:
         with self._beat_lock:
             self._publish_locked()
 
-    def _publish_locked(self) -> None:
+    def _publish_locked(self, leases: bool = True) -> None:
+        """One heartbeat. `leases` False (after a job end): only the node's GPUs, measured
+        now; the leases and the running jobs' observations wait for the periodic beat, as
+        renewing every lease and reading every job's status after each end made a drain of
+        short jobs quadratic in the jobs running."""
         with self._beat_seq_lock:
             self._beats_begun += 1
             seq = self._beats_begun
@@ -384,23 +388,17 @@ class WorkerDaemon:
         # after the start had succeeded, and the freshly started job was stopped as NodeLost.
         # (If the reaper requeues an expired assignment first, the start is refused.)
         started = [r for r in running if r.gate_open]
-        # A job whose end waits in the journal is still this worker's: keep its lease.
-        held = [r.job_id for r in started] + self.ends.pending_jobs()
-        before = time.monotonic()  # each renewed lease lasts at least until before + ttl
-        try:
-            lost = self.store.renew_leases(held, self.node, self.config.worker.lease_ttl_s, self.fence)
-        except Fenced:
-            self._on_fenced()
+        if leases and not self._renew_leases(started):
             return
-        for runner in started:
-            if runner.job_id not in lost:
-                runner.lease_renewed(before)
-        self._stop_lost(lost)
         beat = self._measure(runners)
         ttl_ms = int(self.config.worker.lease_ttl_s * 1000)
         pipe = self.redis.pipeline(transaction=False)
         if not self.draining.is_set():
             pipe.set(keys.node(self.node), json.dumps(beat.to_json()), px=ttl_ms)
+        if not leases:
+            pipe.execute()
+            self._beats_done = seq
+            return
         pipe.set(keys.node_owner(self.node), self.owner, px=ttl_ms)
         pipe.sadd(keys.NODES, self.node)
         for runner in running:
@@ -423,6 +421,23 @@ class WorkerDaemon:
         if self.config.policy.idle_action == "stop":
             for runner in idle:
                 runner.stop("idle")
+
+    def _renew_leases(self, started: list[JobRunner]) -> bool:
+        """Renew the started jobs' leases and tell their shims; stop the jobs whose lease is
+        gone. False when this worker was fenced (it is stopping everything)."""
+        # A job whose end waits in the journal is still this worker's: keep its lease.
+        held = [r.job_id for r in started] + self.ends.pending_jobs()
+        before = time.monotonic()  # each renewed lease lasts at least until before + ttl
+        try:
+            lost = self.store.renew_leases(held, self.node, self.config.worker.lease_ttl_s, self.fence)
+        except Fenced:
+            self._on_fenced()
+            return False
+        for runner in started:
+            if runner.job_id not in lost:
+                runner.lease_renewed(before)
+        self._stop_lost(lost)
+        return True
 
     def _report_idle(self, pipe: redis.client.Pipeline, runner: JobRunner) -> None:
         """The job's idle spell just reached idle_after_s: an Idle event in its history, and the

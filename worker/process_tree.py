@@ -17,10 +17,29 @@ KILL_ROUNDS = 50  # a tree that keeps forking is killed again, this many times a
 
 def children_by_parent() -> dict[int, list[int]]:
     """The whole process table as parent pid -> child pids, read once (psutil's children()
-    reads it all for each call: a heartbeat over hundreds of jobs did it hundreds of times)."""
+    reads it all for each call: a heartbeat over hundreds of jobs did it hundreds of times).
+
+    Straight from /proc/<pid>/stat: psutil builds a Process object per pid (reading its start
+    time too): 4.8 ms for 88 processes against 1.0 ms here. A worker reads it after job ends,
+    and in a drain of short jobs psutil's way took a third of the worker's CPU (py-spy)."""
     table: dict[int, list[int]] = {}
-    for proc in psutil.process_iter(["ppid"]):
-        table.setdefault(proc.info["ppid"] or 0, []).append(proc.pid)
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            fd = os.open(f"/proc/{name}/stat", os.O_RDONLY)
+        except OSError:  # exited meanwhile
+            continue
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so from the last ")"
+        after = data[data.rfind(b")") + 2 :].split(b" ", 2)
+        if len(after) >= 2 and after[1].isdigit():
+            table.setdefault(int(after[1]), []).append(int(name))
     return table
 
 

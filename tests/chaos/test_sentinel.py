@@ -105,9 +105,11 @@ def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
     if not shutil.which("redis-server"):
         pytest.skip("no redis-server on PATH")
     c = RedisCluster(tmp_path / "redis")
-    c.start()
-    yield c
-    c.stop()
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()  # also when it never became ready: no servers left behind
 
 
 class Interrupted(Exception):
