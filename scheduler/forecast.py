@@ -4,10 +4,10 @@
 Cost is bounded and kept off the pass: the forecast runs at most every `eta_interval_s`
 (sooner, but at most once a second, when the set of waiting jobs changed; never sooner than
 ten times its own last duration, so it takes at most a tenth of a core), each run makes
-at most `max_eta_steps` placement calls, and it runs on a background thread over values the
-pass handed it (the policy is pure), so a pass never waits for it: each pass writes the
-newest finished answer (BENCHMARKS.md: about 0.6 s of CPU at 1k waiting jobs, 5 s at 10k,
-on a 64 x 8 GPU cluster).
+at most `max_eta_steps` placement calls, and it runs in a forked child process over values
+the pass handed it (the policy is pure; scheduler/offload.py), so a pass never waits for it
+nor shares the GIL with it: each pass writes the newest finished answer (BENCHMARKS.md:
+about 0.6 s of CPU at 1k waiting jobs, 5 s at 10k, on a 64 x 8 GPU cluster).
 
 Durations, in this order: the job's time limit; the mean run time of the user's completed
 jobs of the same name (`gpulab:durations`, learned as jobs complete); else
@@ -30,17 +30,19 @@ from jobs.config import Config
 from jobs.record import JobRecord
 from jobs.states import JobState
 from jobs.store import JobStore
+from scheduler.offload import in_child
 from scheduler.policy.accounting import AccountingPolicy, GpuAccount
 from scheduler.policy.forecast import expected_end, forecast_starts
 from scheduler.policy.types import PendingJob, RunningJob
 
 log = logging.getLogger("gpulab.scheduler")
 
+Forecast = tuple[dict[int, float | None], float, int]  # (starts, milliseconds it took, placement steps)
 OVERDUE_GRACE_S = 60.0  # a running job past its usual duration is expected to end this soon
 MIN_RECOMPUTE_S = 1.0  # a changed queue recomputes at most this often
-# ... and never sooner than this many times the last forecast's own duration: the forecast
-# runs on a thread of the scheduler's process, so without it a 10k queue that changes every
-# second would keep one core busy forecasting and slow every pass ~9x (BENCHMARKS.md, section 11).
+# ... and never sooner than this many times the last forecast's own duration: without it a
+# 10k queue that changes every second would keep a core busy forecasting (on the thread it
+# once ran on, that slowed every pass ~9x: BENCHMARKS.md, section 11).
 COST_FACTOR = 10.0
 ENDED_FIELDS = ("state", "started_at", "ended_at")  # what learning needs of a job that left
 MAX_LEARNED = 10_000  # (user, name) pairs kept; past it, the history starts over (bounded Redis)
@@ -171,11 +173,14 @@ class Forecaster:
         self._thread.start()
         return self.starts
 
-    def _run(self, compute: Callable[[], dict[int, float | None]]) -> None:
+    def _run(self, compute: Callable[[], Forecast]) -> None:
         try:
-            self._done = compute()
+            starts, self.last_ms, self.last_steps = in_child(compute)  # off this process's GIL
         except Exception:
             log.exception("start forecast failed; estimates are kept as they were")
+            return
+        log.debug("forecast: %d jobs, %d steps, %.1f ms", len(starts), self.last_steps, self.last_ms)
+        self._done = starts
 
     def _prepare(
         self,
@@ -188,7 +193,7 @@ class Forecaster:
         active: list[JobRecord],
         usage: dict[str, float],
         unavailable: frozenset[str],
-    ) -> Callable[[], dict[int, float | None]]:
+    ) -> Callable[[], Forecast]:
         """Read what the forecast needs (the learned durations) now; return the pure work."""
         learned = self.history.all()
         default = self.config.scheduler.eta_default_runtime_s or None
@@ -218,7 +223,7 @@ class Forecaster:
         pending = list(jobs.values())
         usage = dict(usage)
 
-        def compute() -> dict[int, float | None]:
+        def compute() -> Forecast:
             started = time.perf_counter()
             result = forecast_starts(
                 pending,
@@ -232,9 +237,6 @@ class Forecaster:
                 unavailable_nodes=unavailable,
                 max_steps=self.config.scheduler.max_eta_steps,
             )
-            self.last_ms = (time.perf_counter() - started) * 1000
-            self.last_steps = result.steps
-            log.debug("forecast: %d jobs, %d steps, %.1f ms", len(pending), result.steps, self.last_ms)
-            return result.starts
+            return result.starts, (time.perf_counter() - started) * 1000, result.steps
 
         return compute
