@@ -23,14 +23,60 @@ def read_heartbeats(client: redis.Redis) -> tuple[list[NodeHeartbeat], list[str]
     names = sorted(n.decode() for n in client.smembers(keys.NODES))
     if not names:
         return [], []
-    raws = client.mget([keys.node(n) for n in names])
+    return _heartbeats(names, client.mget([keys.node(n) for n in names]), {})
+
+
+def read_drained(client: redis.Redis) -> dict[str, str]:
+    """Nodes an admin drained (`gpulab node drain`): no new jobs there, running ones finish."""
+    return _drained(client.hgetall(keys.DRAINED))
+
+
+def _drained(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def _heartbeats(
+    names: list[str], raws: list[bytes | None], parsed: dict[str, tuple[bytes, NodeHeartbeat]]
+) -> tuple[list[NodeHeartbeat], list[str]]:
     beats, down = [], []
     for name, raw in zip(names, raws, strict=True):
         if raw is None:
             down.append(name)
-        else:
-            beats.append(NodeHeartbeat.from_json(json.loads(raw)))
+            parsed.pop(name, None)
+            continue
+        known = parsed.get(name)
+        if known is None or known[0] != raw:
+            known = parsed[name] = (raw, NodeHeartbeat.from_json(json.loads(raw)))
+        beats.append(known[1])
+    for gone in parsed.keys() - set(names):
+        del parsed[gone]
     return beats, down
+
+
+class NodeReader:
+    """The scheduling pass's read of the nodes: heartbeats and the drained set, in one round
+    trip while the set of node names stays the same; a heartbeat is parsed again only when
+    its bytes changed (64 nodes: 4 ms of a pass otherwise)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._names: list[str] = []
+        self._parsed: dict[str, tuple[bytes, NodeHeartbeat]] = {}
+
+    def read(self) -> tuple[list[NodeHeartbeat], list[str], dict[str, str]]:
+        """(live heartbeats, names of nodes whose heartbeat expired, drained nodes)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.smembers(keys.NODES)
+        pipe.hgetall(keys.DRAINED)
+        if self._names:  # most likely the same nodes as last pass
+            pipe.mget([keys.node(n) for n in self._names])
+        members, drained, *guess = pipe.execute()
+        names = sorted(n.decode() for n in members)
+        if names != self._names:
+            guess = [self.redis.mget([keys.node(n) for n in names])] if names else [[]]
+        self._names = names
+        beats, down = _heartbeats(names, guess[0] if guess else [], self._parsed)
+        return beats, down, _drained(drained)
 
 
 def read_ledger(client: redis.Redis) -> list[Reservation]:

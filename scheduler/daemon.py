@@ -29,7 +29,7 @@ from jobs.states import JobState, Reason
 from jobs.store import Fenced, JobStore, TransitionRefused
 from scheduler.active import Active, ActiveReader
 from scheduler.changes import ChangeFeed
-from scheduler.cluster import Ledger, read_heartbeats
+from scheduler.cluster import Ledger, NodeReader
 from scheduler.counters import MetricCounters
 from scheduler.dependencies import DependencyReader
 from scheduler.dispatch import Dispatcher
@@ -40,6 +40,7 @@ from scheduler.policy.accounting import AccountingPolicy, Reservation, build_acc
 from scheduler.policy.dependencies import evaluate
 from scheduler.policy.inputs import pending_job, running_job
 from scheduler.policy.placement import Waiting, WaitingQueue, place_queue
+from scheduler.policy.types import RunningJob
 from scheduler.preemption import Preemptor
 from scheduler.usage import UsageTracker
 
@@ -63,11 +64,6 @@ def accounting_policy(config: Config) -> AccountingPolicy:
     return AccountingPolicy(s.headroom_bytes, s.spike_buffer_bytes, s.idle_gpu_max_used_bytes)
 
 
-def read_drained(client: redis.Redis) -> dict[str, str]:
-    """Nodes an admin drained (`gpulab node drain`): no new jobs there, running ones finish."""
-    return {k.decode(): v.decode() for k, v in client.hgetall(keys.DRAINED).items()}
-
-
 class Scheduler:
     def __init__(self, config: Config, client: redis.Redis, leader: Leadership | None = None) -> None:
         self.config = config
@@ -82,6 +78,7 @@ class Scheduler:
         self.pending = PendingReader(client)
         self.active = ActiveReader(client, self.pending.known)  # a dispatched job is not parsed again
         self.ledger = Ledger(client)
+        self.nodes = NodeReader(client)
         self.dependencies = DependencyReader(client)
         self.usage = UsageTracker(client, config.policy.fairshare_half_life_s)
         self.forecaster = Forecaster(client, config)
@@ -92,6 +89,7 @@ class Scheduler:
         self._last_full = -RESYNC_S  # time.monotonic() of the last full read of the waiting jobs
         self._last_lease_check = -RESYNC_S  # ... of the active jobs and their leases
         self._ledger: dict[int, Reservation] = {}  # the reservations, as of this pass's read
+        self._running: dict[int, tuple[JobRecord, Reservation | None, RunningJob]] = {}  # see _running_jobs
         self.preemptor = Preemptor(client, config)
         self.counters = MetricCounters(client)  # folded every few seconds: no stream entry is trimmed uncounted
 
@@ -188,19 +186,19 @@ class Scheduler:
         invalid: dict[int, str] = {}
         current, reaped = self._read_jobs(invalid)
         active = [a.record for a in current]
-        beats, _down = read_heartbeats(self.redis)
+        beats, _down, drained = self.nodes.read()
         ledger = self._ledger  # read with the active jobs (scheduler/cluster.py, Ledger)
         if invalid:
             self.quarantine(invalid)
         accounts = build_accounts(beats, list(ledger.values()), self.policy)
-        unavailable = frozenset(b.node for b in beats if b.draining) | frozenset(read_drained(self.redis))
+        unavailable = frozenset(b.node for b in beats if b.draining) | frozenset(drained)
         whole_gpu_bytes = max((g.total for gpus in accounts.values() for g in gpus), default=0)
         usage = self.usage.update(now, active, ledger, whole_gpu_bytes)
         touched = self.pending.take_touched()
         self._track_dependencies(touched)
         blocked = self._dependencies()
         reasons = {k: v for k, v in blocked.items() if v.reason == Reason.DEPENDENCY}
-        running = [running_job(r, ledger.get(r.id)) for r in active]
+        running = self._running_jobs(active, ledger)
         self._sync_queue(touched, blocked)
         place_started = time.perf_counter()
         result = place_queue(
@@ -228,23 +226,34 @@ class Scheduler:
             else []
         )
         self.preemptor.run(now, left, starts, active, running, accounts, self.policy, usage, unavailable, self.fence)
-        self._write_reasons(reasons, starts)
         duration = time.perf_counter() - started
-        self.redis.hset(
-            keys.SCHEDULER_STATUS,
-            mapping={
-                "pid": os.getpid(),
-                "last_pass_at": time.time(),
-                "last_pass_ms": round(duration * 1000, 3),
-                "last_place_ms": round(place_s * 1000, 3),
-                "pending": len(self._queue),
-                "reservations": len(result.reservations),
-                "last_eta_ms": round(self.forecaster.last_ms, 3),
-                "last_eta_steps": self.forecaster.last_steps,
-            },
-        )
+        status = {  # written with the reasons, in one round trip: the pass up to its last write
+            "pid": os.getpid(),
+            "last_pass_at": time.time(),
+            "last_pass_ms": round(duration * 1000, 3),
+            "last_place_ms": round(place_s * 1000, 3),
+            "pending": len(self._queue),
+            "reservations": len(result.reservations),
+            "last_eta_ms": round(self.forecaster.last_ms, 3),
+            "last_eta_steps": self.forecaster.last_steps,
+        }
+        self._write_reasons(reasons, starts, status)
+        duration = time.perf_counter() - started
         pending = len(self._queue) + sum(1 for i in blocked if self._is_pending(i))
         return PassStats(pending, len(placed), reaped, duration, len(result.reservations), place_s)
+
+    def _running_jobs(self, active: list[JobRecord], ledger: dict[int, Reservation]) -> list[RunningJob]:
+        """Placement's view of the active jobs; a job whose record and reservation are the
+        same objects as last pass (the readers keep what did not change) is not rebuilt."""
+        cache: dict[int, tuple[JobRecord, Reservation | None, RunningJob]] = {}
+        for record in active:
+            reservation = ledger.get(record.id)
+            known = self._running.get(record.id)
+            if known is None or known[0] is not record or known[1] is not reservation:
+                known = (record, reservation, running_job(record, reservation))
+            cache[record.id] = known
+        self._running = cache
+        return [known[2] for known in cache.values()]
 
     def _sync_queue(self, touched: set[int] | None, blocked: dict[int, Waiting]) -> None:
         """Keep the grouped queue placement works on (scheduler/policy/queue.py) equal to the
@@ -318,14 +327,15 @@ class Scheduler:
             with contextlib.suppress(TransitionRefused):
                 self.store.transition(self._fenced(lifecycle.quarantine(job_id, state, why, time.time())))
 
-    def _write_reasons(self, waiting: dict[int, Waiting], starts: dict[int, float | None]) -> None:
+    def _write_reasons(
+        self, waiting: dict[int, Waiting], starts: dict[int, float | None], status: dict[str, float | int]
+    ) -> None:
         """Write the reasons that changed (scheduler/pending.py, `stale_reasons`), with the start
-        estimates: a reservation's own, else the forecast's."""
+        estimates: a reservation's own, else the forecast's; and the pass's `status`."""
         now = time.time()
         stale = self.pending.stale_reasons(waiting, starts, now)
-        if not stale:
-            return
         pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.SCHEDULER_STATUS, mapping=status)
         at = repr(now)
         for job_id, why, est_start in stale:
             self.store.set_pending_info(pipe, job_id, why.reason.value, why.detail, est_start, at, self.fence)

@@ -62,13 +62,16 @@ class DurationHistory:
         done = [r for r in records if r.state == JobState.COMPLETED and r.started_at and r.ended_at]
         if not done:
             return
-        if self.redis.hlen(keys.DURATIONS) > MAX_LEARNED:
-            self.redis.delete(keys.DURATIONS)
         # One read and one write for the whole batch: this runs inside the scheduling pass.
         names = sorted({duration_key(r.user, r.spec.display_name) for r in done})
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hlen(keys.DURATIONS)
+        pipe.hmget(keys.DURATIONS, names)
+        count, raws = pipe.execute()
+        full = count > MAX_LEARNED
         means: dict[str, tuple[int, float]] = {}
-        for key, raw in zip(names, self.redis.hmget(keys.DURATIONS, names), strict=True):
-            means[key] = _parse(raw) or (0, 0.0)
+        for key, raw in zip(names, raws, strict=True):
+            means[key] = (None if full else _parse(raw)) or (0, 0.0)
         for r in done:
             assert r.started_at is not None and r.ended_at is not None
             key = duration_key(r.user, r.spec.display_name)
@@ -76,9 +79,13 @@ class DurationHistory:
             run = max(0.0, r.ended_at - r.started_at)
             n = min(n + 1, 20)  # a running mean over about the last 20 runs
             means[key] = (n, mean + (run - mean) / n)
-        self.redis.hset(
+        pipe = self.redis.pipeline(transaction=True)
+        if full:  # bounded: past MAX_LEARNED names the history starts over
+            pipe.delete(keys.DURATIONS)
+        pipe.hset(
             keys.DURATIONS, mapping={k: json.dumps({"n": n, "mean": round(m, 3)}) for k, (n, m) in means.items()}
         )
+        pipe.execute()
 
     def all(self) -> dict[str, float]:
         out = {}

@@ -19,8 +19,8 @@ from jobs.joblog import JobLog, LogChunk, utf8_cut
 from jobs.record import InvalidRecord, JobRecord, public_event
 from jobs.states import JobState
 from jobs.store import JobStore, TransitionRefused
-from scheduler.cluster import read_heartbeats, read_ledger
-from scheduler.daemon import accounting_policy, read_drained
+from scheduler.cluster import read_drained, read_heartbeats, read_ledger
+from scheduler.daemon import accounting_policy
 from scheduler.job_listing import JobQuery, list_jobs
 from scheduler.policy.accounting import build_accounts
 from scheduler.queue_view import priority_views

@@ -33,6 +33,12 @@ def _ended_charge(values: list[bytes | None], whole_gpu_bytes: int) -> tuple[str
     return user, start, float(ended) if ended else None, max(gpus * per_gpu, peak_total)
 
 
+def _parse_table(raw: dict[bytes, bytes]) -> tuple[dict[str, float], float | None]:
+    usage = {k.decode(): float(v) for k, v in raw.items()}
+    last_at = usage.pop(AT, None)
+    return usage, last_at
+
+
 class UsageTracker:
     def __init__(self, client: redis.Redis, half_life_s: float) -> None:
         self.redis = client
@@ -41,9 +47,7 @@ class UsageTracker:
         self._ended: dict[int, tuple[str, float | None, float | None, int]] = {}
 
     def read(self) -> tuple[dict[str, float], float | None]:
-        raw = {k.decode(): float(v) for k, v in self.redis.hgetall(keys.FAIRSHARE).items()}
-        last_at = raw.pop(AT, None)
-        return raw, last_at
+        return _parse_table(self.redis.hgetall(keys.FAIRSHARE))
 
     def update(
         self,
@@ -56,7 +60,12 @@ class UsageTracker:
     ) -> dict[str, float]:
         """Usage as of `now` (for this pass's priorities); stored when a second or more has
         passed. `store=False` only computes it (the API's view of what the scheduler sees)."""
-        usage, last_at = self.read()
+        # The table and the jobs that finished lately, in one round trip (read on every pass).
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.FAIRSHARE)
+        pipe.zrangebyscore(keys.FINISHED, f"({self._ended_window!r}" if self._ended_window else "-inf", "+inf")
+        table, finished = pipe.execute()
+        usage, last_at = _parse_table(table)
         if last_at is None:
             if store:
                 self.redis.hset(keys.FAIRSHARE, AT, repr(now))
@@ -68,7 +77,7 @@ class UsageTracker:
             seconds = overlap_s(run_start(record), now, last_at, now)
             if seconds > 0:
                 charges[record.user] += seconds * charge_bytes(record, ledger.get(record.id), whole_gpu_bytes)
-        for user, start, end, held in self._ended_since(last_at, whole_gpu_bytes):
+        for user, start, end, held in self._ended_since(last_at, whole_gpu_bytes, finished):
             seconds = overlap_s(start, end or now, last_at, now)
             if seconds > 0:
                 charges[user] += seconds * held
@@ -77,12 +86,17 @@ class UsageTracker:
             self._store(updated, last_at, now)
         return updated
 
-    def _ended_since(self, last_at: float, whole_gpu_bytes: int) -> list[tuple[str, float | None, float | None, int]]:
+    def _ended_since(
+        self, last_at: float, whole_gpu_bytes: int, finished: list[bytes]
+    ) -> list[tuple[str, float | None, float | None, int]]:
         """(user, start, end, bytes) of the jobs that ended after `last_at`. A finished job's
-        record no longer changes, so each is read once while its window is open."""
+        record no longer changes, so each is read once while its window is open. `finished`:
+        the ids that ended after the window this tracker knew when they were read (read
+        again here when the window moved)."""
         if self._ended_window != last_at:
             self._ended_window, self._ended = last_at, {}
-        ids = [int(i) for i in self.redis.zrangebyscore(keys.FINISHED, f"({last_at!r}", "+inf")]
+            finished = self.redis.zrangebyscore(keys.FINISHED, f"({last_at!r}", "+inf")
+        ids = [int(i) for i in finished]
         new = [i for i in ids if i not in self._ended]
         if new:
             pipe = self.redis.pipeline(transaction=False)
