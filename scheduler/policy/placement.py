@@ -252,7 +252,9 @@ def place_queue(
             if known is not None and (
                 len(result.reservations) >= max_reservations or now - nxt.submitted_at < reserve_after
             ):
-                waiting.update(dict.fromkeys(group_ids[g][pos:], known))
+                rest = group_ids[g][pos:]
+                waiting.update(dict.fromkeys(rest, known))
+                result.bulk.append((rest, known))
                 continue
         heapq.heappush(heads, (*order_key(nxt), g, pos))
     return result

@@ -74,3 +74,6 @@ class PlacementResult:
     waiting: dict[int, Waiting] = field(default_factory=dict)
     reservations: list[ReservationPlan] = field(default_factory=list)
     order: list[int] = field(default_factory=list)  # job ids, highest priority first
+    # Runs of waiting jobs answered together (ids, their one Waiting), also in `waiting`:
+    # lets the caller skip, at C speed, jobs whose answer it already wrote.
+    bulk: list[tuple[list[int], Waiting]] = field(default_factory=list)
