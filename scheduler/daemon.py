@@ -215,7 +215,7 @@ class Scheduler:
         placed = self.dispatcher.dispatch(result.assignments)
         if len(placed) != len(result.assignments):
             self.store.wake_scheduler()  # something changed under us: look again at once
-        reasons = {**reasons, **result.waiting} if reasons else result.waiting  # no copy without dependencies
+        reasons.update(result.single)  # with the dependencies': the jobs answered one by one
         starts = self.forecaster.update(
             now, self._queue.by_id, self.pending.known, accounts, self.policy,
             running, active, usage, unavailable,
@@ -237,7 +237,7 @@ class Scheduler:
             "last_eta_ms": round(self.forecaster.last_ms, 3),
             "last_eta_steps": self.forecaster.last_steps,
         }
-        self._write_reasons(reasons, starts, status, result.bulk)
+        self._write_reasons(reasons, result.bulk, starts, status)
         duration = time.perf_counter() - started
         pending = len(self._queue) + sum(1 for i in blocked if self._is_pending(i))
         return PassStats(pending, len(placed), reaped, duration, len(result.reservations), place_s)
@@ -329,15 +329,15 @@ class Scheduler:
 
     def _write_reasons(
         self,
-        waiting: dict[int, Waiting],
+        single: dict[int, Waiting],
+        bulk: list[tuple[list[int], Waiting]],
         starts: dict[int, float | None],
         status: dict[str, float | int],
-        bulk: list[tuple[list[int], Waiting]],
     ) -> None:
         """Write the reasons that changed (scheduler/pending.py, `stale_reasons`), with the start
         estimates: a reservation's own, else the forecast's; and the pass's `status`."""
         now = time.time()
-        stale = self.pending.stale_reasons(waiting, starts, now, bulk)
+        stale = self.pending.stale_reasons(single, bulk, starts, now)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.SCHEDULER_STATUS, mapping=status)
         at = repr(now)

@@ -115,54 +115,55 @@ class PendingReader:
 
     def stale_reasons(
         self,
-        reasons: Mapping[int, Waiting],
+        single: Mapping[int, Waiting],
+        bulk: Iterable[tuple[list[int], Waiting]],
         starts: Mapping[int, float | None],
         now: float,
-        bulk: Iterable[tuple[list[int], Waiting]] = (),
     ) -> list[tuple[int, Waiting, float | None]]:
         """The reasons to write, each with its start estimate (a reservation's own wins, else
         the forecast's from `starts`): those of PENDING jobs whose stored reason or detail
-        differs, or whose stored estimate is not `same_estimate` as the new one.
+        differs, or whose stored estimate is not `same_estimate` as the new one. The waiting
+        jobs' answers come in two parts (scheduler/policy/types.py, PlacementResult): `single`
+        ones, and `bulk` runs of jobs sharing one Waiting (most of a long queue).
 
-        What it costs follows what changed, not the queue's length: `bulk` names the runs of
-        jobs placement answered together with one Waiting (most of a long queue); of those,
-        a job already known clean for that text (stored, and compared against this same
-        `starts`) is not looked at again. Set operations do the skipping at C speed; only
-        the rest is compared job by job. A new forecast (another `starts`) compares all."""
+        What it costs follows what changed, not the queue's length: of a bulk run, the jobs
+        already known clean for its text (stored, and compared against this same `starts`)
+        are not looked at again; set operations find the others at C speed. A new forecast
+        (another `starts`) or a full read compares everything again."""
         if starts is not self._clean_starts:
             self._clean.clear()
             self._clean_of.clear()
             self._clean_starts = starts
-        candidates: Iterable[int] = reasons
-        skip: set[int] = set()
+        todo: list[tuple[Iterable[int], Waiting | None]] = [(single, None)]
         for ids, why in bulk:
             clean = self._clean.get((why.reason.value, why.detail))
-            if clean:
-                skip.update(clean.intersection(ids))
-        if skip:
-            candidates = reasons.keys() - skip
+            if clean is None:
+                todo.append((ids, why))
+            elif not clean.issuperset(ids):
+                todo.append((set(ids).difference(clean), why))
         cache = self._cache
         pending = JobState.PENDING
         fields: dict[int, tuple[str, str]] = {}  # id(Waiting) -> (reason, detail)
         out = []
-        for job_id in candidates:
-            why = reasons[job_id]
-            entry = cache.get(job_id)
-            if entry is None:
-                continue
-            record = entry[1]
-            if record.state is not pending:
-                continue
-            text = fields.get(id(why))
-            if text is None:
-                text = fields[id(why)] = (why.reason.value, why.detail)
-            old, new = record.est_start_at, why.est_start
-            if new is None:
-                new = starts.get(job_id)
-            if (record.reason, record.detail) != text or (old != new and not same_estimate(old, new, now)):
-                out.append((job_id, why, new))
-            elif why.est_start is None:  # a reservation's own estimate is compared every pass
-                self._mark_clean(job_id, text)
+        for members, shared in todo:
+            for job_id in members:
+                why = single[job_id] if shared is None else shared
+                entry = cache.get(job_id)
+                if entry is None:
+                    continue
+                record = entry[1]
+                if record.state is not pending:
+                    continue
+                text = fields.get(id(why))
+                if text is None:
+                    text = fields[id(why)] = (why.reason.value, why.detail)
+                old, new = record.est_start_at, why.est_start
+                if new is None:
+                    new = starts.get(job_id)
+                if (record.reason, record.detail) != text or (old != new and not same_estimate(old, new, now)):
+                    out.append((job_id, why, new))
+                elif why.est_start is None:  # a reservation's own estimate is compared every pass
+                    self._mark_clean(job_id, text)
         return out
 
     def remember_reason(self, job_id: int, reason: str, detail: str, est_start: float | None) -> None:

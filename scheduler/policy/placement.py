@@ -252,11 +252,12 @@ def place_queue(
             if known is not None and (
                 len(result.reservations) >= max_reservations or now - nxt.submitted_at < reserve_after
             ):
-                rest = group_ids[g][pos:]
-                waiting.update(dict.fromkeys(rest, known))
-                result.bulk.append((rest, known))
+                result.bulk.append((group_ids[g][pos:], known))
                 continue
         heapq.heappush(heads, (*order_key(nxt), g, pos))
+    result.single = dict(waiting)
+    for rest, known in result.bulk:
+        waiting.update(dict.fromkeys(rest, known))
     return result
 
 

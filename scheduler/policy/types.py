@@ -74,6 +74,7 @@ class PlacementResult:
     waiting: dict[int, Waiting] = field(default_factory=dict)
     reservations: list[ReservationPlan] = field(default_factory=list)
     order: list[int] = field(default_factory=list)  # job ids, highest priority first
-    # Runs of waiting jobs answered together (ids, their one Waiting), also in `waiting`:
-    # lets the caller skip, at C speed, jobs whose answer it already wrote.
+    # `waiting` in two parts, for a caller that must not look at every waiting job: runs of
+    # jobs answered together (ids, their one Waiting; most of a long queue), and the rest.
     bulk: list[tuple[list[int], Waiting]] = field(default_factory=list)
+    single: dict[int, Waiting] = field(default_factory=dict)
