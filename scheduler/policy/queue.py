@@ -79,16 +79,17 @@ class WaitingQueue:
         key = self._where.pop(job_id, None)
         if key is None:
             return
-        del self.by_id[job_id]
+        job = self.by_id.pop(job_id)
         group = self.groups[key]
-        for i in range(len(group) - 1, -1, -1):  # usually near the end: recent jobs move most
-            if group[i].id == job_id:
-                self._users[group[i].user] -= 1
-                if not self._users[group[i].user]:
-                    del self._users[group[i].user]
-                del group[i]
-                del self.ids[key][i]
-                break
+        # The group is in submission order: find it by bisection (the jobs that leave most
+        # are those that start, at a group's head; a scan from the tail cost 15 ms a pass at 100k).
+        i = bisect.bisect_left(group, _submission(job), key=_submission)
+        if i < len(group) and group[i].id == job_id:
+            self._users[job.user] -= 1
+            if not self._users[job.user]:
+                del self._users[job.user]
+            del group[i]
+            del self.ids[key][i]
         if not group:
             del self.groups[key]
             del self.ids[key]

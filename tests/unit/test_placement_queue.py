@@ -74,3 +74,22 @@ def test_a_negative_age_weight_still_orders_as_rank_does() -> None:
     got = place_queue(WaitingQueue(jobs), accounts, POLICY, config=config, now=50.0)
     assert [a.job_id for a in got.assignments] == [a.job_id for a in expected.assignments] == [5]
     assert got.waiting == expected.waiting
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 30), st.sampled_from([1.0, 2.0, 3.0]), st.sampled_from("ab"))))
+def test_adds_and_discards_in_any_order_keep_each_group_sorted(ops: list[tuple[bool, int, float, str]]) -> None:
+    """Discard finds a job by bisection on (submitted_at, id), wherever it is in its group."""
+    queue, model = WaitingQueue(), {}
+    for add, job_id, at, user in ops:
+        if add:
+            job = PendingJob(job_id, 1, 2**30, user=user, submitted_at=at)
+            queue.add(job)
+            model[job_id] = job
+        else:
+            queue.discard(job_id)
+            model.pop(job_id, None)
+    assert len(queue) == len(model) and queue.users() == {j.user for j in model.values()}
+    for key, group in queue.groups.items():
+        assert group == sorted((j for j in model.values() if j.user == key[0]), key=lambda j: (j.submitted_at, j.id))
+    _ids_follow_groups(queue)
