@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from itertools import filterfalse
 
 import redis
 
@@ -137,10 +138,7 @@ class PendingReader:
         todo: list[tuple[Iterable[int], Waiting | None]] = [(single, None)]
         for ids, why in bulk:
             clean = self._clean.get((why.reason.value, why.detail))
-            if clean is None:
-                todo.append((ids, why))
-            elif not clean.issuperset(ids):
-                todo.append((set(ids).difference(clean), why))
+            todo.append((ids if clean is None else list(filterfalse(clean.__contains__, ids)), why))
         cache = self._cache
         pending = JobState.PENDING
         fields: dict[int, tuple[str, str]] = {}  # id(Waiting) -> (reason, detail)
