@@ -231,6 +231,16 @@ if #out == 0 then return '[]' end
 return cjson.encode(out)
 """
 
+LAPSED_LEASES = """
+-- KEYS: lease keys. Returns the (1-based) positions of those that no longer exist: the
+-- scheduler's lease check, every housekeeping interval, over every active job.
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then out[#out + 1] = i end
+end
+return out
+"""
+
 OBSERVE = """
 -- KEYS: 1 job, 2 the worker's fence key. ARGV: 1 fencing token, 2 attempt, 3 fields JSON.
 -- What a worker measured about one running attempt (memory, the job's checked status):

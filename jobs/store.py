@@ -53,6 +53,7 @@ class JobStore:
         self._transition = client.register_script(scripts.TRANSITION)
         self._renew = client.register_script(scripts.RENEW_LEASES)
         self._fields = client.register_script(scripts.JOB_FIELDS)
+        self._lapsed = client.register_script(scripts.LAPSED_LEASES)
         self._observe = client.register_script(scripts.OBSERVE)
         self._pending_info = client.register_script(scripts.SET_PENDING_INFO)
         self._profile_add = client.register_script(scripts.PROFILE_ADD)
@@ -452,6 +453,12 @@ class JobStore:
         width = len(fields) + int(with_lease)
         rows = [flat[n * width : (n + 1) * width] for n in range(len(job_ids))]
         return [(tuple(v or None for v in row[: len(fields)]), bool(with_lease and row[-1])) for row in rows]
+
+    def lapsed_leases(self, job_ids: list[int]) -> set[int]:
+        """The jobs among `job_ids` whose lease key is gone, in one script call."""
+        if not job_ids:
+            return set()
+        return {job_ids[int(i) - 1] for i in self._lapsed(keys=[keys.lease(j) for j in job_ids])}
 
     def raw_state(self, job_id: int) -> JobState | None:
         raw = self.redis.hget(keys.job(job_id), "state")

@@ -5,9 +5,10 @@ and then refreshed from the few fields the scheduler uses, read for every active
 one script call per page together with whether its lease still exists, instead of a full
 record and two more commands per job. A cache: rebuilt from Redis after a restart.
 
-`read` checks every active job and its lease (what the reaper needs); between such checks
-`update` re-reads only the jobs the event stream says changed (scheduler/changes.py) and
-reports every lease as held, so only a checked pass reaps.
+`read` re-reads every active job and its lease (at start, on a gap, every resync);
+between, `update` re-reads only the jobs the event stream says changed (scheduler/changes.py)
+and reports every lease as held, and `check_leases` (every housekeeping interval) asks Redis
+for the leases alone, so only a read or checked pass reaps.
 
 A job the scheduler just dispatched is not parsed again: `known` (the waiting jobs' cache,
 scheduler/pending.py) hands over the record it parsed while the job waited, when the active
@@ -97,6 +98,17 @@ class ActiveReader:
         if job_id in parsed:
             return _refreshed(parsed[job_id], row)
         return None
+
+    def check_leases(self) -> list[Active]:
+        """The active jobs as of the last read or update, each with whether its lease still
+        exists now (what the reaper needs), asked of Redis for the leases alone: the records
+        are kept current by `update`, and `read` re-reads them whole at every resync."""
+        out = []
+        for start in range(0, len(self._active), PAGE):
+            page = list(self._active)[start : start + PAGE]
+            lapsed = self.store.lapsed_leases(page)
+            out += [replace(self._active[i], has_lease=i not in lapsed) for i in page]
+        return out
 
     def read(self, invalid: dict[int, str] | None = None) -> list[Active]:
         ids = sorted(int(i) for i in self.redis.smembers(keys.ACTIVE))

@@ -39,17 +39,18 @@ class ChangeFeed:
         """Make the next poll report a gap (after an error mid-pass, say)."""
         self._last = None
 
-    def poll(self) -> tuple[set[int] | None, int]:
+    def poll(self) -> tuple[set[int] | None, int, int]:
         """(ids of the jobs with an event since the last poll or mark, or None on a gap;
-        the number of waiting jobs in Redis, read together with the first page)."""
-        if self._last is None:
-            return None, int(self.redis.zcard(keys.PENDING))
+        the numbers of waiting and of active jobs in Redis, read together with the first page)."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.xrange(keys.EVENTS, self._last, "+", count=BATCH)  # inclusive: our entry must still be there
+        if self._last is not None:
+            pipe.xrange(keys.EVENTS, self._last, "+", count=BATCH)  # inclusive: our entry must still be there
         pipe.zcard(keys.PENDING)
-        entries, waiting = pipe.execute()
+        pipe.scard(keys.ACTIVE)
+        *read, waiting, active = pipe.execute()
+        entries = read[0] if read else None
         if not entries or entries[0][0] != self._last:
-            return None, int(waiting)
+            return None, int(waiting), int(active)
         changed: set[int] = set()
         page = entries[1:]
         while True:
@@ -59,5 +60,6 @@ class ChangeFeed:
                     changed.add(int(job))
                 self._last = entry_id
             if len(page) < BATCH - 1:
-                return changed, int(waiting)
+                return changed, int(waiting), int(active)
+            assert self._last is not None  # set by the full page just read
             page = self.redis.xrange(keys.EVENTS, b"(" + self._last, "+", count=BATCH)

@@ -154,17 +154,23 @@ class Scheduler:
         says changed, everything when it cannot say; leases are checked (and expired ones
         reaped) once per housekeeping interval."""
         clock = time.monotonic()
-        changed, waiting_count = self.changes.poll()
+        changed, waiting_count, active_count = self.changes.poll()
         full = changed is None or clock - self._last_full >= RESYNC_S
         if full:
             self.changes.mark()  # before reading everything: later changes show in the next poll
-        if full or clock - self._last_lease_check >= self.config.scheduler.housekeeping_interval_s:
             self._last_lease_check = clock
             current = self.active.read(invalid)
             self._ledger = self.ledger.read()
         else:
             current = self.active.update(changed or set(), invalid)
             self._ledger = self.ledger.update(changed or set())
+            if not changed and active_count != len(current):
+                log.warning("active jobs: %d in Redis, %d known; reading them all", active_count, len(current))
+                current = self.active.read(invalid)
+                self._ledger = self.ledger.read()
+            if clock - self._last_lease_check >= self.config.scheduler.housekeeping_interval_s:
+                self._last_lease_check = clock
+                current = self.active.check_leases()
         reaped = self.reap(current)
         if reaped:
             current = self.active.read(invalid)

@@ -31,6 +31,7 @@ from scheduler.policy.types import Waiting
 MUTABLE = ("state", "reason", "detail", "attempt", "est_start_at")
 WAITING = frozenset({JobState.PENDING.value, JobState.HELD.value})
 PAGE = 2000  # jobs per script call: keeps each call short for Redis's other clients
+ESTIMATES_PER_PASS = 50  # estimate-only rewrites a pass makes at most (see `stale_reasons`)
 
 
 class PendingReader:
@@ -142,7 +143,8 @@ class PendingReader:
         cache = self._cache
         pending = JobState.PENDING
         fields: dict[int, tuple[str, str]] = {}  # id(Waiting) -> (reason, detail)
-        out = []
+        out: list[tuple[int, Waiting, float | None]] = []
+        moved: list[tuple[int, Waiting, float | None]] = []  # the reason stands, the estimate moved
         for members, shared in todo:
             for job_id in members:
                 why = single[job_id] if shared is None else shared
@@ -158,11 +160,15 @@ class PendingReader:
                 old, new = record.est_start_at, why.est_start
                 if new is None:
                     new = starts.get(job_id)
-                if (record.reason, record.detail) != text or (old != new and not same_estimate(old, new, now)):
+                if (record.reason, record.detail) != text:
                     out.append((job_id, why, new))
+                elif old != new and not same_estimate(old, new, now):
+                    moved.append((job_id, why, new))
                 elif why.est_start is None:  # a reservation's own estimate is compared every pass
                     self._mark_clean(job_id, text)
-        return out
+        # A new forecast may move the estimate of every waiting job at once: written a bounded
+        # number per pass (the rest next pass), so one forecast never makes one long pass.
+        return out + moved[:ESTIMATES_PER_PASS]
 
     def remember_reason(self, job_id: int, reason: str, detail: str, est_start: float | None) -> None:
         """The scheduler wrote this job's reason (no event): keep the cached record in step.

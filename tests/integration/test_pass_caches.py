@@ -214,3 +214,32 @@ def test_the_reasons_a_pass_skips_comparing_are_the_ones_stored(redis_client: re
     scheduler.run_pass()
     assert set(stored_reasons(redis_client, queued)) == {needs}
     assert stored_reasons(redis_client, [blocker]) != [needs]
+
+
+def test_a_lapsed_lease_is_reaped_by_the_lease_check_between_full_reads(redis_client: redis.Redis) -> None:
+    """Between full reads the active jobs come from the cache; the lease check asks Redis for
+    the leases alone (scheduler/active.py, `check_leases`) and must still see one lapse."""
+    store = JobStore(redis_client)
+    fake_node(redis_client, gpus=2)
+    scheduler = Scheduler(Config(), redis_client)
+    ids = submit(store, 2)
+    assert scheduler.run_pass().placed == 2
+    run(store, ids[0], 1)
+    scheduler.run_pass()
+    redis_client.delete(keys.lease(ids[0]))  # its worker is gone
+    scheduler._last_lease_check = float("-inf")  # the lease check is due; no full read is
+    assert scheduler.run_pass().reaped == 1
+    assert store.get(ids[0]).state in (JobState.PENDING, JobState.FAILED)  # type: ignore[union-attr]
+    assert store.get(ids[1]).state == JobState.ASSIGNED  # type: ignore[union-attr]
+
+
+def test_an_active_job_the_event_stream_missed_is_found_by_its_count(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    fake_node(redis_client, gpus=2)
+    scheduler = Scheduler(Config(), redis_client)
+    ids = submit(store, 1)
+    assert scheduler.run_pass().placed == 1
+    scheduler.run_pass()  # reads the dispatch's own events
+    redis_client.srem(keys.ACTIVE, ids[0])  # no event says so: only the count differs
+    scheduler.run_pass()
+    assert [a.record.id for a in scheduler.active.update(set())] == []
