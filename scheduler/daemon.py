@@ -13,6 +13,7 @@ when the count of waiting jobs disagrees with Redis, and every RESYNC_S.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -87,6 +88,7 @@ class Scheduler:
         self._with_deps: dict[int, JobRecord] = {}  # waiting jobs that name dependencies
         self.changes = ChangeFeed(client)
         self._last_full = -RESYNC_S  # time.monotonic() of the last full read of the waiting jobs
+        self._frozen_at = self._last_full  # ... after which the caches were frozen (_freeze_caches)
         self._last_lease_check = -RESYNC_S  # ... of the active jobs and their leases
         self._ledger: dict[int, Reservation] = {}  # the reservations, as of this pass's read
         self._running: dict[int, tuple[JobRecord, Reservation | None, RunningJob]] = {}  # see _running_jobs
@@ -144,10 +146,26 @@ class Scheduler:
 
     def run_pass(self) -> PassStats:
         try:
-            return self._run_pass()
+            stats = self._run_pass()
         except BaseException:
             self.changes.forget()  # the events read this pass may not have been applied
             raise
+        if self._frozen_at != self._last_full:
+            self._freeze_caches()
+        return stats
+
+    def _freeze_caches(self) -> None:
+        """After a full read (at start, on a gap, every RESYNC_S), after the pass: collect,
+        then move every object alive into the collector's permanent generation. The records
+        the readers keep (10k-100k jobs) then never make a later collection long: a full
+        collection over them, at any pass that allocates, cost a 1k-job pass ~50 ms (on a
+        2-core machine). They are freed by reference counting when replaced (they hold no
+        cycles); the collect first keeps any cyclic garbage from being frozen with them."""
+        self._frozen_at = self._last_full
+        started = time.perf_counter()
+        gc.collect()
+        gc.freeze()
+        log.debug("froze %d objects in %.1f ms", gc.get_freeze_count(), (time.perf_counter() - started) * 1000)
 
     def _read_jobs(self, invalid: dict[int, str]) -> tuple[list[Active], int]:
         """(active jobs, how many were reaped), the waiting jobs in `pending`: re-read what the event stream

@@ -19,7 +19,8 @@ from scheduler.policy.fairshare import charge, overlap_s
 from scheduler.policy.inputs import charge_bytes, run_start
 
 AT = "_at"
-WRITE_EVERY_S = 1.0  # the table is rewritten at most this often; every pass computes it fresh
+WRITE_EVERY_S = 1.0  # the table is rewritten at most this often
+REUSE_S = 0.5  # a pass this soon after the last computation takes its answer
 
 
 def _ended_charge(values: list[bytes | None], whole_gpu_bytes: int) -> tuple[str, float | None, float | None, int]:
@@ -45,6 +46,7 @@ class UsageTracker:
         self.half_life_s = half_life_s
         self._ended_window: float | None = None
         self._ended: dict[int, tuple[str, float | None, float | None, int]] = {}
+        self._last: tuple[float, dict[str, float]] | None = None  # (when, usage): see `update`
 
     def read(self) -> tuple[dict[str, float], float | None]:
         return _parse_table(self.redis.hgetall(keys.FAIRSHARE))
@@ -59,7 +61,11 @@ class UsageTracker:
         store: bool = True,
     ) -> dict[str, float]:
         """Usage as of `now` (for this pass's priorities); stored when a second or more has
-        passed. `store=False` only computes it (the API's view of what the scheduler sees)."""
+        passed. `store=False` only computes it (the API's view of what the scheduler sees).
+        The scheduler's passes reuse the last answer for up to REUSE_S: charging every
+        active job took ~4 ms of a 1k-job pass, and usage decays over hours."""
+        if store and self._last is not None and 0 <= now - self._last[0] < REUSE_S:
+            return self._last[1]
         # The table and the jobs that finished lately, in one round trip (read on every pass).
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(keys.FAIRSHARE)
@@ -82,8 +88,10 @@ class UsageTracker:
             if seconds > 0:
                 charges[user] += seconds * held
         updated = charge(usage, last_at, now, charges, self.half_life_s)
-        if store and now - last_at >= WRITE_EVERY_S:
-            self._store(updated, last_at, now)
+        if store:
+            self._last = (now, updated)
+            if now - last_at >= WRITE_EVERY_S:
+                self._store(updated, last_at, now)
         return updated
 
     def _ended_since(
