@@ -143,12 +143,17 @@ TRANSITION = _TRANSITION_FUNCTION + "return transition(KEYS, ARGV)\n"
 TRANSITION_MANY = (
     _TRANSITION_FUNCTION
     + """
--- KEYS/ARGV: TRANSITION's 15 keys and 14 args per transition, one transition after another.
+-- KEYS: TRANSITION's nine keys shared by every job (3-6, 8-10, 14, 15) once, then its six
+-- per-job keys (1, 2, 7, 11, 12, 13) for each transition; ARGV: 14 args per transition.
 -- Returns one TRANSITION reply per transition, in order.
+local shared = {[3] = KEYS[1], [4] = KEYS[2], [5] = KEYS[3], [6] = KEYS[4], [8] = KEYS[5],
+                [9] = KEYS[6], [10] = KEYS[7], [14] = KEYS[8], [15] = KEYS[9]}
+local own = {1, 2, 7, 11, 12, 13}
 local out = {}
-for i = 0, #KEYS / 15 - 1 do
+for i = 0, (#KEYS - 9) / 6 - 1 do
   local K, A = {}, {}
-  for j = 1, 15 do K[j] = KEYS[i * 15 + j] end
+  for j, key in pairs(shared) do K[j] = key end
+  for j = 1, 6 do K[own[j]] = KEYS[9 + i * 6 + j] end
   for j = 1, 14 do A[j] = ARGV[i * 14 + j] end
   out[#out + 1] = transition(K, A)
 end
