@@ -47,6 +47,9 @@ class UsageTracker:
         self._ended_window: float | None = None
         self._ended: dict[int, tuple[str, float | None, float | None, int]] = {}
         self._last: tuple[float, dict[str, float]] | None = None  # (when, usage): see `update`
+        # job -> (record, reservation, whole-GPU bytes, start, bytes charged): the readers keep
+        # unchanged records and reservations as the same objects, so a rate is computed once.
+        self._rates: dict[int, tuple[JobRecord, Reservation | None, int, float | None, int]] = {}
 
     def read(self) -> tuple[dict[str, float], float | None]:
         return _parse_table(self.redis.hgetall(keys.FAIRSHARE))
@@ -79,10 +82,19 @@ class UsageTracker:
         if now <= last_at:
             return usage
         charges: dict[str, float] = defaultdict(float)
+        rates: dict[int, tuple[JobRecord, Reservation | None, int, float | None, int]] = {}
         for record in active:
-            seconds = overlap_s(run_start(record), now, last_at, now)
-            if seconds > 0:
-                charges[record.user] += seconds * charge_bytes(record, ledger.get(record.id), whole_gpu_bytes)
+            reservation = ledger.get(record.id)
+            known = self._rates.get(record.id)
+            if known is None or known[0] is not record or known[1] is not reservation or known[2] != whole_gpu_bytes:
+                rate = charge_bytes(record, reservation, whole_gpu_bytes)
+                known = (record, reservation, whole_gpu_bytes, run_start(record), rate)
+            rates[record.id] = known
+            start = known[3]
+            if start is not None and start < now:  # overlap_s(start, now, last_at, now), inlined
+                charges[record.user] += (now - max(start, last_at)) * known[4]
+        if store:  # the same records and reservations next pass: their rates are not recomputed
+            self._rates = rates
         for user, start, end, held in self._ended_since(last_at, whole_gpu_bytes, finished):
             seconds = overlap_s(start, end or now, last_at, now)
             if seconds > 0:
