@@ -131,10 +131,15 @@ class PendingReader:
         What it costs follows what changed, not the queue's length: of a bulk run, the jobs
         already known clean for its text (stored, and compared against this same `starts`)
         are not looked at again; set operations find the others at C speed. A new forecast
-        (another `starts`) or a full read compares everything again."""
+        (another `starts`) makes the jobs whose estimate it moved unclean; a full read, all."""
         if starts is not self._clean_starts:
-            self._clean.clear()
-            self._clean_of.clear()
+            before = self._clean_starts
+            if before is None:
+                self._clean.clear()
+                self._clean_of.clear()
+            else:  # a new forecast: only the jobs whose estimate it moved are compared again
+                for job_id in {i for i, _ in starts.items() - before.items()} | (before.keys() - starts.keys()):
+                    self._unclean(job_id)
             self._clean_starts = starts
         todo: list[tuple[Iterable[int], Waiting | None]] = [(single, None)]
         for ids, why in bulk:

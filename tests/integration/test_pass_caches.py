@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import redis
 
 from jobs import keys, lifecycle
-from jobs.config import Config
+from jobs.config import Config, SchedulerConfig
 from jobs.gpus import GpuDevice, GpuSnapshot, NodeHeartbeat
 from jobs.lifecycle import Transition
 from jobs.record import JobRecord
@@ -243,3 +244,25 @@ def test_an_active_job_the_event_stream_missed_is_found_by_its_count(redis_clien
     redis_client.srem(keys.ACTIVE, ids[0])  # no event says so: only the count differs
     scheduler.run_pass()
     assert [a.record.id for a in scheduler.active.update(set())] == []
+
+
+def test_a_new_forecast_rewrites_the_estimates_it_moved_and_only_those(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    fake_node(redis_client)
+    config = Config(scheduler=replace(SchedulerConfig(), eta_interval_s=0.0))  # forecasts come from the test
+    scheduler = Scheduler(config, redis_client)
+    submit(store, 1, mem=79 * GIB)
+    assert scheduler.run_pass().placed == 1
+    queued = submit(store, 40, mem=10 * GIB)
+    scheduler.run_pass()
+    soon, later = time.time() + 3600, time.time() + 7200
+
+    def estimates() -> list[float | None]:
+        return [r.est_start_at for r in store.get_many(queued)]
+
+    scheduler.forecaster._done = dict.fromkeys(queued, soon)  # a forecast landed
+    scheduler.run_pass()
+    assert estimates() == [soon] * 40
+    scheduler.forecaster._done = {**dict.fromkeys(queued, soon), queued[5]: later}  # the next moved one job
+    scheduler.run_pass()
+    assert estimates() == [soon] * 5 + [later] + [soon] * 34  # fails if a moved estimate stays clean
