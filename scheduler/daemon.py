@@ -224,6 +224,7 @@ class Scheduler:
         reasons = {k: v for k, v in blocked.items() if v.reason == Reason.DEPENDENCY}
         running = self._running_jobs(active, ledger)
         self._sync_queue(touched, blocked)
+        preempting = self.config.policy.preempt_after_s > 0
         place_started = time.perf_counter()
         result = place_queue(
             self._queue,
@@ -234,6 +235,7 @@ class Scheduler:
             usage=usage,
             now=now,
             unavailable_nodes=unavailable,
+            merge_bulk=preempting,  # a 100k-entry dict costs ~5 ms a pass; only preemption reads it
         )
         place_s = time.perf_counter() - place_started
         placed = self.dispatcher.dispatch(result.assignments)
@@ -246,7 +248,7 @@ class Scheduler:
         )  # fmt: skip
         left = (  # built only for preemption: a pass over the whole queue
             [j for i, j in self._queue.by_id.items() if i in result.waiting]
-            if self.config.policy.preempt_after_s > 0
+            if preempting
             else []
         )
         self.preemptor.run(now, left, starts, active, running, accounts, self.policy, usage, unavailable, self.fence)

@@ -137,13 +137,15 @@ def place_queue(
     now: float = 0.0,
     unavailable_nodes: frozenset[str] = frozenset(),
     skip_blocked_groups: bool = True,
+    merge_bulk: bool = True,
 ) -> PlacementResult:
     """`place` over a grouped queue: jobs are taken in scheduling order by merging the
     groups' heads (scheduler/policy/queue.py), and a group whose shape cannot start this
     pass, and whose later jobs can neither reserve nor meet a cap or throttle, is answered
     whole with that shape's reason - the rest of the group is never looked at one by one.
     The result is the same as looking at every job (`skip_blocked_groups=False`, which the
-    property tests compare); `result.order` is left empty."""
+    property tests compare); `result.order` is left empty. With `merge_bulk` False the
+    group-answered jobs are in `result.bulk` only, not also in `result.waiting`."""
     running = list(running)
     cluster = ClusterState(accounts, policy, unavailable_nodes, running)
     feasible = Feasibility(accounts, policy.headroom_bytes)
@@ -256,8 +258,9 @@ def place_queue(
                 continue
         heapq.heappush(heads, (*order_key(nxt), g, pos))
     result.single = dict(waiting)
-    for rest, known in result.bulk:
-        waiting.update(dict.fromkeys(rest, known))
+    if merge_bulk:  # off: `waiting` holds the single answers only (the scheduler reads `bulk`)
+        for rest, known in result.bulk:
+            waiting.update(dict.fromkeys(rest, known))
     return result
 
 
