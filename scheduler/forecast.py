@@ -45,6 +45,8 @@ MIN_RECOMPUTE_S = 1.0  # a changed queue recomputes at most this often
 # once ran on, that slowed every pass ~9x: BENCHMARKS.md, section 11).
 COST_FACTOR = 10.0
 ENDED_FIELDS = ("state", "started_at", "ended_at")  # what learning needs of a job that left
+LEARN_EVERY_S = 1.0  # jobs that left are learned from together, at most this often (3 round
+# trips each time: once per pass, a drain of short jobs spent a quarter of the scheduler there)
 MAX_LEARNED = 10_000  # (user, name) pairs kept; past it, the history starts over (bounded Redis)
 
 
@@ -115,6 +117,8 @@ class Forecaster:
         self._at = -float("inf")
         self._queue: frozenset[int] = frozenset()
         self._active: dict[int, JobRecord] = {}  # the active jobs of the last pass
+        self._gone: dict[int, JobRecord] = {}  # jobs that left the active set, not yet learned from
+        self._learned_at = -float("inf")  # time.monotonic() of the last learning
         self.starts: dict[int, float | None] = {}
         self.last_ms = 0.0
         self.last_steps = 0
@@ -122,14 +126,20 @@ class Forecaster:
         self._done: dict[int, float | None] | None = None  # set by the thread, taken by the pass
 
     def learn_from(self, active: list[JobRecord]) -> None:
-        """Jobs that left the active set since the last pass: learn the run time of those
-        that completed. Their user and name are in the records of the last pass, so only the
-        three fields that moved since are read, for all of them in one call."""
+        """Jobs that left the active set: learn the run time of those that completed, at most
+        every LEARN_EVERY_S for all that left since. Their user and name are in the records
+        of the pass before they left, so only the three fields that moved since are read, for
+        all of them in one call."""
         now_active = {r.id: r for r in active}
-        gone = sorted(self._active.keys() - now_active.keys())
-        before, self._active = self._active, now_active
-        if not gone:
+        for job_id in self._active.keys() - now_active.keys():
+            self._gone[job_id] = self._active[job_id]
+        self._active = now_active
+        clock = time.monotonic()
+        if not self._gone or clock - self._learned_at < LEARN_EVERY_S:
             return
+        self._learned_at = clock
+        before, self._gone = self._gone, {}
+        gone = sorted(before)
         ended = []
         for job_id, (state, started, ended_at) in zip(gone, self.store.job_fields(gone, ENDED_FIELDS), strict=True):
             if state is None:
