@@ -26,16 +26,21 @@ class UserLimits:
         self.any_cap = bool(self.max_gpus or self.max_mem or self.max_jobs)
         self.use: dict[str, Use] = {}
         self.array_running: Counter[int] = Counter()
-        for job in running:
-            self.add(job.user, len(job.gpus), sum(job.gpus.values()), job.array_id)
+        if self.any_cap:
+            for job in running:
+                self.add(job.user, len(job.gpus), sum(job.gpus.values()), job.array_id)
+        else:
+            self.array_running.update(job.array_id for job in running if job.array_id is not None)
 
     def add(self, user: str, gpus: int, mem: int, array_id: int | None) -> None:
+        if array_id is not None:
+            self.array_running[array_id] += 1
+        if not self.any_cap:  # nothing reads per-user use: not counted (every pass, every job)
+            return
         use = self.use.setdefault(user, Use())
         use.gpus += gpus
         use.mem += mem
         use.jobs += 1
-        if array_id is not None:
-            self.array_running[array_id] += 1
 
     def blocked(self, job: PendingJob) -> str | None:
         """Why the user's caps keep `job` waiting, judged before choosing GPUs (whole-GPU jobs'
