@@ -66,6 +66,9 @@ class WorkerDaemon:
         self.simulated = simulated
         self.runners: dict[int, JobRunner] = {}
         self.foreign_peak: dict[tuple[str, int], int] = {}  # (uuid, pid) -> peak bytes
+        # What the last full heartbeat measured, for the light one after a job end.
+        self._last_usage: tuple[JobGpuUsage, ...] = ()
+        self._last_foreign: dict[str, int] = {}  # uuid -> peak bytes of outside processes
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._beat_lock = threading.Lock()  # one heartbeat at a time
@@ -372,13 +375,19 @@ class WorkerDaemon:
             self._publish_locked()
 
     def _publish_locked(self, leases: bool = True) -> None:
-        """One heartbeat. `leases` False (after a job end): only the node's GPUs, measured
-        now; the leases and the running jobs' observations wait for the periodic beat, as
+        """One heartbeat. `leases` False (after a job end): a light one (`_light_beat`); the
+        leases, the running jobs' observations and enforcement wait for the periodic beat, as
         renewing every lease and reading every job's status after each end made a drain of
         short jobs quadratic in the jobs running."""
         with self._beat_seq_lock:
             self._beats_begun += 1
             seq = self._beats_begun
+        ttl_ms = int(self.config.worker.lease_ttl_s * 1000)
+        if not leases:
+            if not self.draining.is_set():
+                self.redis.set(keys.node(self.node), json.dumps(self._light_beat().to_json()), px=ttl_ms)
+            self._beats_done = seq
+            return
         with self._lock:
             runners = list(self.runners.values())
         running = [r for r in runners if r.pid is not None and not r.done.is_set()]
@@ -391,14 +400,9 @@ class WorkerDaemon:
         if leases and not self._renew_leases(started):
             return
         beat = self._measure(runners)
-        ttl_ms = int(self.config.worker.lease_ttl_s * 1000)
         pipe = self.redis.pipeline(transaction=False)
         if not self.draining.is_set():
             pipe.set(keys.node(self.node), json.dumps(beat.to_json()), px=ttl_ms)
-        if not leases:
-            pipe.execute()
-            self._beats_done = seq
-            return
         pipe.set(keys.node_owner(self.node), self.owner, px=ttl_ms)
         pipe.sadd(keys.NODES, self.node)
         for runner in running:
@@ -421,6 +425,19 @@ class WorkerDaemon:
         if self.config.policy.idle_action == "stop":
             for runner in idle:
                 runner.stop("idle")
+
+    def _light_beat(self) -> NodeHeartbeat:
+        """The heartbeat after a job end: the GPUs as the probe sees them now (the ended job's
+        memory back), with the last full beat's job usage, less the jobs that ended since,
+        and its outside processes' peaks. No process table read, no enforcement: the
+        periodic beat measures and enforces (a job started since the last one shows no usage
+        yet: the scheduler counts it at its request)."""
+        snapshot = self.probe.snapshot()
+        self.gpu_totals.update({d.uuid: d.total_bytes for d in snapshot.devices if d.total_bytes > 0})
+        with self._lock:
+            live = set(self.runners)
+        self._last_usage = tuple(u for u in self._last_usage if u.job_id in live)
+        return NodeHeartbeat(self.node, snapshot, self._last_usage, dict(self._last_foreign), False, time.time())
 
     def _renew_leases(self, started: list[JobRunner]) -> bool:
         """Renew the started jobs' leases and tell their shims; stop the jobs whose lease is
@@ -521,7 +538,8 @@ class WorkerDaemon:
         foreign_by_gpu: dict[str, int] = defaultdict(int)
         for (uuid, _pid), peak in self.foreign_peak.items():
             foreign_by_gpu[uuid] += peak
-        return NodeHeartbeat(self.node, snapshot, tuple(usage), dict(foreign_by_gpu), False, time.time())
+        self._last_usage, self._last_foreign = tuple(usage), dict(foreign_by_gpu)
+        return NodeHeartbeat(self.node, snapshot, self._last_usage, dict(foreign_by_gpu), False, time.time())
 
     def _enforce(self, snapshot: GpuSnapshot, runners: list[JobRunner], outside: dict[tuple[str, int], int]) -> None:
         """Warn, then stop, a job over its request while a co-tenant is at risk (worker/enforcement.py)."""
