@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
 from jobs import keys, scripts
 from jobs.lifecycle import Fence, Transition
@@ -255,6 +256,46 @@ class JobStore:
             out.append(previous if ok else TransitionRefused(t.job_id, t.target, previous))
         return out
 
+    def transition_each(
+        self, transitions: list[Transition]
+    ) -> list[str | TransitionRefused | Fenced | redis.RedisError]:
+        """Apply independent transitions in one round trip: each is its own TRANSITION call,
+        checked and applied exactly as `transition` applies it (state, guard, fencing token),
+        and one refused or failed does not touch the others. For each, in order: the state it
+        left, or why not (TransitionRefused, Fenced, or the Redis error of that one call).
+        Raises RedisError when the round trip itself fails: then any of them may have been
+        applied, as with a `transition` whose reply was lost. (A worker starts a batch of
+        launches this way: worker/daemon.py WorkerDaemon.launch_many.)"""
+        calls = [self.transition_args(t) for t in transitions]
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):  # again for those Redis did not have the script for (restarted, flushed)
+            pipe = self.redis.pipeline(transaction=False)
+            for n in todo:
+                job_keys, args = calls[n]
+                # EVALSHA, not the registered script: on a pipeline that sends SCRIPT EXISTS first.
+                pipe.evalsha(self._transition.sha, len(job_keys), *job_keys, *args)
+            for n, reply in zip(todo, pipe.execute(raise_on_error=False), strict=True):
+                replies[n] = reply
+            todo = [n for n in todo if isinstance(replies[n], NoScriptError)]
+            if not todo:
+                break
+            self._transition.sha = self.redis.script_load(scripts.TRANSITION)
+        out: list[str | TransitionRefused | Fenced | redis.RedisError] = []
+        for t, reply in zip(transitions, replies, strict=True):
+            if isinstance(reply, redis.RedisError):
+                out.append(reply)
+                continue
+            ok, previous = reply
+            previous = previous.decode() if isinstance(previous, bytes) else str(previous)
+            if ok:
+                out.append(previous)
+            elif previous == "fenced":
+                out.append(Fenced(f"job {t.job_id}: this worker's token for its node is stale"))
+            else:
+                out.append(TransitionRefused(t.job_id, t.target, previous))
+        return out
+
     def request_cancel_many(self, running: list[tuple[int, str, int]], by: str) -> None:
         """`request_cancel` for many (job id, node, attempt) in one round trip (one MULTI)."""
         if not running:
@@ -424,6 +465,23 @@ class JobStore:
         """The job's record; None if there is none. Raises InvalidRecord if it does not parse."""
         raw = self.redis.hgetall(keys.job(job_id))
         return JobRecord.from_hash(raw) if raw else None
+
+    def get_each_and(self, job_ids: list[int], key: str) -> tuple[list[JobRecord | InvalidRecord | None], bytes | None]:
+        """The records of `job_ids` in order (None where there is none, the InvalidRecord where
+        one does not parse) and, in the same round trip, the value of `key` (a worker's
+        fencing key, checked once for a batch of launches)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job(job_id))
+        pipe.get(key)
+        *raws, value = pipe.execute()
+        records: list[JobRecord | InvalidRecord | None] = []
+        for raw in raws:
+            try:
+                records.append(JobRecord.from_hash(raw) if raw else None)
+            except InvalidRecord as exc:
+                records.append(exc)
+        return records, value
 
     def get_many(self, job_ids: Iterable[int], invalid: dict[int, str] | None = None) -> list[JobRecord]:
         """The records that exist and parse; those that do not parse go into `invalid`

@@ -33,6 +33,7 @@ from jobs.gpus import GpuSnapshot, JobGpuUsage, NodeHeartbeat
 from jobs.lifecycle import Fence, Transition
 from jobs.notify_events import emit
 from jobs.profiles import Sample
+from jobs.record import JobRecord
 from jobs.states import JobState, Reason
 from jobs.store import Fenced, JobStore, TransitionRefused
 from jobs.text import duration
@@ -42,7 +43,7 @@ from worker.journal import EndRecorder, Entry, Journal
 from worker.logship import LogShipper
 from worker.probe import GpuProbe
 from worker.process_tree import children_by_parent, find_shims, kill_tree, tree_pids
-from worker.runner import MEMORY_STOP, SHIM_ENV, SHIM_PATH, JobRunner, LaunchError
+from worker.runner import MEMORY_STOP, SHIM_ANSWER_S, SHIM_ENV, SHIM_PATH, JobRunner, LaunchError
 from worker.shim import PR_SET_CHILD_SUBREAPER, prctl
 from worker.shim_server import ShimServer
 
@@ -66,6 +67,9 @@ class WorkerDaemon:
         self.simulated = simulated
         self.runners: dict[int, JobRunner] = {}
         self.foreign_peak: dict[tuple[str, int], int] = {}  # (uuid, pid) -> peak bytes
+        # What the last full heartbeat measured, for the light one after a job end.
+        self._last_usage: tuple[JobGpuUsage, ...] = ()
+        self._last_foreign: dict[str, int] = {}  # uuid -> peak bytes of outside processes
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._beat_lock = threading.Lock()  # one heartbeat at a time
@@ -189,13 +193,61 @@ class WorkerDaemon:
 
     # ---- launch (called by RQ in the main thread) -------------------------------------------------
     def launch(self, job_id: int, attempt: int) -> str:
-        record = self.store.get(job_id)
-        if record is None or record.state != JobState.ASSIGNED or record.attempt != attempt or record.node != self.node:
-            return f"skipped: job {job_id} attempt {attempt} is no longer assigned here"
-        if self.fenced.is_set() or self.redis.get(self.fence.key) != self.fence.token.encode():
+        return self.launch_many([(job_id, attempt)])[0]
+
+    def launch_many(self, launches: list[tuple[int, int]]) -> list[str]:
+        """Start a batch of launches (one RQ job of worker/tasks.py); one result per launch.
+
+        The same steps as JobRunner.start for each, each step for the whole batch at once: one
+        read of the records and of this worker's fencing token; every shim spawned, then
+        every `ready` awaited (they start side by side); one round trip of start transitions
+        for the ready ones, each guarded as alone (ASSIGNED, its attempt, this worker's
+        token); "go" only to those accepted, and only if not stopped meanwhile (checked
+        under the runner's lock, as a cancel sets it). A refused one's shim is aborted: its
+        command never runs. One launch that cannot start never keeps the others from it."""
+        results: list[str | None] = [None] * len(launches)
+        try:
+            records, token = self.store.get_each_and([job_id for job_id, _ in launches], self.fence.key)
+        except redis.RedisError as exc:
+            # Not started, still ASSIGNED: the scheduler requeues them when the assignments lapse.
+            log.warning("worker: could not read %d launches (%s); none was run", len(launches), exc)
+            return [f"skipped: job {job_id}: Redis error at start ({exc})" for job_id, _ in launches]
+        if self.fenced.is_set() or token != self.fence.token.encode():
             self._on_fenced()
-            return f"skipped: job {job_id}: this worker was fenced off node {self.node}"
-        runner = JobRunner(
+            return [f"skipped: job {job_id}: this worker was fenced off node {self.node}" for job_id, _ in launches]
+        batch: list[tuple[int, JobRunner]] = []  # (position in `launches`, its runner)
+        for n, ((job_id, attempt), record) in enumerate(zip(launches, records, strict=True)):
+            if isinstance(record, Exception):
+                results[n] = f"failed: job {job_id}: {record}"
+            elif (
+                record is None or record.state != JobState.ASSIGNED or record.attempt != attempt
+                or record.node != self.node or any(r.job_id == job_id for _, r in batch)
+            ):  # fmt: skip
+                results[n] = f"skipped: job {job_id} attempt {attempt} is no longer assigned here"
+            else:
+                batch.append((n, self._runner(record)))
+        with self._lock:  # from now on a cancel finds them (and stops them before "go")
+            self.runners.update({runner.job_id: runner for _, runner in batch})
+        ready: list[tuple[int, JobRunner]] = []
+        for n, runner in batch:
+            try:
+                runner.spawn()
+            except Exception as exc:
+                self._launch_failed(runner, exc, results, n)
+            else:
+                ready.append((n, runner))
+        deadline = time.monotonic() + SHIM_ANSWER_S  # the shims start side by side
+        starting: list[tuple[int, JobRunner, Transition]] = []
+        for n, runner in ready:
+            try:
+                starting.append((n, runner, runner.await_start(deadline)))
+            except Exception as exc:
+                self._launch_failed(runner, exc, results, n)
+        self._start_batch(starting, results)
+        return [result or "failed: no result" for result in results]
+
+    def _runner(self, record: JobRecord) -> JobRunner:
+        return JobRunner(
             record,
             self.config,
             self.node,
@@ -210,26 +262,55 @@ class WorkerDaemon:
             record_profile=self._record_profile,
             shim_server=self.shim_server,
         )
-        with self._lock:
-            self.runners[job_id] = runner
+
+    def _launch_failed(self, runner: JobRunner, exc: Exception, results: list[str | None], n: int) -> None:
+        """One launch of a batch ends here; the others go on."""
+        if isinstance(exc, LaunchError):  # its end is recorded (LaunchFailed, or waits again)
+            results[n] = f"failed: {exc}"
+        else:  # this one stays ASSIGNED: its lease lapses and it waits again
+            log.error("worker: launch of job %s attempt %s failed", runner.job_id, runner.attempt, exc_info=exc)
+            runner.withdraw()
+            results[n] = f"failed: job {runner.job_id}: {exc}"
+        self._forget(runner)
+
+    def _start_batch(self, starting: list[tuple[int, JobRunner, Transition]], results: list[str | None]) -> None:
+        """The start transitions of the ready launches in one round trip; "go" to the accepted."""
+        if not starting:
+            return
+        before = time.monotonic()  # each lease set below lasts at least until before + ttl
         try:
-            runner.start()
-        except TransitionRefused as exc:
+            outcomes = self.store.transition_each([t for _, _, t in starting])
+        except Exception as exc:
+            # Not started (any that Redis took lapses to the reaper: its command never runs).
+            log.warning("worker: could not start %d jobs (%s); none was run", len(starting), exc)
+            outcomes = [exc] * len(starting)
+        refused: list[JobRunner] = []
+        fenced = False
+        for (n, runner, _), outcome in zip(starting, outcomes, strict=True):
+            if isinstance(outcome, str):
+                try:
+                    runner.release(before)
+                    results[n] = f"started job {runner.job_id} pid {runner.job_pid}"
+                except Exception as exc:  # (its watcher did not start: the lease lapses to the reaper)
+                    log.exception("worker: job %s could not be released", runner.job_id)
+                    results[n] = f"failed: job {runner.job_id}: {exc}"
+                continue
+            refused.append(runner)
+            if isinstance(outcome, TransitionRefused):
+                results[n] = f"skipped: {outcome}"
+            elif isinstance(outcome, Fenced):
+                fenced = True
+                results[n] = f"skipped: job {runner.job_id}: this worker was fenced off node {self.node}"
+            elif isinstance(outcome, redis.RedisError):
+                log.warning("worker: could not start job %s (%s); it was not run", runner.job_id, outcome)
+                results[n] = f"skipped: job {runner.job_id}: Redis error at start ({outcome})"
+            else:
+                results[n] = f"failed: job {runner.job_id}: {outcome}"
+        for runner in refused:  # after the accepted ones are on their way: each waits for its shim
+            runner.withdraw()
             self._forget(runner)
-            return f"skipped: {exc}"
-        except LaunchError as exc:
-            self._forget(runner)
-            return f"failed: {exc}"
-        except Fenced:
-            self._forget(runner)
+        if fenced:
             self._on_fenced()
-            return f"skipped: job {job_id}: this worker was fenced off node {self.node}"
-        except redis.RedisError as exc:
-            # Not started, still ASSIGNED: the scheduler requeues it when the assignment lapses.
-            self._forget(runner)
-            log.warning("worker: could not start job %s (%s); it was not run", job_id, exc)
-            return f"skipped: job {job_id}: Redis error at start ({exc})"
-        return f"started job {job_id} pid {runner.job_pid}"
 
     def _record_end(self, ending: Transition, late_ok: bool) -> None:
         """Every end of an attempt goes through the journal (see worker/journal.py)."""
@@ -372,13 +453,19 @@ class WorkerDaemon:
             self._publish_locked()
 
     def _publish_locked(self, leases: bool = True) -> None:
-        """One heartbeat. `leases` False (after a job end): only the node's GPUs, measured
-        now; the leases and the running jobs' observations wait for the periodic beat, as
+        """One heartbeat. `leases` False (after a job end): a light one (`_light_beat`); the
+        leases, the running jobs' observations and enforcement wait for the periodic beat, as
         renewing every lease and reading every job's status after each end made a drain of
         short jobs quadratic in the jobs running."""
         with self._beat_seq_lock:
             self._beats_begun += 1
             seq = self._beats_begun
+        ttl_ms = int(self.config.worker.lease_ttl_s * 1000)
+        if not leases:
+            if not self.draining.is_set():
+                self.redis.set(keys.node(self.node), json.dumps(self._light_beat().to_json()), px=ttl_ms)
+            self._beats_done = seq
+            return
         with self._lock:
             runners = list(self.runners.values())
         running = [r for r in runners if r.pid is not None and not r.done.is_set()]
@@ -391,14 +478,9 @@ class WorkerDaemon:
         if leases and not self._renew_leases(started):
             return
         beat = self._measure(runners)
-        ttl_ms = int(self.config.worker.lease_ttl_s * 1000)
         pipe = self.redis.pipeline(transaction=False)
         if not self.draining.is_set():
             pipe.set(keys.node(self.node), json.dumps(beat.to_json()), px=ttl_ms)
-        if not leases:
-            pipe.execute()
-            self._beats_done = seq
-            return
         pipe.set(keys.node_owner(self.node), self.owner, px=ttl_ms)
         pipe.sadd(keys.NODES, self.node)
         for runner in running:
@@ -421,6 +503,19 @@ class WorkerDaemon:
         if self.config.policy.idle_action == "stop":
             for runner in idle:
                 runner.stop("idle")
+
+    def _light_beat(self) -> NodeHeartbeat:
+        """The heartbeat after a job end: the GPUs as the probe sees them now (the ended job's
+        memory back), with the last full beat's job usage, less the jobs that ended since,
+        and its outside processes' peaks. No process table read, no enforcement: the
+        periodic beat measures and enforces (a job started since the last one shows no usage
+        yet: the scheduler counts it at its request)."""
+        snapshot = self.probe.snapshot()
+        self.gpu_totals.update({d.uuid: d.total_bytes for d in snapshot.devices if d.total_bytes > 0})
+        with self._lock:
+            live = set(self.runners)
+        self._last_usage = tuple(u for u in self._last_usage if u.job_id in live)
+        return NodeHeartbeat(self.node, snapshot, self._last_usage, dict(self._last_foreign), False, time.time())
 
     def _renew_leases(self, started: list[JobRunner]) -> bool:
         """Renew the started jobs' leases and tell their shims; stop the jobs whose lease is
@@ -521,7 +616,8 @@ class WorkerDaemon:
         foreign_by_gpu: dict[str, int] = defaultdict(int)
         for (uuid, _pid), peak in self.foreign_peak.items():
             foreign_by_gpu[uuid] += peak
-        return NodeHeartbeat(self.node, snapshot, tuple(usage), dict(foreign_by_gpu), False, time.time())
+        self._last_usage, self._last_foreign = tuple(usage), dict(foreign_by_gpu)
+        return NodeHeartbeat(self.node, snapshot, self._last_usage, dict(foreign_by_gpu), False, time.time())
 
     def _enforce(self, snapshot: GpuSnapshot, runners: list[JobRunner], outside: dict[tuple[str, int], int]) -> None:
         """Warn, then stop, a job over its request while a co-tenant is at risk (worker/enforcement.py)."""

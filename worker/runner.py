@@ -167,8 +167,23 @@ class JobRunner:
         job RUNNING with the command's pid and its lease, and only then let the command run.
 
         If the job was cancelled or moved meanwhile, the command never starts
-        (TransitionRefused propagates). Raises LaunchError if it cannot start.
+        (TransitionRefused propagates). Raises LaunchError if it cannot start. (The worker
+        starts a batch of launches with the same steps, the transitions in one round trip:
+        worker/daemon.py WorkerDaemon.launch_many.)
         """
+        self.spawn()
+        started = self.await_start()
+        before = time.monotonic()  # the lease set below lasts at least until before + ttl
+        try:
+            self.store_transition(started)
+        except BaseException:
+            self.withdraw()  # refused, fenced or Redis away: the command never runs
+            raise
+        self.release(before)
+
+    def spawn(self) -> None:
+        """The job's files and its shim, which enters the job's directory, forks the command
+        and holds it at its gate (it waits for "go"). Raises LaunchError (its end recorded)."""
         try:
             run_as = resolve_run_as(self.record.uid)
         except IdentityError as exc:
@@ -185,7 +200,12 @@ class JobRunner:
             self._spawn_shim(run_as, log_fd)
         finally:
             os.close(log_fd)
-        answer = self._await_ready()
+
+    def await_start(self, deadline: float | None = None) -> Transition:
+        """The shim's `ready <pid>` (by `deadline`, monotonic; default SHIM_ANSWER_S from now):
+        the command is forked and waits at its gate. Returns the ASSIGNED -> RUNNING
+        transition to apply before `release`. Raises LaunchError (its end recorded)."""
+        answer = self._await_ready(deadline)
         if not answer.startswith("ready "):
             message = answer.removeprefix("fail ") if answer.startswith("fail ") else answer
             self._abort_shim()
@@ -209,22 +229,24 @@ class JobRunner:
             self._end_launch(message)
             raise LaunchError(message)
         self.job_pid = job_pid
-        before = time.monotonic()  # the lease set below lasts at least until before + ttl
-        try:
-            started = lifecycle.start(
-                self.writer, self.job_pid, str(self.log_path), self.config.worker.lease_ttl_s, time.time()
-            )
-            self.store_transition(started)
-        except BaseException:
-            self._abort_shim()  # refused, fenced or Redis away: the command never runs
-            self.done.set()
-            raise
+        return lifecycle.start(self.writer, job_pid, str(self.log_path), self.config.worker.lease_ttl_s, time.time())
+
+    def withdraw(self) -> None:
+        """The start transition was not accepted (refused, fenced, Redis away) or could not be
+        tried: the command never runs, and nothing is recorded (the scheduler decides)."""
+        self._abort_shim()
+        self.done.set()
+
+    def release(self, before: float) -> None:
+        """The start transition was accepted (its lease lasts at least until `before` + ttl):
+        "go" to the shim, unless the job was stopped while starting (cancel, shutdown): then
+        it never runs, and its watcher records it as not started."""
         with self._lock:
             if not self._stop_reason:
                 self._gate_open = True
                 self._send(f"go {before!r}")
                 self.started_at = time.monotonic()
-        if not self._gate_open:  # stopped while starting (cancel, shutdown): it never runs
+        if not self._gate_open:
             self._abort_shim()
         threading.Thread(target=self._watch, name=f"job-{self.job_id}", daemon=True).start()
 
@@ -344,9 +366,9 @@ class JobRunner:
             except BlockingIOError:
                 continue
 
-    def _await_ready(self) -> str:
+    def _await_ready(self, deadline: float | None = None) -> str:
         """The shim's first word: `ready <pid>`, or `fail <why>`, or why there is none."""
-        deadline = time.monotonic() + SHIM_ANSWER_S
+        deadline = time.monotonic() + SHIM_ANSWER_S if deadline is None else deadline
         while True:
             for line in self._read_report(max(0.0, deadline - time.monotonic())):
                 if line.startswith(("ready ", "fail ")):

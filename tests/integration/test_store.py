@@ -187,3 +187,28 @@ def test_a_batch_of_transitions_writes_what_one_by_one_writes(redis_client: redi
     ]  # fmt: skip
     assert outcome(many, "many", batch_replies) == outcome(one, "one", replies)
     assert store.raw_state(many[1]) == JobState.HELD and redis_client.hget(keys.WAITING_COUNT, "many") == b"1"
+
+
+def test_transition_each_guards_and_answers_each_on_its_own(redis_client: redis.Redis) -> None:
+    """A worker's batch of starts in one round trip: each is checked as `transition` checks
+    it (state, attempt, fencing token) and gets its own answer; a refused one changes nothing."""
+    store = JobStore(redis_client)
+    a, b, c = (store.submit(_spec(), user="u", uid=1) for _ in range(3))
+    for job_id in (a, b, c):
+        store.transition(lifecycle.assign(job_id, 1, "n1", [{"index": 0, "uuid": "GPU-x"}], {}, 30, 1.0))
+    store.transition(lifecycle.cancel(b, JobState.ASSIGNED, "test", 2.0))
+    fence = Fence(keys.node_epoch("n1"), str(redis_client.incr(keys.node_epoch("n1"))))
+    starts = [lifecycle.start(Attempt(j, 1, "n1", fence), 100 + j, "/log", 30, 3.0) for j in (a, b, c)]
+    redis_client.script_flush()  # Redis lost its scripts (a restart): loaded again, each applied once
+    outcomes = store.transition_each(starts)
+    assert outcomes[0] == "ASSIGNED" and outcomes[2] == "ASSIGNED"
+    assert isinstance(outcomes[1], TransitionRefused) and outcomes[1].current == "CANCELLED"
+    assert [store.raw_state(j) for j in (a, b, c)] == [JobState.RUNNING, JobState.CANCELLED, JobState.RUNNING]
+    assert len([e for e in store.history(a) if e["state"] == "RUNNING"]) == 1
+
+    d = store.submit(_spec(), user="u", uid=1)
+    store.transition(lifecycle.assign(d, 1, "n1", [{"index": 0, "uuid": "GPU-x"}], {}, 30, 1.0))
+    redis_client.incr(keys.node_epoch("n1"))  # another worker took the node's name
+    (fenced,) = store.transition_each([lifecycle.start(Attempt(d, 1, "n1", fence), 7, "/log", 30, 3.0)])
+    assert isinstance(fenced, Fenced)
+    assert store.raw_state(d) == JobState.ASSIGNED

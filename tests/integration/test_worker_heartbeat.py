@@ -7,6 +7,7 @@ job that had just started was stopped and failed as NodeLost."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import redis
 
 from jobs import keys
 from jobs.config import Config, WorkerConfig
+from jobs.gpus import NodeHeartbeat
 from jobs.record import GpuAssignment, JobRecord
 from jobs.spec import JobSpec
 from jobs.states import JobState
@@ -43,11 +45,11 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     proc.wait()
 
 
-def _runner(daemon: WorkerDaemon, job_id: int, proc: subprocess.Popen[bytes]) -> JobRunner:
+def _runner(daemon: WorkerDaemon, job_id: int, proc: subprocess.Popen[bytes], uuid: str = "GPU-hb-0") -> JobRunner:
     spec = JobSpec(command=("/bin/true",), cwd="/", env={})
     record = JobRecord(
         id=job_id, spec=spec, state=JobState.RUNNING, user="me", uid=os.geteuid(), node="hb",
-        gpus=(GpuAssignment(0, "GPU-hb-0"),), attempt=1,
+        gpus=(GpuAssignment(0, uuid),), attempt=1,
     )  # fmt: skip
     runner = JobRunner(
         record, daemon.config, "hb", simulated=True, store_transition=lambda t: None,
@@ -79,3 +81,57 @@ def test_a_started_job_whose_lease_is_gone_is_stopped(
     assert runner._stop_reason == "lease"  # the scheduler may run it elsewhere: never twice
     assert held._stop_reason == ""
     assert 0 < redis_client.pttl(keys.lease(43)) <= 10_000
+
+
+def _sim_file(daemon: WorkerDaemon, pid: int, nbytes: int) -> None:
+    assert isinstance(daemon.probe, SimProbe)
+    (daemon.probe.sim_dir / daemon.probe.uuids[0] / str(pid)).write_text(f"{nbytes}\n")
+
+
+def _published(redis_client: redis.Redis) -> NodeHeartbeat:
+    raw = redis_client.get(keys.node("hb"))
+    assert raw is not None
+    return NodeHeartbeat.from_json(json.loads(raw))
+
+
+def test_a_job_end_publishes_the_gpus_now_with_the_last_measure(
+    daemon: WorkerDaemon, sleeper: subprocess.Popen[bytes], redis_client: redis.Redis
+) -> None:
+    """After a job end, before its end is recorded (and wakes the scheduler), the node's GPUs
+    as they are now, with the freed memory, are published. That beat measures nothing else:
+    the running jobs' usage and the outside processes' peaks are the last full beat's (the
+    process table is read and enforcement done by the periodic beat only)."""
+    gib = 2**30
+    uuid = daemon.probe.uuids[0]  # type: ignore[attr-defined]
+    ender_proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE)  # exits 0 when its input closes
+    stayer_proc = subprocess.Popen(["sleep", "60"])
+    try:
+        ender = _runner(daemon, 51, ender_proc, uuid)
+        _runner(daemon, 52, stayer_proc, uuid)
+        _sim_file(daemon, ender_proc.pid, 3 * gib)
+        _sim_file(daemon, stayer_proc.pid, 2 * gib)
+        _sim_file(daemon, sleeper.pid, 1 * gib)  # not gpulab's: held at its peak
+        daemon.publish_heartbeat()
+        full = _published(redis_client)
+        assert {(u.job_id, u.current_bytes) for u in full.job_usage} == {(51, 3 * gib), (52, 2 * gib)}
+        assert full.foreign_peak_bytes == {uuid: gib}
+
+        _sim_file(daemon, stayer_proc.pid, 5 * gib)  # grew since the full beat
+        assert ender_proc.stdin is not None
+        ender_proc.stdin.close()
+        assert ender_proc.wait() == 0
+        daemon._before_finish(ender)
+
+        light = _published(redis_client)
+        (device,) = light.snapshot.devices
+        assert device.used_bytes == 6 * gib  # the ended job's 3 GiB are back
+        assert [(u.job_id, u.current_bytes) for u in light.job_usage] == [(52, 2 * gib)]  # the last measure
+        assert light.foreign_peak_bytes == {uuid: gib}
+        assert 51 not in daemon.runners
+
+        daemon.publish_heartbeat()  # the periodic beat measures again
+        assert [(u.job_id, u.current_bytes) for u in _published(redis_client).job_usage] == [(52, 5 * gib)]
+    finally:
+        for proc in (ender_proc, stayer_proc):
+            proc.kill()
+            proc.wait()
