@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from itertools import filterfalse
+from itertools import filterfalse, islice
 
 import redis
 
@@ -47,6 +47,8 @@ class PendingReader:
         self._clean: dict[tuple[str, str], set[int]] = {}
         self._clean_of: dict[int, tuple[str, str]] = {}
         self._clean_starts: Mapping[int, float | None] | None = None
+        # Clean jobs whose forecast estimate moved, waiting (in order) to be written: see `stale_reasons`.
+        self._deferred: dict[int, Waiting] = {}
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -137,6 +139,7 @@ class PendingReader:
             if before is None:
                 self._clean.clear()
                 self._clean_of.clear()
+                self._deferred.clear()
             else:  # a new forecast: only the jobs whose estimate it moved are compared again
                 for job_id in {i for i, _ in starts.items() - before.items()} | (before.keys() - starts.keys()):
                     self._unclean(job_id)
@@ -149,7 +152,6 @@ class PendingReader:
         pending = JobState.PENDING
         fields: dict[int, tuple[str, str]] = {}  # id(Waiting) -> (reason, detail)
         out: list[tuple[int, Waiting, float | None]] = []
-        moved: list[tuple[int, Waiting, float | None]] = []  # the reason stands, the estimate moved
         for members, shared in todo:
             for job_id in members:
                 why = single[job_id] if shared is None else shared
@@ -168,12 +170,24 @@ class PendingReader:
                 if (record.reason, record.detail) != text:
                     out.append((job_id, why, new))
                 elif old != new and not same_estimate(old, new, now):
-                    moved.append((job_id, why, new))
+                    if why.est_start is None:  # the forecast's estimate: written in turn, below
+                        self._mark_clean(job_id, text)
+                        self._deferred[job_id] = why
+                    else:
+                        out.append((job_id, why, new))
                 elif why.est_start is None:  # a reservation's own estimate is compared every pass
                     self._mark_clean(job_id, text)
-        # A new forecast may move the estimate of every waiting job at once: written a bounded
-        # number per pass (the rest next pass), so one forecast never makes one long pass.
-        return out + moved[:ESTIMATES_PER_PASS]
+        # A new forecast may move the estimate of every waiting job at once: those are written
+        # a bounded number per pass, oldest first, and not compared again while they wait their
+        # turn (they count as clean: a new answer or record for one takes it out of the line).
+        for job_id in list(islice(self._deferred, ESTIMATES_PER_PASS)):
+            why = self._deferred.pop(job_id)
+            entry = cache.get(job_id)
+            if entry is None or entry[1].state is not pending:
+                continue
+            if self._clean_of.get(job_id) == (why.reason.value, why.detail):
+                out.append((job_id, why, starts.get(job_id)))
+        return out
 
     def remember_reason(self, job_id: int, reason: str, detail: str, est_start: float | None) -> None:
         """The scheduler wrote this job's reason (no event): keep the cached record in step.
@@ -194,6 +208,7 @@ class PendingReader:
         self._clean_of[job_id] = text
 
     def _unclean(self, job_id: int) -> None:
+        self._deferred.pop(job_id, None)
         text = self._clean_of.pop(job_id, None)
         if text is not None:
             self._clean[text].discard(job_id)

@@ -22,6 +22,7 @@ from scheduler.active import ActiveReader
 from scheduler.cluster import read_ledger
 from scheduler.daemon import Scheduler
 from scheduler.forecast import duration_key
+from scheduler.pending import ESTIMATES_PER_PASS
 
 GIB = 2**30
 
@@ -266,3 +267,21 @@ def test_a_new_forecast_rewrites_the_estimates_it_moved_and_only_those(redis_cli
     scheduler.forecaster._done = {**dict.fromkeys(queued, soon), queued[5]: later}  # the next moved one job
     scheduler.run_pass()
     assert estimates() == [soon] * 5 + [later] + [soon] * 34  # fails if a moved estimate stays clean
+
+
+def test_estimates_a_forecast_moved_are_written_in_turns_until_all_are(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    fake_node(redis_client)
+    config = Config(scheduler=replace(SchedulerConfig(), eta_interval_s=0.0))  # forecasts come from the test
+    scheduler = Scheduler(config, redis_client)
+    submit(store, 1, mem=79 * GIB)
+    assert scheduler.run_pass().placed == 1
+    queued = submit(store, 120, mem=10 * GIB)
+    scheduler.run_pass()
+    soon = time.time() + 3600
+    scheduler.forecaster._done = dict.fromkeys(queued, soon)
+    written = []
+    for _ in range(4):
+        scheduler.run_pass()
+        written.append(sum(r.est_start_at == soon for r in store.get_many(queued)))
+    assert written == [ESTIMATES_PER_PASS, 2 * ESTIMATES_PER_PASS, 120, 120]
