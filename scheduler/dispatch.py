@@ -47,7 +47,6 @@ LAUNCH_MANY_FUNCTION = "worker.tasks.launch_many"
 LAUNCHES_PER_ENTRY = 64
 
 log = logging.getLogger("gpulab.dispatch")
-_PENDING = JobState.PENDING.value.encode()
 
 
 class Dispatcher:
@@ -73,13 +72,9 @@ class Dispatcher:
             try:
                 pipe.watch(*job_keys, *([fence.key] if fence else []))
                 # Read on another connection: WATCH still catches any change made after it.
-                reader = self.client.pipeline(transaction=False)
-                for key in job_keys:
-                    reader.hmget(key, "state", "attempt")
-                if fence:
-                    reader.get(fence.key)
-                current = reader.execute()
-                if fence and _text(current.pop()) != fence.token:
+                # One script call for every job (JOB_FIELDS), not one command each to pack.
+                current = self.store.job_fields([a.job_id for a in assignments], ("state", "attempt"))
+                if fence and _text(self.client.get(fence.key)) != fence.token:
                     raise Fenced("dispatch refused: a newer leader holds the fence")
                 pipe.multi()
                 written = []
@@ -87,10 +82,10 @@ class Dispatcher:
                 launches: dict[str, list[tuple[int, int]]] = {}
                 now = time.time()
                 for assignment, (state, attempt) in zip(assignments, current, strict=True):
-                    if state != _PENDING:
+                    if state != JobState.PENDING.value:
                         continue
-                    transitions.append(self._assign(assignment, int(attempt or b"0") + 1, now))
-                    launches.setdefault(assignment.node, []).append((assignment.job_id, int(attempt or b"0") + 1))
+                    transitions.append(self._assign(assignment, int(attempt or "0") + 1, now))
+                    launches.setdefault(assignment.node, []).append((assignment.job_id, int(attempt or "0") + 1))
                     written.append(assignment)
                 self.store.queue_transitions(pipe, transitions)  # one command for the batch
                 for node, pairs in launches.items():
