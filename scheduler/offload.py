@@ -20,7 +20,9 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import select
 import signal
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -31,8 +33,10 @@ class ChildFailed(RuntimeError):
     pass
 
 
-def in_child(compute: Callable[[], T]) -> T:
-    """compute() in a forked child process; raises ChildFailed with the child's error."""
+def in_child(compute: Callable[[], T], timeout_s: float = 600.0) -> T:
+    """compute() in a forked child process; raises ChildFailed with the child's error, or
+    when it has not answered within `timeout_s` (it is killed: a stuck or stopped child must
+    not keep the caller waiting for good)."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never leaves this block
@@ -54,12 +58,24 @@ def in_child(compute: Callable[[], T]) -> T:
             os._exit(0)
     os.close(write_fd)
     chunks = []
+    deadline = time.monotonic() + timeout_s
+    timed_out = False
     try:
-        while chunk := os.read(read_fd, 1 << 20):
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([read_fd], [], [], remaining)[0]:
+                timed_out = True
+                os.kill(pid, signal.SIGKILL)
+                break
+            chunk = os.read(read_fd, 1 << 20)
+            if not chunk:
+                break
             chunks.append(chunk)
     finally:
         os.close(read_fd)
         _, status = os.waitpid(pid, 0)
+    if timed_out:
+        raise ChildFailed(f"the child process did not answer within {timeout_s:g}s; killed")
     if not chunks:
         raise ChildFailed(f"the child process ended with no answer (wait status {status})")
     ok, value = pickle.loads(b"".join(chunks))

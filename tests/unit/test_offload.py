@@ -38,3 +38,8 @@ def test_the_child_holds_none_of_the_parents_descriptors(tmp_path: Path) -> None
         os.close(lock)
     assert lock not in open_in_child
     assert len(open_in_child) == 2  # the answer's pipe, and listdir's own (fd 0: stdin is closed too)
+
+
+def test_a_child_that_does_not_answer_in_time_is_killed_and_an_error() -> None:
+    with pytest.raises(ChildFailed, match=r"did not answer within 0\.5s"):
+        in_child(lambda: os.kill(os.getpid(), signal.SIGSTOP), timeout_s=0.5)  # stopped: never answers
