@@ -56,14 +56,20 @@ def run(store: JobStore, job_id: int, attempt: int) -> None:
     )
 
 
+def dispatched(client: redis.Redis, count: int) -> tuple[JobStore, Scheduler, list[int]]:
+    """`count` (at most 3) jobs placed and dispatched by a fresh scheduler on a 2-GPU node."""
+    store = JobStore(client)
+    fake_node(client, gpus=2)
+    scheduler = Scheduler(Config(), client)
+    ids = submit(store, count)
+    assert scheduler.run_pass().placed == count
+    return store, scheduler, ids
+
+
 def test_a_dispatched_job_is_known_to_the_active_reader_as_a_fresh_read_knows_it(
     redis_client: redis.Redis,
 ) -> None:
-    store = JobStore(redis_client)
-    fake_node(redis_client, gpus=2)
-    scheduler = Scheduler(Config(), redis_client)
-    ids = submit(store, 3)
-    assert scheduler.run_pass().placed == 3
+    store, scheduler, ids = dispatched(redis_client, 3)
     run(store, ids[0], 1)
     scheduler.run_pass()  # the records come from the waiting jobs' cache, refreshed by their rows
     kept = {a.record.id: seen(a.record) for a in scheduler.active.update(set())}
@@ -189,17 +195,28 @@ def test_the_kept_queue_follows_dependencies_without_events_of_their_own_and_a_g
     assert set(scheduler._queue.by_id) == {late[1]}
 
 
+def full_gpu_queue(
+    client: redis.Redis, count: int, *, forecasts: bool = True
+) -> tuple[JobStore, Scheduler, int, list[int]]:
+    """A node whose one GPU a dispatched 79 GiB job fills (no worker takes it), and `count`
+    10 GiB jobs waiting behind it, one pass later: a long queue placement answers as a group.
+    `forecasts` False: no start forecast runs (a test hands the scheduler its own)."""
+    store = JobStore(client)
+    fake_node(client)
+    config = Config() if forecasts else Config(scheduler=replace(SchedulerConfig(), eta_interval_s=0.0))
+    scheduler = Scheduler(config, client)
+    (blocker,) = submit(store, 1, mem=79 * GIB)
+    assert scheduler.run_pass().placed == 1
+    queued = submit(store, count, mem=10 * GIB)
+    scheduler.run_pass()
+    return store, scheduler, blocker, queued
+
+
 def test_the_reasons_a_pass_skips_comparing_are_the_ones_stored(redis_client: redis.Redis) -> None:
     """A long queue's reasons are compared only for jobs whose answer or record changed
     (scheduler/pending.py, `stale_reasons`); every stored reason must still be the current one,
     through a change of answer for all of them, and a job whose record moved on its own."""
-    store = JobStore(redis_client)
-    fake_node(redis_client)
-    scheduler = Scheduler(Config(), redis_client)
-    (blocker,) = submit(store, 1, mem=79 * GIB)
-    assert scheduler.run_pass().placed == 1  # the GPU is full from now on (no worker takes it)
-    queued = submit(store, 40, mem=10 * GIB)
-    scheduler.run_pass()
+    store, scheduler, blocker, queued = full_gpu_queue(redis_client, 40)
     needs = ("Resources", "needs 1x10.0GiB")
     assert set(stored_reasons(redis_client, queued)) == {needs}
 
@@ -221,11 +238,7 @@ def test_the_reasons_a_pass_skips_comparing_are_the_ones_stored(redis_client: re
 def test_a_lapsed_lease_is_reaped_by_the_lease_check_between_full_reads(redis_client: redis.Redis) -> None:
     """Between full reads the active jobs come from the cache; the lease check asks Redis for
     the leases alone (scheduler/active.py, `check_leases`) and must still see one lapse."""
-    store = JobStore(redis_client)
-    fake_node(redis_client, gpus=2)
-    scheduler = Scheduler(Config(), redis_client)
-    ids = submit(store, 2)
-    assert scheduler.run_pass().placed == 2
+    store, scheduler, ids = dispatched(redis_client, 2)
     run(store, ids[0], 1)
     scheduler.run_pass()
     redis_client.delete(keys.lease(ids[0]))  # its worker is gone
@@ -236,11 +249,7 @@ def test_a_lapsed_lease_is_reaped_by_the_lease_check_between_full_reads(redis_cl
 
 
 def test_an_active_job_the_event_stream_missed_is_found_by_its_count(redis_client: redis.Redis) -> None:
-    store = JobStore(redis_client)
-    fake_node(redis_client, gpus=2)
-    scheduler = Scheduler(Config(), redis_client)
-    ids = submit(store, 1)
-    assert scheduler.run_pass().placed == 1
+    _, scheduler, ids = dispatched(redis_client, 1)
     scheduler.run_pass()  # reads the dispatch's own events
     redis_client.srem(keys.ACTIVE, ids[0])  # no event says so: only the count differs
     scheduler.run_pass()
@@ -248,14 +257,7 @@ def test_an_active_job_the_event_stream_missed_is_found_by_its_count(redis_clien
 
 
 def test_a_new_forecast_rewrites_the_estimates_it_moved_and_only_those(redis_client: redis.Redis) -> None:
-    store = JobStore(redis_client)
-    fake_node(redis_client)
-    config = Config(scheduler=replace(SchedulerConfig(), eta_interval_s=0.0))  # forecasts come from the test
-    scheduler = Scheduler(config, redis_client)
-    submit(store, 1, mem=79 * GIB)
-    assert scheduler.run_pass().placed == 1
-    queued = submit(store, 40, mem=10 * GIB)
-    scheduler.run_pass()
+    store, scheduler, _, queued = full_gpu_queue(redis_client, 40, forecasts=False)
     soon, later = time.time() + 3600, time.time() + 7200
 
     def estimates() -> list[float | None]:
@@ -270,14 +272,7 @@ def test_a_new_forecast_rewrites_the_estimates_it_moved_and_only_those(redis_cli
 
 
 def test_estimates_a_forecast_moved_are_written_in_turns_until_all_are(redis_client: redis.Redis) -> None:
-    store = JobStore(redis_client)
-    fake_node(redis_client)
-    config = Config(scheduler=replace(SchedulerConfig(), eta_interval_s=0.0))  # forecasts come from the test
-    scheduler = Scheduler(config, redis_client)
-    submit(store, 1, mem=79 * GIB)
-    assert scheduler.run_pass().placed == 1
-    queued = submit(store, 120, mem=10 * GIB)
-    scheduler.run_pass()
+    store, scheduler, _, queued = full_gpu_queue(redis_client, 120, forecasts=False)
     soon = time.time() + 3600
     scheduler.forecaster._done = dict.fromkeys(queued, soon)
     written = []
