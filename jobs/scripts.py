@@ -179,23 +179,32 @@ end
 return lost
 """
 
-SET_PENDING_INFO = """
--- KEYS: job, job_events, the leader's fence key; ARGV: reason, detail, expected start
---       ('' = none), now, the scheduler's fence ('' = none).
--- Set a job's reason and detail only while it is still PENDING (a blind write could
--- overwrite the reason of a state it has moved on to), with a history event when they
--- change. The expected start (which moves as jobs end) is written without an event.
--- Returns -1 (nothing written) when a newer leader holds the fence.
-if ARGV[5] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[5] then return -1 end
-if redis.call('HGET', KEYS[1], 'state') ~= 'PENDING' then return 0 end
-local old = redis.call('HMGET', KEYS[1], 'reason', 'detail')
-redis.call('HSET', KEYS[1], 'reason', ARGV[1], 'detail', ARGV[2])
-if ARGV[3] == '' then redis.call('HDEL', KEYS[1], 'est_start_at')
-else redis.call('HSET', KEYS[1], 'est_start_at', ARGV[3]) end
-if (old[1] or '') ~= ARGV[1] or (old[2] or '') ~= ARGV[2] then
-  redis.call('XADD', KEYS[2], '*', 'state', 'PENDING', 'reason', ARGV[1], 'detail', ARGV[2], 'at', ARGV[4])
+SET_PENDING_INFOS = """
+-- KEYS: 1 the leader's fence key, then for each job: its hash, its history stream.
+-- ARGV: 1 the scheduler's fence ('' = none), 2 now, then for each job: reason, detail,
+--       expected start ('' = none).
+-- Why each job waits: its reason and detail are set only while it is still PENDING (a blind
+-- write could overwrite the reason of a state it has moved on to), with a history event when
+-- they change; the expected start (which moves as jobs end) is written without an event.
+-- One call for a pass's batch (arguments packed once, not a command per job).
+-- Returns -1 (nothing written) when a newer leader holds the fence, else how many were written.
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local written = 0
+for i = 0, (#KEYS - 1) / 2 - 1 do
+  local job, events = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+  local reason, detail, est = ARGV[3 + 3 * i], ARGV[4 + 3 * i], ARGV[5 + 3 * i]
+  if redis.call('HGET', job, 'state') == 'PENDING' then
+    local old = redis.call('HMGET', job, 'reason', 'detail')
+    redis.call('HSET', job, 'reason', reason, 'detail', detail)
+    if est == '' then redis.call('HDEL', job, 'est_start_at')
+    else redis.call('HSET', job, 'est_start_at', est) end
+    if (old[1] or '') ~= reason or (old[2] or '') ~= detail then
+      redis.call('XADD', events, '*', 'state', 'PENDING', 'reason', reason, 'detail', detail, 'at', ARGV[2])
+    end
+    written = written + 1
+  end
 end
-return 1
+return written
 """
 
 REQUEST_PREEMPT = """

@@ -61,7 +61,6 @@ class JobStore:
         self._fields = client.register_script(scripts.JOB_FIELDS)
         self._lapsed = client.register_script(scripts.LAPSED_LEASES)
         self._observe = client.register_script(scripts.OBSERVE)
-        self._pending_info = client.register_script(scripts.SET_PENDING_INFO)
         self._profile_add = client.register_script(scripts.PROFILE_ADD)
         self._running_event = client.register_script(scripts.RUNNING_EVENT)
         self._request_preempt = client.register_script(scripts.REQUEST_PREEMPT)
@@ -349,26 +348,25 @@ class JobStore:
             raise Fenced(f"job {job_id}: preemption refused, a newer scheduler holds {fence.key}")
         return int(done) == 1
 
-    def set_pending_info(
+    def queue_pending_infos(
         self,
         pipe: redis.client.Pipeline,
-        job_id: int,
-        reason: str,
-        detail: str,
-        est_start: float | None,
+        infos: list[tuple[int, str, str, float | None]],
         now: str,
         fence: Fence | None = None,
     ) -> None:
-        """Queue why a pending job waits (and when it may start); written only while it is
-        still PENDING, since a blind write could overwrite a newer state's reason, and only
-        while `fence` (the scheduler's leadership) is current. The reply is -1 when fenced."""
-        est = "" if est_start is None else repr(est_start)
-        fence = fence or Fence(keys.job(job_id), "")  # unused key when there is no token
-        self._pending_info(
-            keys=[keys.job(job_id), keys.job_events(job_id), fence.key],
-            args=[reason, detail, est, now, fence.token],
-            client=pipe,
-        )
+        """Queue why pending jobs wait (job, reason, detail, expected start), as ONE command:
+        each is written only while the job is still PENDING, since a blind write could
+        overwrite a newer state's reason, and only while `fence` (the scheduler's leadership)
+        is current. The reply is -1 when fenced, else how many jobs were written."""
+        job_keys = [(fence.key if fence else keys.LEADER).encode()]  # unused without a token
+        args = [(fence.token if fence else "").encode(), now.encode()]
+        for job_id, reason, detail, est_start in infos:
+            job_keys += [keys.job(job_id).encode(), keys.job_events(job_id).encode()]
+            args += [reason.encode(), detail.encode(), b"" if est_start is None else repr(est_start).encode()]
+        # EVAL with the text, as queue_transitions (a registered script on a pipeline costs a
+        # SCRIPT EXISTS round trip first).
+        pipe.eval(scripts.SET_PENDING_INFOS, len(job_keys), *job_keys, *args)
 
     def observe(
         self, pipe: redis.client.Pipeline, job_id: int, attempt: int, fence: Fence, observed: Mapping[str, Any]

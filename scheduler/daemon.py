@@ -366,10 +366,11 @@ class Scheduler:
         stale = self.pending.stale_reasons(single, bulk, starts, now)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.SCHEDULER_STATUS, mapping=status)
-        at = repr(now)
-        for job_id, why, est_start in stale:
-            self.store.set_pending_info(pipe, job_id, why.reason.value, why.detail, est_start, at, self.fence)
-            self.pending.remember_reason(job_id, why.reason.value, why.detail, est_start)
+        infos = [(job_id, why.reason.value, why.detail, est_start) for job_id, why, est_start in stale]
+        if infos:
+            self.store.queue_pending_infos(pipe, infos, repr(now), self.fence)
+        for job_id, reason, detail, est_start in infos:
+            self.pending.remember_reason(job_id, reason, detail, est_start)
         if -1 in pipe.execute():
             raise Fenced("pending reasons refused")
 

@@ -100,7 +100,7 @@ def test_a_stale_leader_can_write_nothing(redis_client: redis.Redis) -> None:
     assert store.raw_state(waiting) == JobState.PENDING
 
     pipe = redis_client.pipeline(transaction=False)
-    store.set_pending_info(pipe, waiting, "Resources", "stale", None, repr(time.time()), stale)
+    store.queue_pending_infos(pipe, [(waiting, "Resources", "stale", None)], repr(time.time()), stale)
     assert pipe.execute() == [-1]
     assert store.get(waiting).reason != "Resources"  # type: ignore[union-attr]
 
