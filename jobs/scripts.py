@@ -245,6 +245,14 @@ if #out == 0 then return '[]' end
 return cjson.encode(out)
 """
 
+JOB_HASHES = """
+-- KEYS: job hashes. Returns each whole (HGETALL's flat field/value list; empty if missing),
+-- in order: one command for a page of records, where a pipeline packed one per record.
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('HGETALL', KEYS[i]) end
+return out
+"""
+
 LAPSED_LEASES = """
 -- KEYS: lease keys. Returns the (1-based) positions of those that no longer exist: the
 -- scheduler's lease check, every housekeeping interval, over every active job.

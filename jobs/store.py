@@ -47,6 +47,7 @@ class Fenced(RuntimeError):
     """This worker's fencing token is stale: another worker holds its node name now."""
 
 
+HASHES_PAGE = 1000  # records per JOB_HASHES call: keeps each call short for Redis's other clients
 # TRANSITION's keys (1-based) that every job shares, and those of its own (TRANSITION_MANY).
 SHARED_KEYS = (3, 4, 5, 6, 8, 9, 10, 14, 15)
 OWN_KEYS = (1, 2, 7, 11, 12, 13)
@@ -60,6 +61,7 @@ class JobStore:
         self._renew = client.register_script(scripts.RENEW_LEASES)
         self._fields = client.register_script(scripts.JOB_FIELDS)
         self._lapsed = client.register_script(scripts.LAPSED_LEASES)
+        self._hashes = client.register_script(scripts.JOB_HASHES)
         self._observe = client.register_script(scripts.OBSERVE)
         self._profile_add = client.register_script(scripts.PROFILE_ADD)
         self._running_event = client.register_script(scripts.RUNNING_EVENT)
@@ -485,18 +487,17 @@ class JobStore:
         """The records that exist and parse; those that do not parse go into `invalid`
         (id -> why), for the scheduler to quarantine, instead of raising."""
         ids = list(job_ids)
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hgetall(keys.job(job_id))
         records = []
-        for job_id, raw in zip(ids, pipe.execute(), strict=True):
-            if not raw:
-                continue
-            try:
-                records.append(JobRecord.from_hash(raw))
-            except InvalidRecord as exc:
-                if invalid is not None:
-                    invalid[job_id] = str(exc)
+        for start in range(0, len(ids), HASHES_PAGE):
+            page = ids[start : start + HASHES_PAGE]
+            for job_id, flat in zip(page, self._hashes(keys=[keys.job(j) for j in page]), strict=True):
+                if not flat:
+                    continue
+                try:
+                    records.append(JobRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True))))
+                except InvalidRecord as exc:
+                    if invalid is not None:
+                        invalid[job_id] = str(exc)
         return records
 
     def job_fields(self, job_ids: list[int], fields: tuple[str, ...]) -> list[tuple[str | None, ...]]:
