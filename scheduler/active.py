@@ -140,8 +140,7 @@ def _float(value: str | None) -> float | None:
 
 def _refreshed(record: JobRecord, row: tuple[str | None, ...]) -> JobRecord:
     state, attempt, node, gpus, assigned_at, started_at, peak, _cancel = row
-    return replace(
-        record,
+    return record.updated(
         state=JobState(state or record.state.value),
         attempt=int(attempt or 0),
         node=node or "",

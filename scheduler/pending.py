@@ -16,7 +16,6 @@ event, are remembered here (`remember_reason`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 from itertools import filterfalse, islice
 
 import redis
@@ -195,7 +194,7 @@ class PendingReader:
         entry = self._cache.get(job_id)
         if entry is None:
             return
-        record = replace(entry[1], reason=reason, detail=detail, est_start_at=est_start)
+        record = entry[1].updated(reason=reason, detail=detail, est_start_at=est_start)
         self._cache[job_id] = (tuple(_field(record, f) for f in MUTABLE), record)
         self._unclean(job_id)
         starts = self._clean_starts
@@ -262,8 +261,7 @@ def _field(record: JobRecord, name: str) -> str | None:
 
 def _refreshed(record: JobRecord, values: tuple[str | None, ...]) -> JobRecord:
     state, reason, detail, attempt, est = (v or "" for v in values)
-    return replace(
-        record,
+    return record.updated(
         state=JobState(state),
         reason=reason,
         detail=detail,
