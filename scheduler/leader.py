@@ -16,7 +16,6 @@ the fence in Redis is what keeps writes safe.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
@@ -133,8 +132,15 @@ class Leadership:
     def release(self) -> None:
         with self._lock:
             mine, self._fence = self._fence, None
-        with contextlib.suppress(redis.RedisError):  # else the lease runs out by itself
+        try:
             self._release(keys=[keys.LEADER, keys.SCHEDULERS], args=[mine or "", self.holder])
+        except redis.RedisError as exc:
+            if mine is not None:
+                log.warning(
+                    "leader: could not release the lease (epoch %d): %s; it lapses within %gs",
+                    fence_epoch(mine), exc, self.lease_s,
+                )  # fmt: skip
+            return
         if mine is not None:
             log.info("leader: released the lease (epoch %d)", fence_epoch(mine))
 

@@ -14,9 +14,10 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 from jobs.config import Config
-from jobs.daemons import Presence
+from jobs.daemons import Presence, within
 from jobs.redis_conn import connect_redis, redact
 from scheduler.api_server import ApiServer, SocketInUse
 from scheduler.daemon import Scheduler
@@ -27,6 +28,7 @@ from scheduler.service import SchedulerService
 from scheduler.web import start_web
 
 log = logging.getLogger("gpulab.scheduler")
+STOP_BUDGET_S = 6.0  # a stop's goodbyes to Redis take at most this long (then the process exits)
 
 
 def run_scheduler(config: Config) -> int:
@@ -73,18 +75,48 @@ def _serve(config: Config) -> int:
     )
     leader = Leadership(client, config.scheduler.leader_lease_s, holder_name(config.socket_path))
     leader_thread = leader.start(stop)
+    # The loop runs on a thread of its own so that a stop never waits on it: cut off from
+    # Redis, a pass (and every goodbye below) waits out its calls' timeouts and retries, and
+    # a SIGTERM'd scheduler took 34 s to exit. Exiting mid-pass is safe: every write the loop
+    # makes is one atomic script or MULTI, as it must be for kill -9.
+    failure: list[BaseException] = []
+    loop = threading.Thread(
+        target=_run_loop, args=(Scheduler(config, client, leader), stop, failure), name="loop", daemon=True
+    )
+    loop.start()
     try:
-        Scheduler(config, client, leader).run_forever(stop)
+        while not stop.wait(1.0):
+            pass
     finally:
         stop.set()
-        leader_thread.join(timeout=5)  # frees the lease: a successor takes over at once
-        if notifier is not None:
-            notifier.close()  # deliveries it was sending are due again at once
+        led = leader.fence() is not None
+        deadline = time.monotonic() + STOP_BUDGET_S
+        loop.join(timeout=STOP_BUDGET_S / 2)
+        # What is left to tell Redis, within the budget: the lease (a successor takes over at
+        # once; else it lapses by itself), deliveries claimed but not sent (due again at once;
+        # else when their claim lapses), and this daemon's presence (else it expires).
+        leader_thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if leader_thread.is_alive() and led:
+            log.warning("leader: could not release the lease (Redis did not answer); it lapses within %gs",
+                        config.scheduler.leader_lease_s)  # fmt: skip
+        goodbyes = [presence.leave] + ([notifier.close] if notifier is not None else [])
+        if not within(goodbyes, deadline - time.monotonic()):
+            log.warning("scheduler: Redis did not answer while stopping; what was left unsaid expires by itself")
         server.shutdown()
         server.server_close()
         server.remove_socket()  # ours only: while we held the lock no one else could bind it
-        presence.leave()
+    if failure:
+        raise failure[0]
     return 0
+
+
+def _run_loop(scheduler: Scheduler, stop: threading.Event, failure: list[BaseException]) -> None:
+    try:
+        scheduler.run_forever(stop)
+    except BaseException as exc:  # the main thread re-raises it (the loop ends only on errors it cannot handle)
+        failure.append(exc)
+    finally:
+        stop.set()
 
 
 if __name__ == "__main__":

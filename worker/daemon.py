@@ -29,6 +29,7 @@ import redis
 
 from jobs import keys
 from jobs.config import Config
+from jobs.daemons import within
 from jobs.gpus import GpuSnapshot, JobGpuUsage, NodeHeartbeat
 from jobs.lifecycle import Fence, Transition
 from jobs.notify_events import emit
@@ -48,6 +49,7 @@ from worker.shim import PR_SET_CHILD_SUBREAPER, prctl
 from worker.shim_server import ShimServer
 
 log = logging.getLogger("gpulab.worker")
+STOP_CALL_S = 3.0  # each step of a stop that talks to Redis waits at most this long
 
 
 class NodeNameTaken(RuntimeError):
@@ -166,9 +168,11 @@ class WorkerDaemon:
         the monitor keeps renewing the stopping jobs' leases (their shims would otherwise
         kill them early, and the scheduler could run them elsewhere while they checkpoint)."""
         self.draining.set()
-        with self._beat_lock, contextlib.suppress(redis.RedisError):
-            if not self.fenced.is_set():
-                self.redis.delete(keys.node(self.node))
+        # Each word to Redis here is bounded (jobs.daemons.within): cut off from Redis, a stop
+        # waited out every call's timeout and retries (52 s). What is not said expires: the
+        # heartbeat with its TTL, the jobs' leases (the scheduler requeues them), and the ends
+        # wait in the journal for the next worker of this node.
+        within([self._offline], STOP_CALL_S)
         with self._lock:
             runners = list(self.runners.values())
         for runner in runners:
@@ -178,9 +182,22 @@ class WorkerDaemon:
         self.stopping.set()
         self.shim_server.close()
         self.ends.wake()
+        deadline = time.monotonic() + STOP_CALL_S
         for thread in self._threads:
-            thread.join(timeout=5)
-        self.ends.retry()  # a last try; what Redis still cannot take waits in the journal
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        # A last try at the journaled ends, then the node down; what Redis still cannot take
+        # waits in the journal.
+        if not within([self.ends.retry, self._mark_down], STOP_CALL_S):
+            log.warning("worker: Redis did not answer while stopping; ends left in the journal, node %s "
+                        "marked down by its heartbeat's expiry", self.node)  # fmt: skip
+        self.probe.close()
+
+    def _offline(self) -> None:
+        with self._beat_lock, contextlib.suppress(redis.RedisError):
+            if not self.fenced.is_set():
+                self.redis.delete(keys.node(self.node))
+
+    def _mark_down(self) -> None:
         try:
             pipe = self.redis.pipeline(transaction=False)
             if not self.fenced.is_set():  # a fenced worker's node belongs to its successor
@@ -189,7 +206,6 @@ class WorkerDaemon:
             pipe.execute()
         except redis.RedisError as exc:
             log.warning("worker: could not mark node %s down (%s)", self.node, exc)
-        self.probe.close()
 
     # ---- launch (called by RQ in the main thread) -------------------------------------------------
     def launch(self, job_id: int, attempt: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import signal
 import socket
 import sys
 import time
@@ -16,11 +17,11 @@ from rq.serializers import JSONSerializer
 
 from jobs import keys
 from jobs.config import Config
-from jobs.daemons import Presence
+from jobs.daemons import Presence, within
 from jobs.redis_conn import connect_redis
 from jobs.sizes import format_size
 from worker import tasks
-from worker.daemon import WorkerDaemon
+from worker.daemon import STOP_CALL_S, WorkerDaemon
 from worker.probe import GpuProbe
 
 log = logging.getLogger("gpulab.worker")
@@ -60,12 +61,16 @@ def run_worker(config: Config, name: str | None = None, sim_gpus: list[int] | No
     tasks.CURRENT = daemon
     queue = Queue(keys.node_queue_name(node), connection=rq_client, serializer=JSONSerializer)
     gpus = ", ".join(f"GPU{d.index} {format_size(d.total_bytes)}" for d in probe.snapshot().devices)
+    # Until RQ's loop installs its own handlers (after its start-up talks to Redis, which may
+    # hang), a SIGTERM would kill the worker outright (exit -15, nothing shut down).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_before_rq)
     print(f"gpulab worker ready: node {node}{' (simulated)' if simulated else ''}: {gpus}", flush=True)
     try:
         _take_launches(queue, rq_client, f"gpulab-{node}-{daemon.owner}")
     finally:
         daemon.shutdown()
-        presence.leave()
+        within([presence.leave], STOP_CALL_S)  # else it expires
     return 0
 
 
@@ -85,11 +90,20 @@ class LaunchWorker(SimpleWorker):
         )
 
 
+def _stop_before_rq(_signum: int, _frame: object) -> None:
+    raise StopRequested()  # what RQ's own handler raises when the worker is idle
+
+
 def _take_launches(queue: Queue, client: redis.Redis, name: str) -> None:
     """RQ's loop, until a signal stops it. RQ quits its loop on any error it does not expect
     (Redis away during its own bookkeeping, a Sentinel failover): the worker would then stop
     every job and exit. Start a new loop instead (a new RQ worker name: the old one may not
     have been able to deregister)."""
+    with contextlib.suppress(StopRequested):  # a stop before RQ's handlers were installed
+        _rq_loops(queue, client, name)
+
+
+def _rq_loops(queue: Queue, client: redis.Redis, name: str) -> None:
     for restart in itertools.count():
         try:
             rq_worker = LaunchWorker(
@@ -103,10 +117,7 @@ def _take_launches(queue: Queue, client: redis.Redis, name: str) -> None:
             if rq_worker._shutdown_requested_date is not None:  # SIGTERM / SIGINT (RQ sets it on either)
                 return
             log.warning("worker: RQ's loop ended without a stop request; taking launches again")
-        try:
-            time.sleep(min(2.0, 0.5 * (restart + 1)))  # RQ's signal handlers stay installed
-        except StopRequested:
-            return
+        time.sleep(min(2.0, 0.5 * (restart + 1)))  # RQ's handlers, or ours, stay installed
 
 
 if __name__ == "__main__":
