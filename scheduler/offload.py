@@ -43,8 +43,7 @@ def in_child(compute: Callable[[], T], timeout_s: float = 600.0) -> T:
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.closerange(0, read_fd)
-            os.close(read_fd)
+            os.closerange(0, write_fd)  # the read end too, and whatever lies between them
             os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
             gc.disable()  # short-lived: collecting would only copy pages of the parent's image
             try:
