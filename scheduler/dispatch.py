@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 
 import redis
@@ -140,4 +141,7 @@ def _text(value: bytes | None) -> str | None:
 def _stop_here_if_asked() -> None:
     if os.environ.pop(STOP_BEFORE_EXEC_ENV, "") == "1":
         print("test hook: stopping before dispatch EXEC", flush=True)
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # At this thread, not the process: kill(getpid()) may be taken by another thread, and
+        # this one ran on and sent its EXEC before the stop reached it (the loop has a thread
+        # of its own since the scheduler stops promptly).
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
