@@ -11,14 +11,18 @@ start gate, the end recorded through the worker's journal.
 
 The bare figure is `seq N | xargs -P 8 -n 1 true`, timed the same way (wall clock), run
 right before and after the stack (the machine is shared: the median of those runs).
+`--cpu` also prints the CPU seconds each process spent over the drains (psutil).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import subprocess
 import time
+
+import psutil
 
 from bench.latency import BenchStack, GiB
 from jobs import keys
@@ -29,6 +33,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sim-gpus", default="8x80GiB", help="the worker's simulated GPUs (default 8x80GiB)")
     p.add_argument("--runs", type=int, default=1, help="arrays drained, one after another, on one stack (default 1)")
     p.add_argument("--quick", action="store_true", help="200 tasks")
+    p.add_argument("--cpu", action="store_true", help="also print the CPU seconds each process spent over the drains")
+
+
+def cpu_seconds(stack: BenchStack) -> dict[str, float]:
+    """CPU (user + system) so far of redis-server, the scheduler, the worker, and the worker's
+    children (its shim server, with the shims and commands it reaped)."""
+    def own(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+
+    out = {}
+    assert stack.redis_server.proc is not None
+    for name, pid in (("redis-server", stack.redis_server.proc.pid), ("scheduler", stack.scheduler.proc.pid),
+                      ("worker", stack.worker.proc.pid)):  # fmt: skip
+        out[name] = own(psutil.Process(pid))
+    shims = 0.0
+    for child in psutil.Process(stack.worker.proc.pid).children():
+        with contextlib.suppress(psutil.Error):
+            t = child.cpu_times()
+            shims += t.user + t.system + t.children_user + t.children_system
+    out["shim server + shims + commands"] = shims
+    return out
 
 
 def bare(tasks: int) -> float:
@@ -63,9 +89,13 @@ def run(args: argparse.Namespace) -> str:
     tasks = 200 if args.quick else args.tasks
     bare_s = [bare(tasks)]
     results = []
+    spent: dict[str, float] = {}
     with BenchStack(sim_gpus=args.sim_gpus) as stack:
+        drain(stack, 20)  # the shim server starts with the first launch
+        before = cpu_seconds(stack)
         for _ in range(args.runs):
             results.append(drain(stack, tasks))
+        spent = {k: v - before.get(k, 0.0) for k, v in cpu_seconds(stack).items()}
     bare_s.append(bare(tasks))
     bare_med = statistics.median(bare_s)
     lines = [
@@ -80,6 +110,9 @@ def run(args: argparse.Namespace) -> str:
         lines.append(f"| gpulab run {n}: submit -> last task ended | {end_s:.2f} | {tasks / end_s:,.0f} "
                      f"| {end_s / bare_med:.1f} |")  # fmt: skip
         lines.append(f"| gpulab run {n}: submit -> last task started | {start_s:.2f} | - | - |")
+    if args.cpu:
+        per = ", ".join(f"{k} {v:.2f}" for k, v in spent.items())
+        lines += ["", f"CPU seconds over the {args.runs} drain(s): {per}"]
     text = "\n".join(lines)
     print(text)
     return text

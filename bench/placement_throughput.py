@@ -19,7 +19,8 @@ faces the full backlog.
 Prints a markdown table. On a shared machine wall time is what the load makes it; the last
 column, placements per CPU-second spent by this process and redis-server during the passes,
 moves far less with the load (compare before/after pairs taken together all the same).
-`--only-run-pass` skips the place()-alone rows. Each run_pass() size also gets a row with
+`--only-run-pass` skips the place()-alone rows; `--phases` adds where a run_pass() goes
+(mean wall ms per step, from timers wrapped around the scheduler's methods). Each run_pass() size also gets a row with
 `--event-ends` (2) job ends per pass: the wake-driven loop's case, where a pass follows a few
 job ends (its p99 at 1k is the issue's "p99 pass <= 10 ms at 1k").
 """
@@ -27,14 +28,18 @@ job ends (its p99 at 1k is the issue's "p99 pass <= 10 ms at 1k").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import socket
 import statistics
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import psutil
 import redis
@@ -63,6 +68,7 @@ class Row:
     busy_s: float
     pass_times: list[float]
     cpu_s: float | None = None  # CPU the passes took: this process plus redis-server (run_pass only)
+    phases: dict[str, float] | None = None  # with --phases: mean ms per pass in each timed step
 
     def markdown(self) -> str:
         p50 = statistics.median(self.pass_times) * 1000
@@ -236,6 +242,7 @@ def bench_run_pass(
         t = server.cpu_times()
         return own + t.user + t.system
 
+    PHASE_MS.clear()
     for _ in range(passes):
         complete_some(store, rng, share, ends)
         missing = pending_n - client.zcard(keys.PENDING)
@@ -251,7 +258,59 @@ def bench_run_pass(
     what = f"Scheduler.run_pass(), {share:.0%} of running jobs end per pass"
     if ends is not None:
         what = f"Scheduler.run_pass(), {ends} job ends per pass (event-driven)"
-    return Row(what, pending_n, passes, placed, busy, times, cpu if server is not None else None)
+    phases = {k: v / passes for k, v in PHASE_MS.items()} if PHASE_MS else None
+    return Row(what, pending_n, passes, placed, busy, times, cpu if server is not None else None, phases)
+
+
+PHASE_MS: defaultdict[str, float] = defaultdict(float)  # filled by the timers `phase_timers` installs
+
+
+@contextlib.contextmanager
+def phase_timers() -> Iterator[None]:
+    """Time the steps of Scheduler.run_pass() (wall ms, summed into PHASE_MS) while inside."""
+    import scheduler.daemon as daemon
+    from scheduler.active import ActiveReader
+    from scheduler.cluster import NodeReader
+    from scheduler.dispatch import Dispatcher
+    from scheduler.forecast import Forecaster
+    from scheduler.pending import PendingReader
+    from scheduler.policy.cluster_state import ClusterState
+    from scheduler.usage import UsageTracker
+
+    targets: list[tuple[Any, str, str]] = [
+        (daemon.Scheduler, "_read_jobs", "read what changed"),
+        (PendingReader, "apply", "  waiting jobs"),
+        (ActiveReader, "update", "  active jobs"),
+        (ActiveReader, "check_leases", "  lease check"),
+        (NodeReader, "read", "nodes"),
+        (daemon, "build_accounts", "GPU accounts"),
+        (UsageTracker, "update", "fair-share usage"),
+        (daemon, "place_queue", "placement"),
+        (ClusterState, "__init__", "  cluster state"),
+        (Dispatcher, "dispatch", "dispatch"),
+        (Forecaster, "update", "start forecast (the pass's part)"),
+        (daemon.Scheduler, "_write_reasons", "reasons"),
+        (PendingReader, "stale_reasons", "  which changed"),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
+
+    def timed(fn: Any, label: str) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                PHASE_MS[label] += (time.perf_counter() - started) * 1000
+
+        return wrapper
+
+    for (owner, name, label), (_, _, fn) in zip(targets, saved, strict=True):
+        setattr(owner, name, timed(fn, label))
+    try:
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
 
 
 def free_port() -> int:
@@ -274,6 +333,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eta-interval", type=float, help="[scheduler] eta_interval_s for run_pass() (0 = no start forecast)"
     )
+    p.add_argument("--phases", action="store_true", help="also print where a run_pass() goes (mean ms per step)")
 
 
 def run(args: argparse.Namespace) -> str:
@@ -299,7 +359,9 @@ def run(args: argparse.Namespace) -> str:
         server = RedisServer(Path(tempfile.mkdtemp(prefix="gpulab-bench-")), port=free_port())
         server.start()
         url = server.url
+    timers = phase_timers() if args.phases else contextlib.nullcontext()
     try:
+        timers.__enter__()
         pid = server.proc.pid if server is not None and server.proc is not None else None
         for n in sizes:
             rows.append(
@@ -320,6 +382,7 @@ def run(args: argparse.Namespace) -> str:
                     )
                 )
     finally:
+        timers.__exit__(None, None, None)
         if server is not None:
             server.stop()
     lines = [
@@ -328,6 +391,10 @@ def run(args: argparse.Namespace) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         *(row.markdown() for row in rows),
     ]
+    for row in rows:
+        if row.phases:
+            steps = ", ".join(f"{k.strip()} {v:.1f}" for k, v in row.phases.items())
+            lines.append(f"\nWhere a pass goes ({row.what}, {row.pending:,} pending; mean ms): {steps}")
     text = "\n".join(lines)
     print(text)
     return text
