@@ -7,7 +7,7 @@ All state is in Redis; this process keeps nothing it cannot rebuild, so it can b
 and restarted at any moment. What it keeps between passes (the waiting and active jobs) is
 kept current from the event stream (scheduler/changes.py): a pass re-reads the jobs that
 changed, not the whole queue; it reads everything again at start, on a gap in the stream,
-when the count of waiting jobs disagrees with Redis, and every RESYNC_S.
+when the count of waiting (or active) jobs disagrees with Redis, and every RESYNC_S.
 """
 
 from __future__ import annotations
