@@ -29,7 +29,7 @@ import redis
 
 from jobs import keys
 from jobs.config import Config
-from jobs.daemons import within
+from jobs.daemons import LastWords
 from jobs.gpus import GpuSnapshot, JobGpuUsage, NodeHeartbeat
 from jobs.lifecycle import Fence, Transition
 from jobs.notify_events import emit
@@ -50,6 +50,12 @@ from worker.shim_server import ShimServer
 
 log = logging.getLogger("gpulab.worker")
 STOP_CALL_S = 3.0  # each step of a stop that talks to Redis waits at most this long
+STOP_CALL_AFTER_SILENCE_S = 0.5  # ... and once one went unanswered, each later one this long
+
+
+def stop_words() -> LastWords:
+    """The bounds of one stop's steps that talk to Redis (the worker's and RQ's)."""
+    return LastWords(STOP_CALL_S, STOP_CALL_AFTER_SILENCE_S)
 
 
 class NodeNameTaken(RuntimeError):
@@ -161,18 +167,19 @@ class WorkerDaemon:
             "pick another with --name or wait for its lease to expire"
         )
 
-    def shutdown(self) -> None:
+    def shutdown(self, last_words: LastWords | None = None) -> None:
         """Stop every job (requeued or failed as NodeLost, per its spec) and leave cleanly.
 
         The node goes offline first, so a requeued job is not dispatched straight back here;
         the monitor keeps renewing the stopping jobs' leases (their shims would otherwise
         kill them early, and the scheduler could run them elsewhere while they checkpoint)."""
         self.draining.set()
-        # Each word to Redis here is bounded (jobs.daemons.within): cut off from Redis, a stop
+        # Each word to Redis here is bounded (jobs.daemons.LastWords): cut off from Redis, a stop
         # waited out every call's timeout and retries (52 s). What is not said expires: the
         # heartbeat with its TTL, the jobs' leases (the scheduler requeues them), and the ends
         # wait in the journal for the next worker of this node.
-        within([self._offline], STOP_CALL_S)
+        last_words = last_words or stop_words()
+        last_words.say([self._offline])
         with self._lock:
             runners = list(self.runners.values())
         for runner in runners:
@@ -182,12 +189,12 @@ class WorkerDaemon:
         self.stopping.set()
         self.shim_server.close()
         self.ends.wake()
-        deadline = time.monotonic() + STOP_CALL_S
+        deadline = time.monotonic() + last_words.bound()  # a thread may wait on Redis
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         # A last try at the journaled ends, then the node down; what Redis still cannot take
         # waits in the journal.
-        if not within([self.ends.retry, self._mark_down], STOP_CALL_S):
+        if not last_words.say([self.ends.retry, self._mark_down]):
             log.warning("worker: Redis did not answer while stopping; ends left in the journal, node %s "
                         "marked down by its heartbeat's expiry", self.node)  # fmt: skip
         self.probe.close()

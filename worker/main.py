@@ -17,11 +17,11 @@ from rq.serializers import JSONSerializer
 
 from jobs import keys
 from jobs.config import Config
-from jobs.daemons import Presence, within
+from jobs.daemons import LastWords, Presence
 from jobs.redis_conn import connect_redis
 from jobs.sizes import format_size
 from worker import tasks
-from worker.daemon import STOP_CALL_S, WorkerDaemon
+from worker.daemon import WorkerDaemon, stop_words
 from worker.probe import GpuProbe
 
 log = logging.getLogger("gpulab.worker")
@@ -66,11 +66,12 @@ def run_worker(config: Config, name: str | None = None, sim_gpus: list[int] | No
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop_before_rq)
     print(f"gpulab worker ready: node {node}{' (simulated)' if simulated else ''}: {gpus}", flush=True)
+    last_words = stop_words()  # one stop: RQ's deregistration, the daemon's, the presence
     try:
-        _take_launches(queue, rq_client, f"gpulab-{node}-{daemon.owner}")
+        _take_launches(queue, rq_client, f"gpulab-{node}-{daemon.owner}", last_words)
     finally:
-        daemon.shutdown()
-        within([presence.leave], STOP_CALL_S)  # else it expires
+        daemon.shutdown(last_words)
+        last_words.say([presence.leave])  # else it expires
     return 0
 
 
@@ -81,6 +82,7 @@ class LaunchWorker(SimpleWorker):
     the suite: one stop in ~60 took 60 s)."""
 
     PUBSUB_POLL_S = 1.0
+    last_words: LastWords  # set by _rq_loops
 
     def subscribe(self) -> None:
         self.pubsub = self.connection.pubsub()
@@ -89,21 +91,31 @@ class LaunchWorker(SimpleWorker):
             sleep_time=self.PUBSUB_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler
         )
 
+    def teardown(self) -> None:
+        """RQ's own deregistration, bounded: cut off from Redis it waited on RQ's client, whose
+        socket timeout RQ raises to 415 s, and RQ ignores a second SIGTERM within a second, so
+        a stopped worker hung there before stopping its jobs. What it could not say expires by
+        itself (RQ's worker key has a TTL; RQ prunes `rq:workers` of dead names). A loop that
+        quit on an error (it restarts) does not speak for the stop's later steps."""
+        stopping = self._shutdown_requested_date is not None
+        if not (self.last_words if stopping else stop_words()).say([super().teardown]):
+            log.warning("worker: RQ could not deregister (Redis did not answer); its entry expires")
+
 
 def _stop_before_rq(_signum: int, _frame: object) -> None:
     raise StopRequested()  # what RQ's own handler raises when the worker is idle
 
 
-def _take_launches(queue: Queue, client: redis.Redis, name: str) -> None:
+def _take_launches(queue: Queue, client: redis.Redis, name: str, last_words: LastWords) -> None:
     """RQ's loop, until a signal stops it. RQ quits its loop on any error it does not expect
     (Redis away during its own bookkeeping, a Sentinel failover): the worker would then stop
     every job and exit. Start a new loop instead (a new RQ worker name: the old one may not
     have been able to deregister)."""
     with contextlib.suppress(StopRequested):  # a stop before RQ's handlers were installed
-        _rq_loops(queue, client, name)
+        _rq_loops(queue, client, name, last_words)
 
 
-def _rq_loops(queue: Queue, client: redis.Redis, name: str) -> None:
+def _rq_loops(queue: Queue, client: redis.Redis, name: str, last_words: LastWords) -> None:
     for restart in itertools.count():
         try:
             rq_worker = LaunchWorker(
@@ -112,6 +124,7 @@ def _rq_loops(queue: Queue, client: redis.Redis, name: str) -> None:
         except redis.RedisError as exc:  # RQ's constructor talks to Redis, which may still be away
             log.warning("worker: cannot start RQ's loop yet (%s); retrying", exc)
         else:
+            rq_worker.last_words = last_words
             with contextlib.suppress(redis.RedisError):  # its teardown could not reach Redis either
                 rq_worker.work(logging_level="WARNING", with_scheduler=False)
             if rq_worker._shutdown_requested_date is not None:  # SIGTERM / SIGINT (RQ sets it on either)

@@ -209,3 +209,27 @@ def test_daemons_stop_promptly_while_redis_does_not_answer(own_stack: Stack, own
         own_redis.proc.send_signal(signal.SIGCONT)
     assert not any("released the lease" in line for line in scheduler.lines)  # it could not
     scheduler.wait_line("could not release the lease")
+
+
+def test_worker_with_a_running_job_stops_promptly_while_redis_does_not_answer(
+    own_stack: Stack, own_redis: OwnRedis, marker: Marker
+) -> None:
+    """Break (found by the attack round of the prompt-stop fix): once RQ's loop had registered
+    and taken a launch, a SIGTERM'd worker cut off from Redis hung in RQ's own teardown
+    (`register_death` on RQ's client, whose socket timeout RQ raises to 415 s; a second
+    SIGTERM within a second is ignored by RQ). The worker must stop its job and exit."""
+    stack = own_stack
+    stack.start_scheduler().wait_line("leads now")
+    worker = stack.start_worker("n1", "1x24GiB")
+    job = stack.submit("--mem", "1GiB", *marker.job_args())
+    record = stack.wait_state(job, JobState.RUNNING)
+    job_pid = marker.wait_start(job, record.attempt).pid
+    assert stack.redis.smembers("rq:workers"), "RQ's loop registered itself"
+    assert own_redis.proc is not None
+    own_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(timeout=STOP_BOUND_S) == 0
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
+    eventually(lambda: not pid_alive(job_pid))  # the job was stopped, not left behind
