@@ -95,10 +95,12 @@ class ApiClient:
         body = {"ids": job_ids, "arrays": arrays or []}
         return list(self.request("POST", api.bulk_path(action), body, timeout_s=max(self.timeout_s, 300.0))["results"])
 
-    def log(self, job_id: int, offset: int, wait_s: float = 0.0) -> dict[str, Any]:
+    def log(self, job_id: int, offset: int, wait_s: float = 0.0, as_base64: bool = False) -> dict[str, Any]:
         """Output from `offset`; with `wait_s`, the scheduler holds the answer until there is some
-        (or the job changes state), at most that long."""
-        query = {"offset": offset} | ({"wait": wait_s} if wait_s > 0 else {})
+        (or the job changes state), at most that long. `as_base64`: `data` is the bytes as
+        written, base64-encoded (else text, with U+FFFD for bytes that are not UTF-8)."""
+        query: dict[str, object] = {"offset": offset} | ({"wait": wait_s} if wait_s > 0 else {})
+        query |= {"encoding": "base64"} if as_base64 else {}
         path = api.job_path(job_id, "log") + "?" + urlencode(query)
         return dict(self.request("GET", path, timeout_s=wait_s + 30 if wait_s > 0 else None))
 

@@ -9,6 +9,7 @@ held), `-f` says once on stderr what it waits for, and again when that changes.
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from typing import Any
@@ -45,12 +46,28 @@ def skipped_line(skipped: int) -> str:
 
 
 class TerminalWriter:
-    """Writes a job's output to stdout: escaped for a terminal unless raw, holding back an
-    escape sequence cut in two by the chunking so it is not shown as garbage."""
+    """Writes a job's output to stdout: escaped for a terminal (holding back an escape
+    sequence cut in two by the chunking, so it is not shown as garbage), or, with `exact`,
+    the bytes as the job wrote them (answers in base64: not UTF-8 is kept too)."""
 
-    def __init__(self, clean: bool) -> None:
+    def __init__(self, clean: bool, exact: bool = False) -> None:
         self.clean = clean
+        self.exact = exact
         self.held = ""
+
+    def write_answer(self, data: str, *, last: bool = False) -> None:
+        if self.exact:
+            sys.stdout.buffer.write(base64.b64decode(data))
+            sys.stdout.buffer.flush()
+        else:
+            self.write(data, last=last)
+
+    def note(self, text: str) -> None:
+        """gpulab's own words: not mixed into output meant to be the job's bytes."""
+        if self.exact:
+            click.echo(text.strip("\n"), err=True)
+        else:
+            self.write(text)
 
     def write(self, text: str, *, last: bool = False) -> None:
         if self.clean:
@@ -72,12 +89,15 @@ def _unfinished_csi(text: str) -> bool:
 @click.argument("job_id", type=job_ids.JOB_ID)
 @click.option("-f", "--follow", is_flag=True, help="Follow until the job ends; says what a waiting job waits for.")
 @click.option("--json", "as_json", is_flag=True, help="JSON: one object; with -f one object per line.")
-@click.option("--raw", is_flag=True, help="Print the output as written (escape sequences too), even to a terminal.")
+@click.option("--raw", is_flag=True, help="Print the bytes as written (escape sequences too), even to a terminal.")
 @pass_ctx
 def logs(ctx: Context, job_id: int, follow: bool, as_json: bool, raw: bool) -> None:
-    """Print a job's output (stdout and stderr), from any host."""
+    """Print a job's output (stdout and stderr), from any host. To a terminal, escape sequences
+    are shown escaped; piped, or with --raw, the bytes are exactly what the job wrote."""
     client, offset = ctx.client(), 0
-    writer = TerminalWriter(clean=sys.stdout.isatty() and not raw and not as_json)
+    terminal = sys.stdout.isatty()
+    exact = not as_json and (raw or not terminal)
+    writer = TerminalWriter(clean=terminal and not raw and not as_json, exact=exact)
     said = None  # the (state, reason) last reported
     parts: list[str] = []
     skipped = 0
@@ -85,7 +105,7 @@ def logs(ctx: Context, job_id: int, follow: bool, as_json: bool, raw: bool) -> N
     final_reads = 0
     while True:
         # The first answer at once (it says what a waiting job waits for), then long polls.
-        chunk = ctx.call(client.log, job_id, offset, FOLLOW_WAIT_S if follow and chunk else 0.0)
+        chunk = ctx.call(client.log, job_id, offset, FOLLOW_WAIT_S if follow and chunk else 0.0, exact)
         offset = chunk["offset"]
         skipped += chunk.get("skipped", 0)
         status = (chunk.get("state"), chunk.get("reason"))
@@ -95,8 +115,8 @@ def logs(ctx: Context, job_id: int, follow: bool, as_json: bool, raw: bool) -> N
             parts.append(chunk["data"])
         else:
             if chunk.get("skipped"):
-                writer.write(skipped_line(chunk["skipped"]))
-            writer.write(chunk["data"], last=chunk["final"] and not chunk["more"])
+                writer.note(skipped_line(chunk["skipped"]))
+            writer.write_answer(chunk["data"], last=chunk["final"] and not chunk["more"])
             waiting = chunk.get("state") in WAITING_STATES
             if waiting and status != said and (follow or (offset == 0 and not chunk["data"])):
                 click.echo(waiting_line(job_id, chunk), err=True)

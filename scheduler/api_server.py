@@ -171,7 +171,11 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and action == "":
             return svc.show(caller, job_id)
         if method == "GET" and action == "log":
-            return svc.log(caller, job_id, _int_param(query, "offset", 0), _float_param(query, "wait", 0.0))
+            offset, wait_s = _int_param(query, "offset", 0), _float_param(query, "wait", 0.0)
+            encoding = query.get("encoding", "text")
+            if encoding not in ("text", "base64"):
+                raise ApiError(400, "'encoding' must be text or base64")
+            return svc.log(caller, job_id, offset, wait_s, as_base64=encoding == "base64")
         if method == "GET" and action == "wait":
             return svc.wait(caller, job_id, _float_param(query, "timeout", 30.0))
         if method == "POST" and action in JOB_ACTIONS:

@@ -3,6 +3,7 @@ plain values, and returns JSON-ready data or raises ApiError with one line for t
 
 from __future__ import annotations
 
+import base64
 import errno
 import os
 import stat
@@ -116,30 +117,35 @@ class SchedulerService:
             raise ApiError(409, f"cannot {verb} job {transition.job_id}: it is {exc.current}") from None
         return {"id": transition.job_id, "state": transition.target.value}
 
-    def log(self, caller: Caller, job_id: int, offset: int, wait_s: float = 0.0) -> dict[str, Any]:
+    def log(
+        self, caller: Caller, job_id: int, offset: int, wait_s: float = 0.0, as_base64: bool = False
+    ) -> dict[str, Any]:
         """Bytes of the job's output from `offset`, from Redis (shipped by its worker, so from
         any host), else from the log file if it is on this host. With `wait_s`, blocks until
-        output arrives or the job changes state (`logs -f`), at most MAX_LOG_WAIT_S."""
+        output arrives or the job changes state (`logs -f`), at most MAX_LOG_WAIT_S.
+        `data` is text (bytes that are not UTF-8 read as U+FFFD, a character cut by the chunk
+        waits for the next answer), or with `as_base64` the bytes as written (`logs --raw`)."""
         if not 0 <= offset <= MAX_LOG_OFFSET:
             raise ApiError(400, f"'offset' must be between 0 and {MAX_LOG_OFFSET}")
         seen = self.joblog.events_seen(job_id) if wait_s > 0 else b""  # before the reads: no change slips by
         record = self._owned(caller, job_id, "read its log")
-        answer = self._log_answer(record, offset)
+        answer = self._log_answer(record, offset, as_base64)
         if wait_s > 0 and not answer["data"] and not answer["skipped"] and not record.is_final:
             self.joblog.wait(job_id, offset, seen, min(wait_s, MAX_LOG_WAIT_S))
-            answer = self._log_answer(self._owned(caller, job_id, "read its log"), offset)
+            answer = self._log_answer(self._owned(caller, job_id, "read its log"), offset, as_base64)
         return answer
 
-    def _log_answer(self, record: JobRecord, offset: int) -> dict[str, Any]:
+    def _log_answer(self, record: JobRecord, offset: int, as_base64: bool) -> dict[str, Any]:
         job_id = record.id
         chunk = self.joblog.read(job_id, offset)
         source = "redis"
         if chunk.end == 0 and not self.joblog.exists(job_id):
             chunk, source = self._log_file_chunk(record, offset), "file"
         more = chunk.next_offset < chunk.end
-        cut = utf8_cut(chunk.data, final=not more and record.is_final)
+        cut = len(chunk.data) if as_base64 else utf8_cut(chunk.data, final=not more and record.is_final)
+        data = chunk.data[:cut]
         return {
-            "data": chunk.data[:cut].decode(errors="replace"),
+            "data": base64.b64encode(data).decode() if as_base64 else data.decode(errors="replace"),
             "start": chunk.start,
             "offset": chunk.start + cut,
             "skipped": chunk.skipped,

@@ -194,6 +194,12 @@ class Stack:
             check=check,
         )
 
+    def cli_bytes(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        """`cli` for output that is bytes, not text (`gpulab logs` piped prints the job's bytes)."""
+        return subprocess.run(
+            [sys.executable, "-m", "cli", *args], env=self.env, cwd=self.tmp_path, capture_output=True, timeout=120
+        )
+
     def submit(self, *args: str) -> int:
         result = self.cli("submit", *args)
         assert result.returncode == 0, result.stderr

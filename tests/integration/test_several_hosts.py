@@ -161,10 +161,10 @@ def test_a_flood_of_binary_without_newlines_is_capped_and_keeps_head_and_end(hos
     assert int(meta[b"end"]) == (gpu1.state_dir / "logs" / f"{job}.log").stat().st_size > 19 * 10**6
     assert int(meta[b"stored"]) <= CAP + 64 * 1024  # the newest entry is never cut
     assert head.redis.memory_usage(keys.job_log(job)) < 3 * CAP
-    shown = head.cli("logs", str(job))
+    shown = head.cli_bytes("logs", str(job))  # piped: the job's bytes; gpulab's note on stderr
     assert shown.returncode == 0
-    assert shown.stdout.startswith("HEAD-OF-OUTPUT") and shown.stdout.endswith("END-OF-OUTPUT")
-    assert "of this job's output not kept in Redis" in shown.stdout
+    assert shown.stdout.startswith(b"HEAD-OF-OUTPUT") and shown.stdout.endswith(b"END-OF-OUTPUT")
+    assert b"of this job's output not kept in Redis" in shown.stderr
     # The neighbour on the same node still gets its output shipped, and the node lives.
     eventually(lambda: "holding 0" in head.cli("logs", str(neighbour)).stdout)
     release(fifo, 0)
@@ -196,6 +196,21 @@ def test_terminal_escapes_from_a_job_reach_json_escaped_and_raw_only_on_request(
     assert as_json["data"] == "a\x1b]0;pwned\x07b\x1b[31mred\x1b[0m\x00\n"
     raw = head.cli("logs", "--raw", str(job))  # piped (not a terminal): the bytes as written
     assert raw.stdout == as_json["data"]
+
+
+def test_logs_piped_or_raw_are_the_bytes_the_job_wrote(hosts: Hosts) -> None:
+    """Break: `logs --raw` (and piped `logs`) printed bytes that are not UTF-8 as U+FFFD: the
+    API answered text only. A job's output is its bytes: binary, Latin-1, a character cut at
+    the end, a NUL, a terminal escape."""
+    head = hosts.head
+    written = b"latin-1 \xe9t\xe9 \xff\xfe\x00 \x1b[31mred\x1b[0m euro \xe2\x82\xac cut \xe2\x82"
+    job = head.submit("--", sys.executable, "-c", f"import sys; sys.stdout.buffer.write({written!r})")
+    head.wait_state(job, JobState.COMPLETED)
+    for args in (["--raw"], [], ["-f"]):
+        out = head.cli_bytes("logs", *args, str(job))
+        assert (out.returncode, out.stdout, out.stderr) == (0, written, b""), args
+    as_json = json.loads(head.cli("logs", "--json", str(job)).stdout)
+    assert as_json["data"] == written.decode(errors="replace")  # JSON is text
 
 
 def test_a_job_without_output_reads_as_empty_and_others_cannot_read_it(hosts: Hosts, tmp_path: Path) -> None:
