@@ -155,16 +155,13 @@ class Scheduler:
         return stats
 
     def _freeze_caches(self) -> None:
-        """After a full read (at start, on a gap, every RESYNC_S), after the pass: collect,
-        then move every object alive into the collector's permanent generation. The records
+        """After a full read (at start, on a gap, every RESYNC_S), after the pass: the records
         the readers keep (10k-100k jobs) then never make a later collection long: a full
         collection over them, at any pass that allocates, cost a 1k-job pass ~50 ms (on a
-        2-core machine). They are freed by reference counting when replaced (they hold no
-        cycles); the collect first keeps any cyclic garbage from being frozen with them."""
+        2-core machine)."""
         self._frozen_at = self._last_full
         started = time.perf_counter()
-        gc.collect()
-        gc.freeze()
+        collect_and_freeze()
         log.debug("froze %d objects in %.1f ms", gc.get_freeze_count(), (time.perf_counter() - started) * 1000)
 
     def _read_jobs(self, invalid: dict[int, str]) -> tuple[list[Active], int]:
@@ -408,3 +405,15 @@ class Scheduler:
             # the assign timeout; test_killed_worker_jobs_are_requeued_on_a_live_node).
             self.redis.delete(*(keys.node(n) for n in sorted(lost_nodes)))
         return reaped
+
+
+def collect_and_freeze() -> None:
+    """Collect everything, the objects frozen last time included, then move every object
+    alive into the collector's permanent generation, where later collections skip them.
+    Records are freed by reference counting when replaced (they hold no cycles); a cycle
+    frozen while alive that died since is collected here, at the next full read, not leaked
+    (`gc.unfreeze` first: ~70 ms over 100k records' objects, once a full read)."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
