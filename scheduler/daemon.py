@@ -30,14 +30,15 @@ from jobs.states import JobState, Reason
 from jobs.store import Fenced, JobStore, TransitionRefused
 from scheduler.active import Active, ActiveReader
 from scheduler.changes import ChangeFeed
-from scheduler.cluster import Ledger, NodeReader
+from scheduler.cluster import AccountBook, Ledger, NodeReader
 from scheduler.counters import MetricCounters
 from scheduler.dependencies import DependencyReader
 from scheduler.dispatch import Dispatcher
 from scheduler.forecast import Forecaster
 from scheduler.leader import Leadership
 from scheduler.pending import PendingReader
-from scheduler.policy.accounting import AccountingPolicy, Reservation, build_accounts
+from scheduler.policy.accounting import AccountingPolicy, GpuAccount, Reservation
+from scheduler.policy.cluster_state import ClusterBase
 from scheduler.policy.dependencies import evaluate
 from scheduler.policy.inputs import pending_job, running_job
 from scheduler.policy.placement import Waiting, WaitingQueue, place_queue
@@ -80,6 +81,11 @@ class Scheduler:
         self.active = ActiveReader(client, self.pending.known)  # a dispatched job is not parsed again
         self.ledger = Ledger(client)
         self.nodes = NodeReader(client)
+        # The GPU accounts and the cluster placement starts from, kept between passes and
+        # rebuilt node by node where their inputs changed; compared with fresh builds at
+        # every full read (`_cluster_base`).
+        self.book = AccountBook(self.policy)
+        self.cluster_base: ClusterBase | None = None
         self.dependencies = DependencyReader(client)
         self.usage = UsageTracker(client, config.policy.fairshare_half_life_s)
         self.forecaster = Forecaster(client, config)
@@ -167,8 +173,9 @@ class Scheduler:
         gc.freeze()
         log.debug("froze %d objects in %.1f ms", gc.get_freeze_count(), (time.perf_counter() - started) * 1000)
 
-    def _read_jobs(self, invalid: dict[int, str]) -> tuple[list[Active], int]:
-        """(active jobs, how many were reaped), the waiting jobs in `pending`: re-read what the event stream
+    def _read_jobs(self, invalid: dict[int, str]) -> tuple[list[Active], int, bool]:
+        """(active jobs, how many were reaped, whether everything was read), the waiting jobs
+        in `pending`: re-read what the event stream
         says changed, everything when it cannot say; leases are checked (and expired ones
         reaped) once per housekeeping interval."""
         clock = time.monotonic()
@@ -202,19 +209,19 @@ class Scheduler:
         if full:
             self._last_full = clock
             self.pending.read(invalid)
-        return current, reaped
+        return current, reaped, full
 
     def _run_pass(self) -> PassStats:
         started = time.perf_counter()
         now = time.time()
         invalid: dict[int, str] = {}
-        current, reaped = self._read_jobs(invalid)
+        current, reaped, full = self._read_jobs(invalid)
         active = [a.record for a in current]
         beats, _down, drained = self.nodes.read()
         ledger = self._ledger  # read with the active jobs (scheduler/cluster.py, Ledger)
         if invalid:
             self.quarantine(invalid)
-        accounts = build_accounts(beats, list(ledger.values()), self.policy)
+        accounts = self.book.checked(beats, ledger) if full else self.book.build(beats, ledger)
         unavailable = frozenset(b.node for b in beats if b.draining) | frozenset(drained)
         whole_gpu_bytes = max((g.total for gpus in accounts.values() for g in gpus), default=0)
         usage = self.usage.update(now, active, ledger, whole_gpu_bytes)
@@ -223,6 +230,7 @@ class Scheduler:
         blocked = self._dependencies()
         reasons = {k: v for k, v in blocked.items() if v.reason == Reason.DEPENDENCY}
         running = self._running_jobs(active, ledger)
+        base = self._cluster_base(accounts, unavailable, running, full)
         self._sync_queue(touched, blocked)
         preempting = self.config.policy.preempt_after_s > 0
         place_started = time.perf_counter()
@@ -236,6 +244,7 @@ class Scheduler:
             now=now,
             unavailable_nodes=unavailable,
             merge_bulk=preempting,  # a 100k-entry dict costs ~5 ms a pass; only preemption reads it
+            base=base,
         )
         place_s = time.perf_counter() - place_started
         placed = self.dispatcher.dispatch(result.assignments)
@@ -247,9 +256,7 @@ class Scheduler:
             running, active, usage, unavailable,
         )  # fmt: skip
         left = (  # built only for preemption: a pass over the whole queue
-            [j for i, j in self._queue.by_id.items() if i in result.waiting]
-            if preempting
-            else []
+            [j for i, j in self._queue.by_id.items() if i in result.waiting] if preempting else []
         )
         self.preemptor.run(now, left, starts, active, running, accounts, self.policy, usage, unavailable, self.fence)
         duration = time.perf_counter() - started
@@ -267,6 +274,20 @@ class Scheduler:
         duration = time.perf_counter() - started
         pending = len(self._queue) + sum(1 for i in blocked if self._is_pending(i))
         return PassStats(pending, len(placed), reaped, duration, len(result.reservations), place_s)
+
+    def _cluster_base(
+        self, accounts: dict[str, list[GpuAccount]], unavailable: frozenset[str], running: list[RunningJob], full: bool
+    ) -> ClusterBase:
+        """The cluster placement starts from, built from last pass's where the inputs allow
+        (scheduler/policy/cluster_state.py); at a full read also from scratch, to compare."""
+        base = ClusterBase.build(accounts, self.policy, unavailable, running, self.cluster_base)
+        if full and self.cluster_base is not None:
+            fresh = ClusterBase.build(accounts, self.policy, unavailable, running)
+            if not base.same_as(fresh):
+                log.error("the cluster state kept between passes differs from a fresh build; built again")
+                base = fresh
+        self.cluster_base = base
+        return base
 
     def _running_jobs(self, active: list[JobRecord], ledger: dict[int, Reservation]) -> list[RunningJob]:
         """Placement's view of the active jobs; a job whose record and reservation are the

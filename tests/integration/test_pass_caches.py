@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
+import pytest
 import redis
 
 from jobs import keys, lifecycle
@@ -19,10 +21,13 @@ from jobs.spec import JobSpec
 from jobs.states import JobState
 from jobs.store import JobStore
 from scheduler.active import ActiveReader
-from scheduler.cluster import read_ledger
+from scheduler.cluster import NodeReader, read_ledger
 from scheduler.daemon import Scheduler
 from scheduler.forecast import duration_key
 from scheduler.pending import ESTIMATES_PER_PASS
+from scheduler.policy.accounting import build_accounts
+from scheduler.policy.cluster_state import ClusterBase
+from scheduler.policy.inputs import running_job
 
 GIB = 2**30
 
@@ -280,3 +285,90 @@ def test_estimates_a_forecast_moved_are_written_in_turns_until_all_are(redis_cli
         scheduler.run_pass()
         written.append(sum(r.est_start_at == soon for r in store.get_many(queued)))
     assert written == [ESTIMATES_PER_PASS, 2 * ESTIMATES_PER_PASS, 120, 120]
+
+
+def beat_node(client: redis.Redis, name: str, free: int = 80 * GIB, gpus: int = 2) -> None:
+    """A node's heartbeat with `free` bytes free on each GPU (a new heartbeat, new bytes)."""
+    devices = tuple(GpuDevice(i, f"GPU-{name}-{i}", "Sim", 80 * GIB, free, 80 * GIB - free) for i in range(gpus))
+    beat = NodeHeartbeat(name, GpuSnapshot(devices, time.time()), sent_at=time.time())
+    client.set(keys.node(name), json.dumps(beat.to_json()), px=600_000)
+    client.sadd(keys.NODES, name)
+
+
+def fresh_cluster(client: redis.Redis, scheduler: Scheduler) -> ClusterBase:
+    """The cluster a pass would start from if it read everything now and kept nothing."""
+    beats, _down, drained = NodeReader(client).read()
+    ledger = {r.job_id: r for r in read_ledger(client)}
+    accounts = build_accounts(beats, list(ledger.values()), scheduler.policy)
+    unavailable = frozenset(b.node for b in beats if b.draining) | frozenset(drained)
+    running = [running_job(a.record, ledger.get(a.record.id)) for a in ActiveReader(client).read()]
+    return ClusterBase.build(accounts, scheduler.policy, unavailable, running)
+
+
+def test_the_kept_cluster_follows_heartbeats_ledger_nodes_drains_and_a_flush(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    for name in ("n1", "n2"):
+        beat_node(redis_client, name)
+    scheduler = Scheduler(Config(), redis_client)
+    scheduler._last_lease_check = float("inf")  # no lease check: only the event stream updates it
+    ids = submit(store, 3, mem=30 * GIB)
+    assert scheduler.run_pass().placed == 3  # a full read: built from scratch
+
+    def kept_is_fresh() -> bool:
+        base = scheduler.cluster_base
+        return base is not None and base.same_as(fresh_cluster(redis_client, scheduler))
+
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("ledger entries appear", lambda: submit(store, 2, mem=20 * GIB)),
+        ("a heartbeat changes", lambda: beat_node(redis_client, "n1", free=50 * GIB)),
+        (
+            "a ledger entry disappears",
+            lambda: (
+                run(store, ids[0], 1),
+                store.transition(Transition(ids[0], JobState.COMPLETED, {"ended_at": time.time()}, wake=False)),
+            ),
+        ),
+        ("a node vanishes", lambda: redis_client.delete(keys.node("n2"))),
+        ("the node returns", lambda: beat_node(redis_client, "n2")),
+        ("a node is drained", lambda: redis_client.hset(keys.DRAINED, "n1", "maintenance")),
+        ("and undrained", lambda: redis_client.hdel(keys.DRAINED, "n1")),
+        (
+            "a heartbeat changes on a drained node",
+            lambda: (
+                redis_client.hset(keys.DRAINED, "n2", "x"),
+                beat_node(redis_client, "n2", free=70 * GIB),
+            ),
+        ),
+        ("Redis is flushed", lambda: (redis_client.flushall(), beat_node(redis_client, "n1", free=40 * GIB))),
+    ]
+    for what, step in steps:
+        step()
+        # The base is what a pass starts from: after a pass that dispatched, Redis is ahead of it.
+        while scheduler.run_pass().placed:
+            pass
+        assert kept_is_fresh(), what
+
+
+def test_a_kept_cluster_gone_wrong_is_found_and_replaced_at_the_next_full_read(
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = JobStore(redis_client)
+    beat_node(redis_client, "n1")
+    scheduler = Scheduler(Config(), redis_client)
+    submit(store, 2, mem=30 * GIB)
+    scheduler.run_pass()
+    scheduler.run_pass()
+    base = scheduler.cluster_base
+    assert base is not None
+    # What a missed invalidation would leave: the kept accounts and slots no longer Redis's.
+    base.accounts["n1"][0].committed += 40 * GIB
+    base.slots[0].avail = 0
+    scheduler.changes.forget()  # a gap: the next pass reads everything, and compares
+    scheduler.run_pass()
+    assert scheduler.cluster_base is not None
+    assert scheduler.cluster_base.same_as(fresh_cluster(redis_client, scheduler))
+    assert scheduler.cluster_base.accounts == build_accounts(
+        *NodeReader(redis_client).read()[:1], read_ledger(redis_client), scheduler.policy
+    )
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("GPU accounts" in e for e in errors) and any("cluster state" in e for e in errors)
