@@ -7,7 +7,7 @@ record and two more commands per job. A cache: rebuilt from Redis after a restar
 
 `read` re-reads every active job and its lease (at start, on a gap, every resync);
 between, `update` re-reads only the jobs the event stream says changed (scheduler/changes.py)
-and reports every lease as held, and `check_leases` (every housekeeping interval) asks Redis
+and reports every lease as held, and `lapsed` (every housekeeping interval) asks Redis
 for the leases alone, so only a read or checked pass reaps.
 
 A job the scheduler just dispatched is not parsed again: `known` (the waiting jobs' cache,
@@ -99,15 +99,19 @@ class ActiveReader:
             return _refreshed(parsed[job_id], row)
         return None
 
-    def check_leases(self) -> list[Active]:
-        """The active jobs as of the last read or update, each with whether its lease still
-        exists now (what the reaper needs), asked of Redis for the leases alone: the records
-        are kept current by `update`, and `read` re-reads them whole at every resync."""
+    def lapsed(self) -> list[Active]:
+        """The active jobs (as of the last read or update) whose lease no longer exists now:
+        what the reaper needs, asked of Redis for the leases alone - the records are kept
+        current by `update`, and `read` re-reads them whole at every resync. Only the lapsed
+        ones are returned: rebuilding every active job with its lease made the passes that
+        check (each housekeeping interval) the slowest of a 1k-job queue."""
         out = []
-        for start in range(0, len(self._active), PAGE):
-            page = list(self._active)[start : start + PAGE]
-            lapsed = self.store.lapsed_leases(page)
-            out += [replace(self._active[i], has_lease=i not in lapsed) for i in page]
+        ids = list(self._active)
+        for start in range(0, len(ids), PAGE):
+            page = ids[start : start + PAGE]
+            gone = self.store.lapsed_leases(page)
+            if gone:
+                out += [replace(self._active[i], has_lease=False) for i in page if i in gone]
         return out
 
     def read(self, invalid: dict[int, str] | None = None) -> list[Active]:

@@ -181,10 +181,12 @@ class Scheduler:
         clock = time.monotonic()
         changed, waiting_count, active_count = self.changes.poll()
         full = changed is None or clock - self._last_full >= RESYNC_S
+        lapsed: list[Active] = []  # the active jobs whose lease is known gone: the reaper's
         if full:
             self.changes.mark()  # before reading everything: later changes show in the next poll
             self._last_lease_check = clock
             current = self.active.read(invalid)
+            lapsed = [a for a in current if not a.has_lease]
             self._ledger = self.ledger.read()
         else:
             current = self.active.update(changed or set(), invalid)
@@ -192,11 +194,12 @@ class Scheduler:
             if not changed and active_count != len(current):
                 log.warning("active jobs: %d in Redis, %d known; reading them all", active_count, len(current))
                 current = self.active.read(invalid)
+                lapsed = [a for a in current if not a.has_lease]
                 self._ledger = self.ledger.read()
             if clock - self._last_lease_check >= self.config.scheduler.housekeeping_interval_s:
                 self._last_lease_check = clock
-                current = self.active.check_leases()
-        reaped = self.reap(current)
+                lapsed = self.active.lapsed()
+        reaped = self.reap(lapsed) if lapsed else 0
         if reaped:
             current = self.active.read(invalid)
             self._ledger = self.ledger.read()

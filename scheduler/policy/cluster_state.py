@@ -153,14 +153,17 @@ class ClusterBase:
             base._full(names, jobs)
             return base
         dirty = {n for n in names if accounts[n] is not previous._lists[n]}
+        if 2 * len(dirty) > len(names):  # most nodes changed (a burst): from scratch is cheaper
+            base._full(names, jobs)
+            return base
         for name in dirty:
             before = previous._all[name].slots
             gpus = sorted(accounts[name], key=lambda a: a.index)
             if len(gpus) != len(before) or any(a.uuid != s.acct.uuid for a, s in zip(gpus, before, strict=True)):
                 base._full(names, jobs)  # other GPUs: the owners and the orders move
                 return base
-        owner = base._owner = previous._owner
-        on_node = base._on_node = dict(previous._on_node)
+        owner = previous._owner
+        on_node = dict(previous._on_node)
         copied: set[str] = set()
         before_jobs = previous._jobs
         for key, add in [(k, False) for k in before_jobs.keys() - jobs.keys()] + [
@@ -179,6 +182,10 @@ class ClusterBase:
                     on_node[at][key] = job
                 else:
                     on_node[at].pop(key, None)
+        if 2 * len(dirty) > len(names):
+            base._full(names, jobs)
+            return base
+        base._owner, base._on_node = owner, on_node
         base._jobs = jobs
         base._lists = dict(previous._lists)
         base._all = dict(previous._all)

@@ -242,7 +242,7 @@ def test_the_reasons_a_pass_skips_comparing_are_the_ones_stored(redis_client: re
 
 def test_a_lapsed_lease_is_reaped_by_the_lease_check_between_full_reads(redis_client: redis.Redis) -> None:
     """Between full reads the active jobs come from the cache; the lease check asks Redis for
-    the leases alone (scheduler/active.py, `check_leases`) and must still see one lapse."""
+    the leases alone (scheduler/active.py, `lapsed`) and must still see one lapse."""
     store, scheduler, ids = dispatched(redis_client, 2)
     run(store, ids[0], 1)
     scheduler.run_pass()
@@ -349,26 +349,29 @@ def test_the_kept_cluster_follows_heartbeats_ledger_nodes_drains_and_a_flush(red
         assert kept_is_fresh(), what
 
 
+@pytest.mark.parametrize("corrupt", ["accounts", "cluster"])
 def test_a_kept_cluster_gone_wrong_is_found_and_replaced_at_the_next_full_read(
-    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture, corrupt: str
 ) -> None:
     store = JobStore(redis_client)
-    beat_node(redis_client, "n1")
+    for name in ("n1", "n2", "n3"):
+        beat_node(redis_client, name)
     scheduler = Scheduler(Config(), redis_client)
     submit(store, 2, mem=30 * GIB)
     scheduler.run_pass()
     scheduler.run_pass()
     base = scheduler.cluster_base
     assert base is not None
-    # What a missed invalidation would leave: the kept accounts and slots no longer Redis's.
-    base.accounts["n1"][0].committed += 40 * GIB
-    base.slots[0].avail = 0
+    # What a missed invalidation would leave: the kept accounts (or slots) no longer Redis's.
+    if corrupt == "accounts":
+        base.accounts["n1"][0].committed += 40 * GIB
+    else:
+        base.slots[-1].avail -= GIB
     scheduler.changes.forget()  # a gap: the next pass reads everything, and compares
     scheduler.run_pass()
     assert scheduler.cluster_base is not None
     assert scheduler.cluster_base.same_as(fresh_cluster(redis_client, scheduler))
-    assert scheduler.cluster_base.accounts == build_accounts(
-        *NodeReader(redis_client).read()[:1], read_ledger(redis_client), scheduler.policy
-    )
+    fresh = build_accounts(NodeReader(redis_client).read()[0], read_ledger(redis_client), scheduler.policy)
+    assert scheduler.cluster_base.accounts == fresh
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert any("GPU accounts" in e for e in errors) and any("cluster state" in e for e in errors)
+    assert any(("GPU accounts" if corrupt == "accounts" else "cluster state") in e for e in errors)
