@@ -102,6 +102,16 @@ class Ledger:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._entries: dict[int, tuple[bytes, Reservation]] = {}
+        # The reservations as last returned: a new dict whenever one changed, never modified
+        # (a caller compares it with the one before), the same dict while none changed.
+        self._view: dict[int, Reservation] = {}
+        self._changed: set[int] | None = None  # see `take_changed`
+
+    def take_changed(self) -> set[int] | None:
+        """The jobs whose entry came, changed or went since the last call (None: any, after a
+        whole read)."""
+        changed, self._changed = self._changed, set()
+        return changed
 
     def read(self) -> dict[int, Reservation]:
         """The whole ledger, read again."""
@@ -111,22 +121,36 @@ class Ledger:
             job_id = int(key)
             known = before.get(job_id)
             self._entries[job_id] = known if known is not None and known[0] == raw else (raw, _reservation(job_id, raw))
-        return self.reservations()
+        self._view = {job_id: entry[1] for job_id, entry in self._entries.items()}
+        self._changed = None
+        return self._view
 
     def update(self, changed: set[int]) -> dict[int, Reservation]:
         """The ledger after re-reading the entries of the jobs in `changed`."""
         ids = sorted(changed)
+        view: dict[int, Reservation] | None = None  # copied at the first change
         for start in range(0, len(ids), 5000):
             page = ids[start : start + 5000]
             for job_id, raw in zip(page, self.redis.hmget(keys.LEDGER, page), strict=True):
                 if raw is None:
-                    self._entries.pop(job_id, None)
+                    if self._entries.pop(job_id, None) is None:
+                        continue
+                    view = dict(self._view) if view is None else view
+                    del view[job_id]
                 elif job_id not in self._entries or self._entries[job_id][0] != raw:
-                    self._entries[job_id] = (raw, _reservation(job_id, raw))
-        return self.reservations()
+                    entry = self._entries[job_id] = (raw, _reservation(job_id, raw))
+                    view = dict(self._view) if view is None else view
+                    view[job_id] = entry[1]
+                else:
+                    continue
+                if self._changed is not None:
+                    self._changed.add(job_id)
+        if view is not None:
+            self._view = view
+        return self._view
 
     def reservations(self) -> dict[int, Reservation]:
-        return {job_id: entry[1] for job_id, entry in self._entries.items()}
+        return self._view
 
 
 class AccountBook:
@@ -155,6 +179,7 @@ class AccountBook:
         self._on_node: dict[str, dict[int, Reservation]] = {}  # node -> the entries with a GPU there
         self._accounts: dict[str, list[GpuAccount]] = {}
         self._local = False  # whether each node's accounts depend on its own heartbeat alone
+        self.largest_gpu = 0  # bytes of the largest GPU in the accounts (what a whole GPU is charged)
 
     def build(self, beats: list[NodeHeartbeat], ledger: dict[int, Reservation]) -> dict[str, list[GpuAccount]]:
         """`build_accounts(beats, ledger)`; the lists of unchanged nodes are the ones returned
@@ -169,6 +194,7 @@ class AccountBook:
             if not self._same_gpus(beat):
                 return self._full(beats, ledger)
             dirty.add(beat.node)
+        new_beats = bool(dirty)
         previous, owner, on_node = self._ledger, self._owner, self._on_node
         changed = [i for i, r in ledger.items() if previous.get(i) is not r] + list(previous.keys() - ledger.keys())
         for job_id in changed:
@@ -193,7 +219,12 @@ class AccountBook:
         for node in dirty:
             accounts[node] = node_accounts(self._beats[node], on_node[node].values(), self.policy)
         self._accounts = accounts
+        if new_beats:  # a GPU's size comes from its heartbeat
+            self._measure()
         return accounts
+
+    def _measure(self) -> None:
+        self.largest_gpu = max((g.total for gpus in self._accounts.values() for g in gpus), default=0)
 
     def checked(self, beats: list[NodeHeartbeat], ledger: dict[int, Reservation]) -> dict[str, list[GpuAccount]]:
         """`build`, compared with a build from scratch (at every full read): on a difference,
@@ -214,6 +245,7 @@ class AccountBook:
     def _full(self, beats: list[NodeHeartbeat], ledger: dict[int, Reservation]) -> dict[str, list[GpuAccount]]:
         self.reset()
         self._accounts = build_accounts(beats, list(ledger.values()), self.policy)
+        self._measure()
         self._ledger = ledger
         self._beats = {b.node: b for b in beats}
         if len(self._beats) != len(beats):

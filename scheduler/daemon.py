@@ -98,6 +98,7 @@ class Scheduler:
         self._last_lease_check = -RESYNC_S  # ... of the active jobs and their leases
         self._ledger: dict[int, Reservation] = {}  # the reservations, as of this pass's read
         self._running: dict[int, tuple[JobRecord, Reservation | None, RunningJob]] = {}  # see _running_jobs
+        self._running_list: list[RunningJob] = []  # ... the RunningJob values of `_running`
         self.preemptor = Preemptor(client, config)
         self.counters = MetricCounters(client)  # folded every few seconds: no stream entry is trimmed uncounted
 
@@ -218,21 +219,26 @@ class Scheduler:
         started = time.perf_counter()
         now = time.time()
         invalid: dict[int, str] = {}
-        current, reaped, full = self._read_jobs(invalid)
-        active = [a.record for a in current]
+        _current, reaped, full = self._read_jobs(invalid)
+        records = self.active.records  # the active jobs' records (ActiveReader keeps them)
+        active = list(records.values())
+        # What came, changed or went among them and in the ledger (None: anything, after a
+        # full read): what the pass derives from them is updated for those alone.
+        active_changed, ledger_changed = self.active.take_changed(), self.ledger.take_changed()
+        moved = None if active_changed is None or ledger_changed is None else active_changed | ledger_changed
         beats, _down, drained = self.nodes.read()
         ledger = self._ledger  # read with the active jobs (scheduler/cluster.py, Ledger)
         if invalid:
             self.quarantine(invalid)
         accounts = self.book.checked(beats, ledger) if full else self.book.build(beats, ledger)
         unavailable = frozenset(b.node for b in beats if b.draining) | frozenset(drained)
-        whole_gpu_bytes = max((g.total for gpus in accounts.values() for g in gpus), default=0)
+        whole_gpu_bytes = self.book.largest_gpu
         usage = self.usage.update(now, active, ledger, whole_gpu_bytes)
         touched = self.pending.take_touched()
         self._track_dependencies(touched)
         blocked = self._dependencies()
         reasons = {k: v for k, v in blocked.items() if v.reason == Reason.DEPENDENCY}
-        running = self._running_jobs(active, ledger)
+        running = self._running_jobs(records, ledger, moved)
         base = self._cluster_base(accounts, unavailable, running, full)
         self._sync_queue(touched, blocked)
         preempting = self.config.policy.preempt_after_s > 0
@@ -256,7 +262,7 @@ class Scheduler:
         reasons.update(result.single)  # with the dependencies': the jobs answered one by one
         starts = self.forecaster.update(
             now, self._queue.by_id, self.pending.known, accounts, self.policy,
-            running, active, usage, unavailable,
+            running, records, moved, usage, unavailable,
         )  # fmt: skip
         left = (  # built only for preemption: a pass over the whole queue
             [j for i, j in self._queue.by_id.items() if i in result.waiting] if preempting else []
@@ -292,18 +298,39 @@ class Scheduler:
         self.cluster_base = base
         return base
 
-    def _running_jobs(self, active: list[JobRecord], ledger: dict[int, Reservation]) -> list[RunningJob]:
-        """Placement's view of the active jobs; a job whose record and reservation are the
-        same objects as last pass (the readers keep what did not change) is not rebuilt."""
-        cache: dict[int, tuple[JobRecord, Reservation | None, RunningJob]] = {}
-        for record in active:
-            reservation = ledger.get(record.id)
-            known = self._running.get(record.id)
-            if known is None or known[0] is not record or known[1] is not reservation:
-                known = (record, reservation, running_job(record, reservation))
-            cache[record.id] = known
-        self._running = cache
-        return [known[2] for known in cache.values()]
+    def _running_jobs(
+        self, records: dict[int, JobRecord], ledger: dict[int, Reservation], moved: set[int] | None
+    ) -> list[RunningJob]:
+        """Placement's view of the active jobs. A job whose record and reservation are the
+        same objects as last pass (the readers keep what did not change) is not rebuilt, and
+        only the jobs in `moved` are looked at (None: every one, after a full read); the list
+        is a new one only when something in it changed (ClusterBase compares it by identity)."""
+        if moved is None:
+            cache: dict[int, tuple[JobRecord, Reservation | None, RunningJob]] = {}
+            for record in records.values():
+                reservation = ledger.get(record.id)
+                known = self._running.get(record.id)
+                if known is None or known[0] is not record or known[1] is not reservation:
+                    known = (record, reservation, running_job(record, reservation))
+                cache[record.id] = known
+            self._running = cache
+        else:
+            cache = self._running
+            changed = False
+            for job_id in moved:
+                now_active = records.get(job_id)
+                if now_active is None:
+                    changed = cache.pop(job_id, None) is not None or changed
+                    continue
+                reservation = ledger.get(job_id)
+                known = cache.get(job_id)
+                if known is None or known[0] is not now_active or known[1] is not reservation:
+                    cache[job_id] = (now_active, reservation, running_job(now_active, reservation))
+                    changed = True
+            if not changed:
+                return self._running_list
+        self._running_list = [known[2] for known in self._running.values()]
+        return self._running_list
 
     def _sync_queue(self, touched: set[int] | None, blocked: dict[int, Waiting]) -> None:
         """Keep the grouped queue placement works on (scheduler/policy/queue.py) equal to the

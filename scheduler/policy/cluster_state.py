@@ -140,9 +140,18 @@ class ClusterBase:
         previous: ClusterBase | None = None,
     ) -> ClusterBase:
         """The base for these inputs, from `previous` (not modified) where it allows."""
+        if (
+            previous is not None
+            and previous.accounts is accounts
+            and previous.running is running
+            and previous.unavailable == unavailable
+            and previous.policy == policy
+        ):
+            return previous  # the very same inputs (a pass in which nothing changed)
         base = cls(accounts, policy, unavailable, running)
         names = sorted(accounts)
-        jobs = {id(j): j for j in running}
+        same_jobs = previous is not None and previous.running is running
+        jobs = previous._jobs if previous is not None and same_jobs else {id(j): j for j in running}
         if (
             previous is None
             or not previous._unique
@@ -166,9 +175,13 @@ class ClusterBase:
         on_node = dict(previous._on_node)
         copied: set[str] = set()
         before_jobs = previous._jobs
-        for key, add in [(k, False) for k in before_jobs.keys() - jobs.keys()] + [
-            (k, True) for k in jobs.keys() - before_jobs.keys()
-        ]:
+        came_or_went = (
+            []
+            if same_jobs
+            else [(k, False) for k in before_jobs.keys() - jobs.keys()]
+            + [(k, True) for k in jobs.keys() - before_jobs.keys()]
+        )
+        for key, add in came_or_went:
             job = jobs[key] if add else before_jobs[key]
             for uuid in job.gpus:
                 at = owner.get(uuid)

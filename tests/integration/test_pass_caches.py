@@ -21,13 +21,14 @@ from jobs.spec import JobSpec
 from jobs.states import JobState
 from jobs.store import JobStore
 from scheduler.active import ActiveReader
-from scheduler.cluster import NodeReader, read_ledger
+from scheduler.cluster import Ledger, NodeReader, read_ledger
 from scheduler.daemon import Scheduler
 from scheduler.forecast import duration_key
 from scheduler.pending import ESTIMATES_PER_PASS
 from scheduler.policy.accounting import build_accounts
 from scheduler.policy.cluster_state import ClusterBase
 from scheduler.policy.inputs import running_job
+from scheduler.policy.types import RunningJob
 
 GIB = 2**30
 
@@ -295,14 +296,18 @@ def beat_node(client: redis.Redis, name: str, free: int = 80 * GIB, gpus: int = 
     client.sadd(keys.NODES, name)
 
 
+def fresh_running(client: redis.Redis) -> list[RunningJob]:
+    ledger = {r.job_id: r for r in read_ledger(client)}
+    return [running_job(a.record, ledger.get(a.record.id)) for a in ActiveReader(client).read()]
+
+
 def fresh_cluster(client: redis.Redis, scheduler: Scheduler) -> ClusterBase:
     """The cluster a pass would start from if it read everything now and kept nothing."""
     beats, _down, drained = NodeReader(client).read()
     ledger = {r.job_id: r for r in read_ledger(client)}
     accounts = build_accounts(beats, list(ledger.values()), scheduler.policy)
     unavailable = frozenset(b.node for b in beats if b.draining) | frozenset(drained)
-    running = [running_job(a.record, ledger.get(a.record.id)) for a in ActiveReader(client).read()]
-    return ClusterBase.build(accounts, scheduler.policy, unavailable, running)
+    return ClusterBase.build(accounts, scheduler.policy, unavailable, fresh_running(client))
 
 
 def test_the_kept_cluster_follows_heartbeats_ledger_nodes_drains_and_a_flush(redis_client: redis.Redis) -> None:
@@ -316,7 +321,12 @@ def test_the_kept_cluster_follows_heartbeats_ledger_nodes_drains_and_a_flush(red
 
     def kept_is_fresh() -> bool:
         base = scheduler.cluster_base
-        return base is not None and base.same_as(fresh_cluster(redis_client, scheduler))
+        return (
+            base is not None
+            and base.same_as(fresh_cluster(redis_client, scheduler))
+            and scheduler.ledger.reservations() == {r.job_id: r for r in read_ledger(redis_client)}
+            and {j.id: j for j in base.running} == {j.id: j for j in fresh_running(redis_client)}
+        )
 
     steps: list[tuple[str, Callable[[], object]]] = [
         ("ledger entries appear", lambda: submit(store, 2, mem=20 * GIB)),
@@ -375,3 +385,31 @@ def test_a_kept_cluster_gone_wrong_is_found_and_replaced_at_the_next_full_read(
     assert scheduler.cluster_base.accounts == fresh
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any(("GPU accounts" if corrupt == "accounts" else "cluster state") in e for e in errors)
+
+
+def test_the_active_jobs_and_the_ledger_report_what_came_changed_or_went(redis_client: redis.Redis) -> None:
+    """What the pass keeps from the active jobs (its running list, the forecaster's record of
+    them) is updated for the ids these report alone: each must name every job that moved."""
+    store, _scheduler, ids = dispatched(redis_client, 3)
+    reader, ledger = ActiveReader(redis_client), Ledger(redis_client)
+    reader.read()
+    before = ledger.read()
+    assert reader.take_changed() is None and ledger.take_changed() is None  # a whole read: anything
+    reader.update(set(ids))
+    assert ledger.update(set(ids)) is before  # nothing changed: the same dict
+    assert reader.take_changed() == set() and ledger.take_changed() == set()
+    run(store, ids[0], 1)
+    reader.update(set(ids))
+    ledger.update(set(ids))
+    assert reader.take_changed() == {ids[0]} and ledger.take_changed() == set()
+    store.transition(Transition(ids[1], JobState.CANCELLED, {"ended_at": time.time()}, wake=False))
+    reader.update(set(ids))
+    after = ledger.update(set(ids))
+    assert reader.take_changed() == {ids[1]} and ledger.take_changed() == {ids[1]}
+    assert ids[1] not in reader.records and ids[1] not in after and ids[1] in before  # a new dict, the old kept
+    entry = json.loads(redis_client.hget(keys.LEDGER, ids[2]))
+    redis_client.hset(keys.LEDGER, ids[2], json.dumps({**entry, "gpus": {k: v + 1 for k, v in entry["gpus"].items()}}))
+    reader.update({ids[2]})
+    assert ledger.update({ids[2]})[ids[2]] != after[ids[2]]
+    assert reader.take_changed() == set() and ledger.take_changed() == {ids[2]}
+    assert set(reader.records) == {a.record.id for a in ActiveReader(redis_client).read()}

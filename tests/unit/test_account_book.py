@@ -20,10 +20,14 @@ Inputs = tuple[list[NodeHeartbeat], dict[int, Reservation]]
 
 
 def beat(
-    node: str, free: int = 80 * GIB, usage: tuple[JobGpuUsage, ...] = (), uuids: tuple[str, ...] = ()
+    node: str,
+    free: int = 80 * GIB,
+    usage: tuple[JobGpuUsage, ...] = (),
+    uuids: tuple[str, ...] = (),
+    total: int = 80 * GIB,
 ) -> NodeHeartbeat:
     names = uuids or tuple(f"{node}-{i}" for i in range(2))
-    devices = tuple(GpuDevice(i, u, "Sim", 80 * GIB, free, 80 * GIB - free) for i, u in enumerate(names))
+    devices = tuple(GpuDevice(i, u, "Sim", total, free, total - free) for i, u in enumerate(names))
     return NodeHeartbeat(node, GpuSnapshot(devices, 0.0), job_usage=usage, foreign_peak_bytes={names[0]: GIB})
 
 
@@ -61,6 +65,7 @@ CHANGES: dict[str, Callable[[Inputs], Inputs]] = {
     ),
     "a node replaced by another": lambda i: (replaced([b for b in i[0] if b.node != "n1"], beat("n5")), i[1]),
     "a uuid on two nodes": lambda i: (replaced(i[0], beat("n0", uuids=("n0-0", "n1-1"))), i[1]),
+    "a node's GPUs grow": lambda i: (replaced(i[0], beat("n2", total=96 * GIB)), i[1]),
 }
 
 
@@ -68,17 +73,24 @@ def fresh(inputs: Inputs) -> dict[str, list[object]]:
     return build_accounts(inputs[0], list(inputs[1].values()), POLICY)  # type: ignore[return-value]
 
 
+def built(book: AccountBook, inputs: Inputs) -> dict[str, list[object]]:
+    """`book.build`, with its largest GPU checked against the accounts' own."""
+    accounts = book.build(*inputs)
+    assert book.largest_gpu == max((g.total for gpus in accounts.values() for g in gpus), default=0)
+    return accounts  # type: ignore[return-value]
+
+
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_kept_accounts_are_the_ones_built_from_scratch(change: str) -> None:
     book = AccountBook(POLICY)
     before = start()
-    first = book.build(*before)
+    first = built(book, before)
     assert first == fresh(before)
     after = CHANGES[change](before)
-    assert book.build(*after) == fresh(after)
+    assert built(book, after) == fresh(after)
     again = CHANGES[change](after)  # new objects, the same values: a second round of the same change
-    assert book.build(*again) == fresh(again)
-    assert book.build(*before) == fresh(before)  # and undone
+    assert built(book, again) == fresh(again)
+    assert built(book, before) == fresh(before)  # and undone
 
 
 def test_an_unchanged_node_keeps_its_accounts_and_a_quiet_pass_its_dict() -> None:
@@ -108,4 +120,4 @@ def test_a_chain_of_changes_keeps_the_accounts_equal_to_fresh_ones(steps: list[s
     book.build(*inputs)
     for change in steps:
         inputs = CHANGES[change](inputs)
-        assert book.build(*inputs) == fresh(inputs), change
+        assert built(book, inputs) == fresh(inputs), change
