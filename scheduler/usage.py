@@ -14,11 +14,13 @@ import redis
 
 from jobs import keys
 from jobs.record import JobRecord
+from jobs.store import JobStore
 from scheduler.policy.accounting import Reservation
 from scheduler.policy.fairshare import charge, overlap_s
 from scheduler.policy.inputs import charge_bytes, run_start
 
 AT = "_at"
+ENDED_FIELDS = ("user", "attempt", "assigned_at", "started_at", "ended_at", "peak_bytes")
 WRITE_EVERY_S = 1.0  # the table is rewritten at most this often
 REUSE_S = 0.5  # a pass this soon after the last computation takes its answer
 
@@ -53,6 +55,7 @@ def _parse_table(raw: dict[bytes, bytes]) -> tuple[dict[str, float], float | Non
 class UsageTracker:
     def __init__(self, client: redis.Redis, half_life_s: float) -> None:
         self.redis = client
+        self.store = JobStore(client)
         self.half_life_s = half_life_s
         # The jobs that finished after `_ended_window` (a finished job's hash no longer
         # changes), each read once: id -> (its score in FINISHED, what charging needs).
@@ -106,13 +109,13 @@ class UsageTracker:
             start = known[3]
             if start is not None and start < now:  # overlap_s(start, now, last_at, now), inlined
                 charges[record.user] += (now - max(start, last_at)) * known[4]
-        if store:  # the same records and reservations next pass: their rates are not recomputed
-            self._rates = rates
         for job in self._ended_since(last_at, finished[0] if finished else None, store):
             user, start, end = job[:3]
             seconds = overlap_s(start, end or now, last_at, now)
             if seconds > 0:
                 charges[user] += seconds * _held(job, whole_gpu_bytes)
+        if store:  # the same records and reservations next pass: their rates are not recomputed
+            self._rates = rates  # (after the ended jobs: those that were active are found in the last ones)
         updated = charge(usage, last_at, now, charges, self.half_life_s)
         if store:
             self._last = (now, updated)
@@ -132,13 +135,7 @@ class UsageTracker:
         ids = [(int(i), score) for i, score in finished if score > last_at]
         known = self._ended
         new = [i for i, score in ids if i not in known or known[i][0] != score]
-        if new:
-            pipe = self.redis.pipeline(transaction=False)
-            for job_id in new:
-                pipe.hmget(keys.job(job_id), "user", "assigned_at", "started_at", "ended_at", "peak_bytes", "spec")
-            fresh = {i: _ended(values) for i, values in zip(new, pipe.execute(), strict=True) if values[0] is not None}
-        else:
-            fresh = {}
+        fresh = self._read_ended(new) if new else {}
         out = []
         kept: dict[int, tuple[float, Ended]] = {}
         for job_id, score in ids:
@@ -148,6 +145,37 @@ class UsageTracker:
                 out.append(entry[1])
         if store:  # the next window starts here (`store=False` only computes: the API's view)
             self._ended_window, self._ended = last_at, kept
+        return out
+
+    def _read_ended(self, ids: list[int]) -> dict[int, Ended]:
+        """What charging needs of these finished jobs. A job this tracker charged while it was
+        active (`_rates`, the last computation's) has its spec there, parsed: only the fields
+        that move are read, for all of them in one script call; the others (and any that ran
+        another attempt since) are read whole, spec included."""
+        out: dict[int, Ended] = {}
+        seen = [i for i in ids if i in self._rates]
+        for job_id, row in zip(seen, self.store.job_fields(seen, ENDED_FIELDS), strict=True):
+            record = self._rates[job_id][0]
+            user, attempt, assigned, started, ended, peak = row
+            if user is None or attempt != str(record.attempt):
+                continue  # gone, or another attempt (its spec may have been rewritten): read whole
+            spec = record.spec
+            out[job_id] = (
+                user,
+                float(assigned) if assigned else (float(started) if started else None),
+                float(ended) if ended else None,
+                spec.gpus,
+                None if spec.mem_bytes is None or spec.exclusive else spec.mem_bytes,
+                sum(int(v) for v in json.loads(peak).values()) if peak else 0,
+            )
+        whole = [i for i in ids if i not in out]
+        if whole:
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in whole:
+                pipe.hmget(keys.job(job_id), "user", "assigned_at", "started_at", "ended_at", "peak_bytes", "spec")
+            out.update(
+                (i, _ended(values)) for i, values in zip(whole, pipe.execute(), strict=True) if values[0] is not None
+            )
         return out
 
     def _store(self, usage: dict[str, float], last_at: float, now: float) -> None:
