@@ -7,7 +7,7 @@ record and two more commands per job. A cache: rebuilt from Redis after a restar
 
 `read` re-reads every active job and its lease (at start, on a gap, every resync);
 between, `update` re-reads only the jobs the event stream says changed (scheduler/changes.py)
-and reports every lease as held, and `check_leases` (every housekeeping interval) asks Redis
+and reports every lease as held, and `lapsed` (every housekeeping interval) asks Redis
 for the leases alone, so only a read or checked pass reaps.
 
 A job the scheduler just dispatched is not parsed again: `known` (the waiting jobs' cache,
@@ -49,6 +49,16 @@ class ActiveReader:
         self._known = known or (lambda _job_id: None)
         self._cache: dict[int, tuple[tuple[str | None, ...], JobRecord]] = {}
         self._active: dict[int, Active] = {}  # as of the last read or update, leases as then
+        self.records: dict[int, JobRecord] = {}  # the same jobs' records (the pass reads, never writes)
+        # Ids whose record came, changed or went since `take_changed`; None: any (a full read).
+        self._changed: set[int] | None = None
+
+    def take_changed(self) -> set[int] | None:
+        """The ids whose active record came, changed (another object) or went since the last
+        call; None when any may have (a full read since): what the pass derives from the
+        active jobs is kept current with it instead of rebuilt from every job."""
+        changed, self._changed = self._changed, set()
+        return changed
 
     def update(self, changed: set[int], invalid: dict[int, str] | None = None) -> list[Active]:
         """Apply the jobs that changed since the last read; every lease counts as held."""
@@ -61,7 +71,9 @@ class ActiveReader:
                     rows[job_id] = row
                 else:
                     self._cache.pop(job_id, None)
-                    self._active.pop(job_id, None)
+                    if self._active.pop(job_id, None) is not None:
+                        del self.records[job_id]
+                        self._note(job_id)
         parsed = self._parse_new(rows, invalid)
         for job_id, row in rows.items():
             record = self._current(job_id, row, parsed)
@@ -69,7 +81,14 @@ class ActiveReader:
                 continue
             self._cache[job_id] = (row, record)
             self._active[job_id] = Active(record, True, row[-1] == "1")
+            if self.records.get(job_id) is not record:
+                self.records[job_id] = record
+                self._note(job_id)
         return list(self._active.values())
+
+    def _note(self, job_id: int) -> None:
+        if self._changed is not None:
+            self._changed.add(job_id)
 
     def _parse_new(
         self, rows: dict[int, tuple[str | None, ...]], invalid: dict[int, str] | None
@@ -99,15 +118,19 @@ class ActiveReader:
             return _refreshed(parsed[job_id], row)
         return None
 
-    def check_leases(self) -> list[Active]:
-        """The active jobs as of the last read or update, each with whether its lease still
-        exists now (what the reaper needs), asked of Redis for the leases alone: the records
-        are kept current by `update`, and `read` re-reads them whole at every resync."""
+    def lapsed(self) -> list[Active]:
+        """The active jobs (as of the last read or update) whose lease no longer exists now:
+        what the reaper needs, asked of Redis for the leases alone - the records are kept
+        current by `update`, and `read` re-reads them whole at every resync. Only the lapsed
+        ones are returned: rebuilding every active job with its lease made the passes that
+        check (each housekeeping interval) the slowest of a 1k-job queue."""
         out = []
-        for start in range(0, len(self._active), PAGE):
-            page = list(self._active)[start : start + PAGE]
-            lapsed = self.store.lapsed_leases(page)
-            out += [replace(self._active[i], has_lease=i not in lapsed) for i in page]
+        ids = list(self._active)
+        for start in range(0, len(ids), PAGE):
+            page = ids[start : start + PAGE]
+            gone = self.store.lapsed_leases(page)
+            if gone:
+                out += [replace(self._active[i], has_lease=False) for i in page if i in gone]
         return out
 
     def read(self, invalid: dict[int, str] | None = None) -> list[Active]:
@@ -131,6 +154,8 @@ class ActiveReader:
             out.append(Active(record, leases[job_id], row[-1] == "1"))
         self._cache = cache
         self._active = {a.record.id: Active(a.record, True, a.cancel_requested) for a in out}
+        self.records = {a.record.id: a.record for a in out}
+        self._changed = None
         return out
 
 

@@ -30,14 +30,15 @@ from jobs.states import JobState, Reason
 from jobs.store import Fenced, JobStore, TransitionRefused
 from scheduler.active import Active, ActiveReader
 from scheduler.changes import ChangeFeed
-from scheduler.cluster import Ledger, NodeReader
+from scheduler.cluster import AccountBook, Ledger, NodeReader
 from scheduler.counters import MetricCounters
 from scheduler.dependencies import DependencyReader
 from scheduler.dispatch import Dispatcher
 from scheduler.forecast import Forecaster
 from scheduler.leader import Leadership
 from scheduler.pending import PendingReader
-from scheduler.policy.accounting import AccountingPolicy, Reservation, build_accounts
+from scheduler.policy.accounting import AccountingPolicy, GpuAccount, Reservation
+from scheduler.policy.cluster_state import ClusterBase
 from scheduler.policy.dependencies import evaluate
 from scheduler.policy.inputs import pending_job, running_job
 from scheduler.policy.placement import Waiting, WaitingQueue, place_queue
@@ -80,6 +81,11 @@ class Scheduler:
         self.active = ActiveReader(client, self.pending.known)  # a dispatched job is not parsed again
         self.ledger = Ledger(client)
         self.nodes = NodeReader(client)
+        # The GPU accounts and the cluster placement starts from, kept between passes and
+        # rebuilt node by node where their inputs changed; compared with fresh builds at
+        # every full read (`_cluster_base`).
+        self.book = AccountBook(self.policy)
+        self.cluster_base: ClusterBase | None = None
         self.dependencies = DependencyReader(client)
         self.usage = UsageTracker(client, config.policy.fairshare_half_life_s)
         self.forecaster = Forecaster(client, config)
@@ -92,6 +98,7 @@ class Scheduler:
         self._last_lease_check = -RESYNC_S  # ... of the active jobs and their leases
         self._ledger: dict[int, Reservation] = {}  # the reservations, as of this pass's read
         self._running: dict[int, tuple[JobRecord, Reservation | None, RunningJob]] = {}  # see _running_jobs
+        self._running_list: list[RunningJob] = []  # ... the RunningJob values of `_running`
         self.preemptor = Preemptor(client, config)
         self.counters = MetricCounters(client)  # folded every few seconds: no stream entry is trimmed uncounted
 
@@ -164,17 +171,20 @@ class Scheduler:
         collect_and_freeze()
         log.debug("froze %d objects in %.1f ms", gc.get_freeze_count(), (time.perf_counter() - started) * 1000)
 
-    def _read_jobs(self, invalid: dict[int, str]) -> tuple[list[Active], int]:
-        """(active jobs, how many were reaped), the waiting jobs in `pending`: re-read what the event stream
+    def _read_jobs(self, invalid: dict[int, str]) -> tuple[list[Active], int, bool]:
+        """(active jobs, how many were reaped, whether everything was read), the waiting jobs
+        in `pending`: re-read what the event stream
         says changed, everything when it cannot say; leases are checked (and expired ones
         reaped) once per housekeeping interval."""
         clock = time.monotonic()
         changed, waiting_count, active_count = self.changes.poll()
         full = changed is None or clock - self._last_full >= RESYNC_S
+        lapsed: list[Active] = []  # the active jobs whose lease is known gone: the reaper's
         if full:
             self.changes.mark()  # before reading everything: later changes show in the next poll
             self._last_lease_check = clock
             current = self.active.read(invalid)
+            lapsed = [a for a in current if not a.has_lease]
             self._ledger = self.ledger.read()
         else:
             current = self.active.update(changed or set(), invalid)
@@ -182,11 +192,12 @@ class Scheduler:
             if not changed and active_count != len(current):
                 log.warning("active jobs: %d in Redis, %d known; reading them all", active_count, len(current))
                 current = self.active.read(invalid)
+                lapsed = [a for a in current if not a.has_lease]
                 self._ledger = self.ledger.read()
             if clock - self._last_lease_check >= self.config.scheduler.housekeeping_interval_s:
                 self._last_lease_check = clock
-                current = self.active.check_leases()
-        reaped = self.reap(current)
+                lapsed = self.active.lapsed()
+        reaped = self.reap(lapsed) if lapsed else 0
         if reaped:
             current = self.active.read(invalid)
             self._ledger = self.ledger.read()
@@ -199,27 +210,33 @@ class Scheduler:
         if full:
             self._last_full = clock
             self.pending.read(invalid)
-        return current, reaped
+        return current, reaped, full
 
     def _run_pass(self) -> PassStats:
         started = time.perf_counter()
         now = time.time()
         invalid: dict[int, str] = {}
-        current, reaped = self._read_jobs(invalid)
-        active = [a.record for a in current]
+        _current, reaped, full = self._read_jobs(invalid)
+        records = self.active.records  # the active jobs' records (ActiveReader keeps them)
+        active = list(records.values())
+        # What came, changed or went among them and in the ledger (None: anything, after a
+        # full read): what the pass derives from them is updated for those alone.
+        active_changed, ledger_changed = self.active.take_changed(), self.ledger.take_changed()
+        moved = None if active_changed is None or ledger_changed is None else active_changed | ledger_changed
         beats, _down, drained = self.nodes.read()
         ledger = self._ledger  # read with the active jobs (scheduler/cluster.py, Ledger)
         if invalid:
             self.quarantine(invalid)
-        accounts = build_accounts(beats, list(ledger.values()), self.policy)
+        accounts = self.book.checked(beats, ledger) if full else self.book.build(beats, ledger)
         unavailable = frozenset(b.node for b in beats if b.draining) | frozenset(drained)
-        whole_gpu_bytes = max((g.total for gpus in accounts.values() for g in gpus), default=0)
+        whole_gpu_bytes = self.book.largest_gpu
         usage = self.usage.update(now, active, ledger, whole_gpu_bytes)
         touched = self.pending.take_touched()
         self._track_dependencies(touched)
         blocked = self._dependencies()
         reasons = {k: v for k, v in blocked.items() if v.reason == Reason.DEPENDENCY}
-        running = self._running_jobs(active, ledger)
+        running = self._running_jobs(records, ledger, moved)
+        base = self._cluster_base(accounts, unavailable, running, full)
         self._sync_queue(touched, blocked)
         preempting = self.config.policy.preempt_after_s > 0
         place_started = time.perf_counter()
@@ -233,6 +250,7 @@ class Scheduler:
             now=now,
             unavailable_nodes=unavailable,
             merge_bulk=preempting,  # a 100k-entry dict costs ~5 ms a pass; only preemption reads it
+            base=base,
         )
         place_s = time.perf_counter() - place_started
         placed = self.dispatcher.dispatch(result.assignments)
@@ -241,12 +259,10 @@ class Scheduler:
         reasons.update(result.single)  # with the dependencies': the jobs answered one by one
         starts = self.forecaster.update(
             now, self._queue.by_id, self.pending.known, accounts, self.policy,
-            running, active, usage, unavailable,
+            running, records, moved, usage, unavailable,
         )  # fmt: skip
         left = (  # built only for preemption: a pass over the whole queue
-            [j for i, j in self._queue.by_id.items() if i in result.waiting]
-            if preempting
-            else []
+            [j for i, j in self._queue.by_id.items() if i in result.waiting] if preempting else []
         )
         self.preemptor.run(now, left, starts, active, running, accounts, self.policy, usage, unavailable, self.fence)
         duration = time.perf_counter() - started
@@ -265,18 +281,53 @@ class Scheduler:
         pending = len(self._queue) + sum(1 for i in blocked if self._is_pending(i))
         return PassStats(pending, len(placed), reaped, duration, len(result.reservations), place_s)
 
-    def _running_jobs(self, active: list[JobRecord], ledger: dict[int, Reservation]) -> list[RunningJob]:
-        """Placement's view of the active jobs; a job whose record and reservation are the
-        same objects as last pass (the readers keep what did not change) is not rebuilt."""
-        cache: dict[int, tuple[JobRecord, Reservation | None, RunningJob]] = {}
-        for record in active:
-            reservation = ledger.get(record.id)
-            known = self._running.get(record.id)
-            if known is None or known[0] is not record or known[1] is not reservation:
-                known = (record, reservation, running_job(record, reservation))
-            cache[record.id] = known
-        self._running = cache
-        return [known[2] for known in cache.values()]
+    def _cluster_base(
+        self, accounts: dict[str, list[GpuAccount]], unavailable: frozenset[str], running: list[RunningJob], full: bool
+    ) -> ClusterBase:
+        """The cluster placement starts from, built from last pass's where the inputs allow
+        (scheduler/policy/cluster_state.py); at a full read also from scratch, to compare."""
+        base = ClusterBase.build(accounts, self.policy, unavailable, running, self.cluster_base)
+        if full and self.cluster_base is not None:
+            fresh = ClusterBase.build(accounts, self.policy, unavailable, running)
+            if not base.same_as(fresh):
+                log.error("the cluster state kept between passes differs from a fresh build; built again")
+                base = fresh
+        self.cluster_base = base
+        return base
+
+    def _running_jobs(
+        self, records: dict[int, JobRecord], ledger: dict[int, Reservation], moved: set[int] | None
+    ) -> list[RunningJob]:
+        """Placement's view of the active jobs. A job whose record and reservation are the
+        same objects as last pass (the readers keep what did not change) is not rebuilt, and
+        only the jobs in `moved` are looked at (None: every one, after a full read); the list
+        is a new one only when something in it changed (ClusterBase compares it by identity)."""
+        if moved is None:
+            cache: dict[int, tuple[JobRecord, Reservation | None, RunningJob]] = {}
+            for record in records.values():
+                reservation = ledger.get(record.id)
+                known = self._running.get(record.id)
+                if known is None or known[0] is not record or known[1] is not reservation:
+                    known = (record, reservation, running_job(record, reservation))
+                cache[record.id] = known
+            self._running = cache
+        else:
+            cache = self._running
+            changed = False
+            for job_id in moved:
+                now_active = records.get(job_id)
+                if now_active is None:
+                    changed = cache.pop(job_id, None) is not None or changed
+                    continue
+                reservation = ledger.get(job_id)
+                known = cache.get(job_id)
+                if known is None or known[0] is not now_active or known[1] is not reservation:
+                    cache[job_id] = (now_active, reservation, running_job(now_active, reservation))
+                    changed = True
+            if not changed:
+                return self._running_list
+        self._running_list = [known[2] for known in self._running.values()]
+        return self._running_list
 
     def _sync_queue(self, touched: set[int] | None, blocked: dict[int, Waiting]) -> None:
         """Keep the grouped queue placement works on (scheduler/policy/queue.py) equal to the

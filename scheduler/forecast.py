@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
 import redis
@@ -84,9 +84,7 @@ class DurationHistory:
         pipe = self.redis.pipeline(transaction=True)
         if full:  # bounded: past MAX_LEARNED names the history starts over
             pipe.delete(keys.DURATIONS)
-        pipe.hset(
-            keys.DURATIONS, mapping={k: json.dumps({"n": n, "mean": round(m, 3)}) for k, (n, m) in means.items()}
-        )
+        pipe.hset(keys.DURATIONS, mapping={k: json.dumps({"n": n, "mean": round(m, 3)}) for k, (n, m) in means.items()})
         pipe.execute()
 
     def all(self) -> dict[str, float]:
@@ -125,15 +123,23 @@ class Forecaster:
         self._thread: threading.Thread | None = None
         self._done: dict[int, float | None] | None = None  # set by the thread, taken by the pass
 
-    def learn_from(self, active: list[JobRecord]) -> None:
-        """Jobs that left the active set: learn the run time of those that completed, at most
-        every LEARN_EVERY_S for all that left since. Their user and name are in the records
-        of the pass before they left, so only the three fields that moved since are read, for
-        all of them in one call."""
-        now_active = {r.id: r for r in active}
-        for job_id in self._active.keys() - now_active.keys():
-            self._gone[job_id] = self._active[job_id]
-        self._active = now_active
+    def learn_from(self, active: Mapping[int, JobRecord], changed: Iterable[int] | None = None) -> None:
+        """Jobs that left the active set (`active`: id -> record, with `changed` the ids that
+        came, changed or went since the last call, None for any): learn the run time of those
+        that completed, at most every LEARN_EVERY_S for all that left since. Their user and
+        name are in the records of the pass before they left, so only the three fields that
+        moved since are read, for all of them in one call."""
+        if changed is None:
+            for job_id in self._active.keys() - active.keys():
+                self._gone[job_id] = self._active[job_id]
+            self._active = dict(active)
+        else:
+            for job_id in changed:
+                record = active.get(job_id)
+                if record is not None:
+                    self._active[job_id] = record
+                elif job_id in self._active:
+                    self._gone[job_id] = self._active.pop(job_id)
         clock = time.monotonic()
         if not self._gone or clock - self._learned_at < LEARN_EVERY_S:
             return
@@ -173,18 +179,22 @@ class Forecaster:
         accounts: dict[str, list[GpuAccount]],
         policy: AccountingPolicy,
         running: list[RunningJob],
-        active: list[JobRecord],
+        active: Mapping[int, JobRecord],
+        changed: set[int] | None,
         usage: dict[str, float],
         unavailable: frozenset[str],
     ) -> dict[int, float | None]:
-        """The cached estimates, recomputed when due. `records`: a waiting job's record (names)."""
-        self.learn_from(active)
+        """The cached estimates, recomputed when due. `records`: a waiting job's record (names);
+        `active`: the active jobs' records by id, `changed` as `learn_from` takes it."""
+        self.learn_from(active, changed)
         if self._done is not None:
             self.starts, self._done = self._done, None
         queue = frozenset(jobs)
         if (self._thread is not None and self._thread.is_alive()) or not self.due(now, queue):
             return self.starts
-        compute = self._prepare(now, jobs, records, accounts, policy, running, active, usage, unavailable)
+        compute = self._prepare(
+            now, jobs, records, accounts, policy, running, list(active.values()), usage, unavailable
+        )
         self._at, self._queue = now, queue
         self._thread = threading.Thread(target=self._run, args=(compute,), name="gpulab-forecast", daemon=True)
         self._thread.start()

@@ -11,6 +11,7 @@ without it, NVML's free memory double-books a job that has just started. Pure fu
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from jobs.gpus import NodeHeartbeat
@@ -85,43 +86,74 @@ def build_accounts(
     by_uuid: dict[str, GpuAccount] = {}
     usage: dict[tuple[int, str], tuple[int, int]] = {}
     for beat in heartbeats:
-        node_accounts = []
-        for dev in beat.snapshot.devices:
-            account = GpuAccount(
-                node=beat.node,
-                index=dev.index,
-                uuid=dev.uuid,
-                name=dev.name,
-                healthy=dev.healthy,
-                total=dev.total_bytes,
-                nvml_free=dev.free_bytes,
-                used=dev.used_bytes,
-                foreign_peak=beat.foreign_peak_bytes.get(dev.uuid, 0),
-                error=dev.error,
-            )
-            if account.foreign_peak:
-                account.committed += account.foreign_peak + policy.spike_buffer_bytes
-            node_accounts.append(account)
-            by_uuid[dev.uuid] = account
+        node_accounts = _fresh_accounts(beat, policy)
+        by_uuid.update((a.uuid, a) for a in node_accounts)
         accounts[beat.node] = node_accounts
-        for u in beat.job_usage:
-            usage[(u.job_id, u.uuid)] = (u.current_bytes, u.peak_bytes)
+        usage.update(_job_usage(beat))
     for res in ledger:
-        for uuid, requested in res.gpus.items():
-            if uuid not in by_uuid:
-                continue  # node down: the reaper deals with its jobs
-            account = by_uuid[uuid]
-            current, peak = usage.get((res.job_id, uuid), (0, 0))
-            if res.whole_gpu:
-                held = account.total
-                account.whole_gpu_taken = True
-            elif peak > requested:
-                held = peak + policy.spike_buffer_bytes  # outgrew its request: no longer trusted
-            else:
-                held = requested
-            account.jobs += 1
-            account.committed += held
-            account.gpulab_reserved += held
-            account.gpulab_used += current
-            account.pending_growth += max(0, held - current) if not res.whole_gpu else 0
+        _charge(res, by_uuid, usage, policy)
     return accounts
+
+
+def node_accounts(beat: NodeHeartbeat, ledger: Iterable[Reservation], policy: AccountingPolicy) -> list[GpuAccount]:
+    """One node's part of `build_accounts`, for the reservations with a GPU on it: the same
+    accounts when no other heartbeat names this node's GPUs (their uuids, in a job's usage),
+    which lets a caller rebuild only the nodes whose heartbeat or reservations changed."""
+    accounts = _fresh_accounts(beat, policy)
+    by_uuid = {a.uuid: a for a in accounts}
+    usage = _job_usage(beat)
+    for res in ledger:
+        _charge(res, by_uuid, usage, policy)
+    return accounts
+
+
+def _fresh_accounts(beat: NodeHeartbeat, policy: AccountingPolicy) -> list[GpuAccount]:
+    """The node's accounts before any reservation: what NVML and outside processes hold."""
+    out = []
+    for dev in beat.snapshot.devices:
+        account = GpuAccount(
+            node=beat.node,
+            index=dev.index,
+            uuid=dev.uuid,
+            name=dev.name,
+            healthy=dev.healthy,
+            total=dev.total_bytes,
+            nvml_free=dev.free_bytes,
+            used=dev.used_bytes,
+            foreign_peak=beat.foreign_peak_bytes.get(dev.uuid, 0),
+            error=dev.error,
+        )
+        if account.foreign_peak:
+            account.committed += account.foreign_peak + policy.spike_buffer_bytes
+        out.append(account)
+    return out
+
+
+def _job_usage(beat: NodeHeartbeat) -> dict[tuple[int, str], tuple[int, int]]:
+    return {(u.job_id, u.uuid): (u.current_bytes, u.peak_bytes) for u in beat.job_usage}
+
+
+def _charge(
+    res: Reservation,
+    by_uuid: dict[str, GpuAccount],
+    usage: dict[tuple[int, str], tuple[int, int]],
+    policy: AccountingPolicy,
+) -> None:
+    """Charge one ledger entry to the accounts of its GPUs found in `by_uuid`."""
+    for uuid, requested in res.gpus.items():
+        account = by_uuid.get(uuid)
+        if account is None:
+            continue  # node down (or, for `node_accounts`, another node's GPU): the reaper deals with its jobs
+        current, peak = usage.get((res.job_id, uuid), (0, 0))
+        if res.whole_gpu:
+            held = account.total
+            account.whole_gpu_taken = True
+        elif peak > requested:
+            held = peak + policy.spike_buffer_bytes  # outgrew its request: no longer trusted
+        else:
+            held = requested
+        account.jobs += 1
+        account.committed += held
+        account.gpulab_reserved += held
+        account.gpulab_used += current
+        account.pending_growth += max(0, held - current) if not res.whole_gpu else 0

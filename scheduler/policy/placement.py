@@ -20,7 +20,7 @@ from jobs.config import PolicyConfig
 from jobs.sizes import format_size
 from jobs.states import Reason
 from scheduler.policy.accounting import AccountingPolicy, GpuAccount
-from scheduler.policy.cluster_state import IGNORE_HOLDS, INF, ClusterState, clone
+from scheduler.policy.cluster_state import IGNORE_HOLDS, INF, ClusterBase, ClusterState, clone
 from scheduler.policy.fairshare import fairshare_factors
 from scheduler.policy.feasibility import Feasibility, Shape
 from scheduler.policy.limits import UserLimits
@@ -138,6 +138,7 @@ def place_queue(
     unavailable_nodes: frozenset[str] = frozenset(),
     skip_blocked_groups: bool = True,
     merge_bulk: bool = True,
+    base: ClusterBase | None = None,
 ) -> PlacementResult:
     """`place` over a grouped queue: jobs are taken in scheduling order by merging the
     groups' heads (scheduler/policy/queue.py), and a group whose shape cannot start this
@@ -145,9 +146,15 @@ def place_queue(
     whole with that shape's reason - the rest of the group is never looked at one by one.
     The result is the same as looking at every job (`skip_blocked_groups=False`, which the
     property tests compare); `result.order` is left empty. With `merge_bulk` False the
-    group-answered jobs are in `result.bulk` only, not also in `result.waiting`."""
+    group-answered jobs are in `result.bulk` only, not also in `result.waiting`. `base`: the
+    cluster built from these same accounts, running jobs and unavailable nodes (the caller
+    may keep it between passes, see ClusterBase); built here when not given."""
+    if base is not None and not (
+        base.accounts is accounts and base.running is running and base.unavailable == unavailable_nodes
+    ):
+        raise ValueError("the cluster base was built from other inputs")
     running = list(running)
-    cluster = ClusterState(accounts, policy, unavailable_nodes, running)
+    cluster = ClusterState(accounts, policy, unavailable_nodes, running, base)
     feasible = Feasibility(accounts, policy.headroom_bytes)
     limits = UserLimits(config, running)
     result = PlacementResult()
@@ -230,10 +237,9 @@ def place_queue(
             if why is not None:
                 waiting[job.id] = Waiting(Reason.USER_LIMIT, why)
                 return
-        chosen = tuple(s.acct for s in slots)
-        cluster.take(slots, amounts, whole, end)
+        slots = cluster.take(slots, amounts, whole, end)
         reserved = {s.acct.uuid: a for s, a in zip(slots, amounts, strict=True)}
-        result.assignments.append(Assignment(job.id, node, tuple(clone(g) for g in chosen), reserved, whole))
+        result.assignments.append(Assignment(job.id, node, tuple(clone(s.acct) for s in slots), reserved, whole))
         limits.add(job.user, job.gpus, sum(amounts), job.array_id)
 
     while heads:

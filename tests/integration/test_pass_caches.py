@@ -8,8 +8,10 @@ import gc
 import json
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import replace
 
+import pytest
 import redis
 
 from jobs import keys, lifecycle
@@ -21,10 +23,14 @@ from jobs.spec import JobSpec
 from jobs.states import JobState
 from jobs.store import JobStore
 from scheduler.active import ActiveReader
-from scheduler.cluster import read_ledger
+from scheduler.cluster import Ledger, NodeReader, read_ledger
 from scheduler.daemon import Scheduler, collect_and_freeze
 from scheduler.forecast import duration_key
 from scheduler.pending import ESTIMATES_PER_PASS
+from scheduler.policy.accounting import build_accounts
+from scheduler.policy.cluster_state import ClusterBase
+from scheduler.policy.inputs import running_job
+from scheduler.policy.types import RunningJob
 
 GIB = 2**30
 
@@ -239,7 +245,7 @@ def test_the_reasons_a_pass_skips_comparing_are_the_ones_stored(redis_client: re
 
 def test_a_lapsed_lease_is_reaped_by_the_lease_check_between_full_reads(redis_client: redis.Redis) -> None:
     """Between full reads the active jobs come from the cache; the lease check asks Redis for
-    the leases alone (scheduler/active.py, `check_leases`) and must still see one lapse."""
+    the leases alone (scheduler/active.py, `lapsed`) and must still see one lapse."""
     store, scheduler, ids = dispatched(redis_client, 2)
     run(store, ids[0], 1)
     scheduler.run_pass()
@@ -282,6 +288,133 @@ def test_estimates_a_forecast_moved_are_written_in_turns_until_all_are(redis_cli
         scheduler.run_pass()
         written.append(sum(r.est_start_at == soon for r in store.get_many(queued)))
     assert written == [ESTIMATES_PER_PASS, 2 * ESTIMATES_PER_PASS, 120, 120]
+
+
+def beat_node(client: redis.Redis, name: str, free: int = 80 * GIB, gpus: int = 2) -> None:
+    """A node's heartbeat with `free` bytes free on each GPU (a new heartbeat, new bytes)."""
+    devices = tuple(GpuDevice(i, f"GPU-{name}-{i}", "Sim", 80 * GIB, free, 80 * GIB - free) for i in range(gpus))
+    beat = NodeHeartbeat(name, GpuSnapshot(devices, time.time()), sent_at=time.time())
+    client.set(keys.node(name), json.dumps(beat.to_json()), px=600_000)
+    client.sadd(keys.NODES, name)
+
+
+def fresh_running(client: redis.Redis) -> list[RunningJob]:
+    ledger = {r.job_id: r for r in read_ledger(client)}
+    return [running_job(a.record, ledger.get(a.record.id)) for a in ActiveReader(client).read()]
+
+
+def fresh_cluster(client: redis.Redis, scheduler: Scheduler) -> ClusterBase:
+    """The cluster a pass would start from if it read everything now and kept nothing."""
+    beats, _down, drained = NodeReader(client).read()
+    ledger = {r.job_id: r for r in read_ledger(client)}
+    accounts = build_accounts(beats, list(ledger.values()), scheduler.policy)
+    unavailable = frozenset(b.node for b in beats if b.draining) | frozenset(drained)
+    return ClusterBase.build(accounts, scheduler.policy, unavailable, fresh_running(client))
+
+
+def test_the_kept_cluster_follows_heartbeats_ledger_nodes_drains_and_a_flush(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client)
+    for name in ("n1", "n2"):
+        beat_node(redis_client, name)
+    scheduler = Scheduler(Config(), redis_client)
+    scheduler._last_lease_check = float("inf")  # no lease check: only the event stream updates it
+    ids = submit(store, 3, mem=30 * GIB)
+    assert scheduler.run_pass().placed == 3  # a full read: built from scratch
+
+    def kept_is_fresh() -> bool:
+        base = scheduler.cluster_base
+        return (
+            base is not None
+            and base.same_as(fresh_cluster(redis_client, scheduler))
+            and scheduler.ledger.reservations() == {r.job_id: r for r in read_ledger(redis_client)}
+            and {j.id: j for j in base.running} == {j.id: j for j in fresh_running(redis_client)}
+        )
+
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("ledger entries appear", lambda: submit(store, 2, mem=20 * GIB)),
+        ("a heartbeat changes", lambda: beat_node(redis_client, "n1", free=50 * GIB)),
+        (
+            "a ledger entry disappears",
+            lambda: (
+                run(store, ids[0], 1),
+                store.transition(Transition(ids[0], JobState.COMPLETED, {"ended_at": time.time()}, wake=False)),
+            ),
+        ),
+        ("a node vanishes", lambda: redis_client.delete(keys.node("n2"))),
+        ("the node returns", lambda: beat_node(redis_client, "n2")),
+        ("a node is drained", lambda: redis_client.hset(keys.DRAINED, "n1", "maintenance")),
+        ("and undrained", lambda: redis_client.hdel(keys.DRAINED, "n1")),
+        (
+            "a heartbeat changes on a drained node",
+            lambda: (
+                redis_client.hset(keys.DRAINED, "n2", "x"),
+                beat_node(redis_client, "n2", free=70 * GIB),
+            ),
+        ),
+        ("Redis is flushed", lambda: (redis_client.flushall(), beat_node(redis_client, "n1", free=40 * GIB))),
+    ]
+    for what, step in steps:
+        step()
+        # The base is what a pass starts from: after a pass that dispatched, Redis is ahead of it.
+        while scheduler.run_pass().placed:
+            pass
+        assert kept_is_fresh(), what
+
+
+@pytest.mark.parametrize("corrupt", ["accounts", "cluster"])
+def test_a_kept_cluster_gone_wrong_is_found_and_replaced_at_the_next_full_read(
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture, corrupt: str
+) -> None:
+    store = JobStore(redis_client)
+    for name in ("n1", "n2", "n3"):
+        beat_node(redis_client, name)
+    scheduler = Scheduler(Config(), redis_client)
+    submit(store, 2, mem=30 * GIB)
+    scheduler.run_pass()
+    scheduler.run_pass()
+    base = scheduler.cluster_base
+    assert base is not None
+    # What a missed invalidation would leave: the kept accounts (or slots) no longer Redis's.
+    if corrupt == "accounts":
+        base.accounts["n1"][0].committed += 40 * GIB
+    else:
+        base.slots[-1].avail -= GIB
+    scheduler.changes.forget()  # a gap: the next pass reads everything, and compares
+    scheduler.run_pass()
+    assert scheduler.cluster_base is not None
+    assert scheduler.cluster_base.same_as(fresh_cluster(redis_client, scheduler))
+    fresh = build_accounts(NodeReader(redis_client).read()[0], read_ledger(redis_client), scheduler.policy)
+    assert scheduler.cluster_base.accounts == fresh
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(("GPU accounts" if corrupt == "accounts" else "cluster state") in e for e in errors)
+
+
+def test_the_active_jobs_and_the_ledger_report_what_came_changed_or_went(redis_client: redis.Redis) -> None:
+    """What the pass keeps from the active jobs (its running list, the forecaster's record of
+    them) is updated for the ids these report alone: each must name every job that moved."""
+    store, _scheduler, ids = dispatched(redis_client, 3)
+    reader, ledger = ActiveReader(redis_client), Ledger(redis_client)
+    reader.read()
+    before = ledger.read()
+    assert reader.take_changed() is None and ledger.take_changed() is None  # a whole read: anything
+    reader.update(set(ids))
+    assert ledger.update(set(ids)) is before  # nothing changed: the same dict
+    assert reader.take_changed() == set() and ledger.take_changed() == set()
+    run(store, ids[0], 1)
+    reader.update(set(ids))
+    ledger.update(set(ids))
+    assert reader.take_changed() == {ids[0]} and ledger.take_changed() == set()
+    store.transition(Transition(ids[1], JobState.CANCELLED, {"ended_at": time.time()}, wake=False))
+    reader.update(set(ids))
+    after = ledger.update(set(ids))
+    assert reader.take_changed() == {ids[1]} and ledger.take_changed() == {ids[1]}
+    assert ids[1] not in reader.records and ids[1] not in after and ids[1] in before  # a new dict, the old kept
+    entry = json.loads(redis_client.hget(keys.LEDGER, ids[2]))
+    redis_client.hset(keys.LEDGER, ids[2], json.dumps({**entry, "gpus": {k: v + 1 for k, v in entry["gpus"].items()}}))
+    reader.update({ids[2]})
+    assert ledger.update({ids[2]})[ids[2]] != after[ids[2]]
+    assert reader.take_changed() == set() and ledger.take_changed() == {ids[2]}
+    assert set(reader.records) == {a.record.id for a in ActiveReader(redis_client).read()}
 
 
 def test_a_cycle_frozen_alive_is_collected_at_the_next_full_read() -> None:

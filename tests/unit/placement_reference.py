@@ -100,9 +100,8 @@ def reference_place(
             if why is not None:
                 result.waiting[job.id] = Waiting(Reason.USER_LIMIT, why)
                 continue
-        chosen = tuple(s.acct for s in slots)
-        cluster.take(slots, amounts, whole, end)
+        slots = cluster.take(slots, amounts, whole, end)  # this pass's copies, as changed
         reserved = {s.acct.uuid: a for s, a in zip(slots, amounts, strict=True)}
-        result.assignments.append(Assignment(job.id, node, tuple(clone(g) for g in chosen), reserved, whole))
+        result.assignments.append(Assignment(job.id, node, tuple(clone(s.acct) for s in slots), reserved, whole))
         limits.add(job.user, job.gpus, sum(amounts), job.array_id)
     return result
