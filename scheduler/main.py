@@ -9,6 +9,7 @@ state directory says so and exits 1, and never touches the running one's socket.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import socket
@@ -53,6 +54,9 @@ def run_scheduler(config: Config) -> int:
 
 
 def _serve(config: Config) -> int:
+    # `kill -USR1 PID` prints every thread's stack to stderr: a stop or pass that hangs can be
+    # seen where it hangs, on a lab's server and in the suite (tests/helpers/stack.py).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     client = connect_redis(config.effective_redis_url, "scheduler", config.redis_password())
     presence = Presence(client, "scheduler", socket.gethostname())
     presence.check_in(first=True)  # VersionMismatch: another version is live on this Redis

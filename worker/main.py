@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import itertools
 import logging
 import signal
@@ -44,6 +45,7 @@ def run_worker(config: Config, name: str | None = None, sim_gpus: list[int] | No
 
         sim_gpus = parse_sim_gpus(list(config.worker.simulate_gpus))
     who = f"worker {node}"
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to stderr
     # A call stuck on a dead connection (a Sentinel failover, a cut network) must fail well
     # before the job leases it renews would lapse: a quarter of the lease, then a retry.
     call_timeout = max(2.0, config.worker.lease_ttl_s / 4)  # above its 1 s BLPOP

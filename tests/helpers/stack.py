@@ -3,7 +3,9 @@ awaitable output, and a TOML config built from overrides instead of string edits
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -126,7 +128,17 @@ class Daemon:
     def stop(self, sig: int = 15) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout=60)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            # Where it hangs: the daemons print every thread's stack on SIGUSR1 (faulthandler).
+            self.proc.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(AssertionError):
+                self.wait_line("most recent call first", timeout=10)
+            self.proc.kill()
+            self.proc.wait(timeout=60)
+            tail = "\n".join(self.lines[-200:])
+            raise AssertionError(f"{self.proc.args} did not stop within 60 s; its output:\n{tail}") from None
 
 
 class Stack:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 from jobs import keys
 from jobs.states import JobState
@@ -47,3 +48,14 @@ def test_three_10gib_jobs_on_one_24gib_gpu_run_two_at_a_time(stack: Stack) -> No
     shown = json.loads(stack.cli("show", "--json", str(ids[0])).stdout)
     assert shown["peak_bytes"] and max(shown["peak_bytes"].values()) == 10 * 2**30
     assert [e["state"] for e in shown["history"] if e["state"] != "PENDING"] == ["ASSIGNED", "RUNNING", "COMPLETED"]
+
+
+def test_daemons_print_every_threads_stack_on_sigusr1_and_keep_serving(stack: Stack) -> None:
+    """`kill -USR1` shows where a daemon is (how the suite reports one that will not stop)."""
+    daemons = [stack.start_scheduler(), stack.start_worker()]
+    for daemon in daemons:
+        daemon.proc.send_signal(signal.SIGUSR1)
+        daemon.wait_line("most recent call first")
+        assert daemon.proc.poll() is None
+    job = stack.submit("--", "true")
+    stack.wait_state(job, JobState.COMPLETED)
