@@ -280,21 +280,11 @@ class ClusterBase:
 
 
 class ClusterState:
-    """One pass's cluster, changed as the pass places and holds: starts as `base` (built from
-    the other arguments when not given) and copies a slot, and its node, the first time it
-    changes one, so the base stays as it was."""
+    """One pass's cluster, changed as the pass places and holds: starts as `base` and copies
+    a slot, and its node, the first time it changes one, so the base stays as it was."""
 
-    def __init__(
-        self,
-        accounts: Mapping[str, list[GpuAccount]],
-        policy: AccountingPolicy,
-        unavailable: frozenset[str],
-        running: Sequence[RunningJob],
-        base: ClusterBase | None = None,
-    ) -> None:
-        if base is None:
-            base = ClusterBase.build(accounts, policy, unavailable, running)
-        self.policy = policy
+    def __init__(self, base: ClusterBase) -> None:
+        self.policy = base.policy
         self.slots = list(base.slots)
         self.nodes = dict(base.nodes)
         self.free = list(base.free)

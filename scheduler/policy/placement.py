@@ -150,11 +150,14 @@ def place_queue(
     cluster built from these same accounts, running jobs and unavailable nodes (the caller
     may keep it between passes, see ClusterBase); built here when not given."""
     if base is not None and not (
-        base.accounts is accounts and base.running is running and base.unavailable == unavailable_nodes
+        base.accounts is accounts
+        and base.running is running
+        and base.unavailable == unavailable_nodes
+        and base.policy == policy
     ):
         raise ValueError("the cluster base was built from other inputs")
     running = list(running)
-    cluster = ClusterState(accounts, policy, unavailable_nodes, running, base)
+    cluster = ClusterState(base or ClusterBase.build(accounts, policy, unavailable_nodes, running))
     feasible = Feasibility(accounts, policy.headroom_bytes)
     limits = UserLimits(config, running)
     result = PlacementResult()

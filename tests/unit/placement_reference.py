@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from jobs.config import PolicyConfig
 from jobs.states import Reason
 from scheduler.policy.accounting import AccountingPolicy, GpuAccount
-from scheduler.policy.cluster_state import IGNORE_HOLDS, INF, ClusterState, clone
+from scheduler.policy.cluster_state import IGNORE_HOLDS, INF, ClusterBase, ClusterState, clone
 from scheduler.policy.feasibility import Feasibility
 from scheduler.policy.limits import UserLimits
 from scheduler.policy.placement import (
@@ -37,7 +37,7 @@ def reference_place(
 ) -> PlacementResult:
     """Decide which pending jobs start now and where. Nothing passed in is modified."""
     running = list(running)
-    cluster = ClusterState(accounts, policy, unavailable_nodes, running)
+    cluster = ClusterState(ClusterBase.build(accounts, policy, unavailable_nodes, running))
     feasible = Feasibility(accounts, policy.headroom_bytes)
     limits = UserLimits(config, running)
     ordered = rank(jobs, usage or {}, {r.user for r in running}, now, config)

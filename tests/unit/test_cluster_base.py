@@ -121,7 +121,7 @@ def test_a_pass_changes_its_copies_and_never_the_base() -> None:
 def test_the_states_copies_share_nothing_they_change() -> None:
     accounts, unavailable, running = start()
     base = fresh((accounts, unavailable, running))
-    state = ClusterState(accounts, POLICY, unavailable, running, base)
+    state = ClusterState(base)
     node = state.nodes["n0"]
     taken = state.take([node.slots[1]], [GIB], False, 10.0)
     assert taken[0] is state.slots[taken[0].order] is state.nodes["n0"].slots[1]
