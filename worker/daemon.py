@@ -43,7 +43,7 @@ from worker.identity import RunAs
 from worker.journal import EndRecorder, Entry, Journal
 from worker.logship import LogShipper
 from worker.probe import GpuProbe
-from worker.process_tree import children_by_parent, find_shims, kill_tree, tree_pids
+from worker.process_tree import CHILD_STARTS, children_by_parent, find_shims, kill_tree, sweep_orphans, tree_pids
 from worker.runner import MEMORY_STOP, SHIM_ANSWER_S, SHIM_ENV, SHIM_PATH, JobRunner, LaunchError
 from worker.shim import PR_SET_CHILD_SUBREAPER, prctl
 from worker.shim_server import ShimServer
@@ -60,9 +60,6 @@ def stop_words() -> LastWords:
 
 class NodeNameTaken(RuntimeError):
     pass
-
-
-ORPHAN_LOOKS = 5  # looks at this worker's children per orphan sweep (see _reap_orphans)
 
 
 class WorkerDaemon:
@@ -371,18 +368,25 @@ class WorkerDaemon:
         for python in dict.fromkeys([sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]):
             tried.append(python)
             try:
-                probe = subprocess.run(
-                    [python, "-I", "-S", SHIM_PATH, "--self-check"],
-                    cwd="/",
-                    env=SHIM_ENV,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    timeout=30,
-                    user=run_as.uid,
-                    group=run_as.gid,
-                    extra_groups=list(run_as.groups),
-                )
+                with CHILD_STARTS:  # its command line names the shim once Popen returns
+                    probe = subprocess.Popen(
+                        [python, "-I", "-S", SHIM_PATH, "--self-check"],
+                        cwd="/",
+                        env=SHIM_ENV,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        user=run_as.uid,
+                        group=run_as.gid,
+                        extra_groups=list(run_as.groups),
+                    )
             except (OSError, subprocess.SubprocessError):
+                continue
+            try:
+                probe.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                probe.kill()
+                probe.wait()
                 continue
             if probe.returncode == 0:
                 self._shim_python[key] = python
@@ -435,36 +439,17 @@ class WorkerDaemon:
                 self.ends.nudge()  # Redis answers: journaled ends can go in now
 
     def _reap_orphans(self) -> None:
-        """This worker's only children are job shims. Any other child is a job process whose
-        shim died (a job can kill its own shim) and was adopted by this subreaper: it belongs
-        to no live attempt, so it is killed with everything it started, and reaped."""
-        with self._lock:
-            if any(r.proc is None and not r.done.is_set() for r in self.runners.values()):
-                # A shim is being spawned: forked but not yet exec'd, it still looks like this
-                # worker and belongs to no runner yet. Look again next heartbeat.
-                return
-            shims = {r.proc.pid for r in self.runners.values() if r.proc is not None}
-        # Again while a look found anything: the process table is read one process at a time,
-        # so a job process that exited during the read can show as a zombie whose child (an
-        # escapee it forked) was listed under it, not yet under this worker (found by
-        # test_round2's shim-killing job, once in a suite run).
-        for _ in range(ORPHAN_LOOKS):
-            found = False
-            for child in psutil.Process().children():
-                try:
-                    zombie = child.status() == psutil.STATUS_ZOMBIE
-                    if child.pid in shims or (not zombie and SHIM_PATH in child.cmdline()):
-                        continue  # a shim, perhaps not yet registered: its runner waits for it
-                    found = True
-                    if not zombie:
-                        log.warning("worker: killing pid %s, left behind by a job whose shim died", child.pid)
-                        kill_tree(child.pid)
-                except psutil.Error:
-                    continue
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(child.pid, os.WNOHANG)
-            if not found:
-                return
+        """This worker's only children are its shim fork server and job shims. Any other child
+        is a job process whose shim died (a job can kill its own shim) and was adopted by this
+        subreaper: it belongs to no live attempt, so it is killed with everything it started."""
+
+        def known() -> set[int]:
+            with self._lock:
+                shims = {r.proc.pid for r in self.runners.values() if r.proc is not None}
+            server = self.shim_server.pid
+            return shims if server is None else shims | {server}
+
+        sweep_orphans(known, SHIM_PATH)
 
     def _journal_loop(self) -> None:
         self.ends.run(self.stopping)

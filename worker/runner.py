@@ -40,7 +40,7 @@ from worker import jobfiles
 from worker.identity import IdentityError, RunAs, resolve_run_as
 from worker.idle import IdleWatch
 from worker.outcome import Outcome, classify
-from worker.process_tree import kill_tree, signal_tree, tree_pids
+from worker.process_tree import CHILD_STARTS, kill_tree, signal_tree, tree_pids
 from worker.shim import ABORTED_EXIT
 from worker.shim_server import ServedShim, ShimServer, ShimServerError
 
@@ -286,7 +286,7 @@ class JobRunner:
             "--report-fd", str(report_w),
         ]  # fmt: skip
         try:
-            with self._lock:
+            with self._lock, CHILD_STARTS:  # until its pid is where the orphan sweep looks
                 self.proc = subprocess.Popen(
                     argv,
                     cwd="/",  # root never enters the job's directory: the shim does, as the user

@@ -26,6 +26,8 @@ import sys
 import threading
 import time
 
+from worker.process_tree import CHILD_STARTS
+
 log = logging.getLogger("gpulab.worker")
 
 SPAWN_ANSWER_S = 30.0  # a fork: instant, unless the machine is frozen
@@ -119,16 +121,17 @@ class ShimServer:
         try:
             argv = [sys.executable, "-I", "-S", self.shim_path, *self.argv_tags]
             argv += ["--worker-pid", str(os.getpid()), "--serve", "yes"]
-            self._proc = subprocess.Popen(
-                argv,
-                cwd="/",
-                env=self.env,
-                stdin=theirs.fileno(),
-                stdout=subprocess.DEVNULL,
-                stderr=None,  # the worker's own log
-                start_new_session=True,
-                close_fds=True,
-            )
+            with CHILD_STARTS:  # until its pid is known: the orphan sweep spares it then
+                self._proc = subprocess.Popen(
+                    argv,
+                    cwd="/",
+                    env=self.env,
+                    stdin=theirs.fileno(),
+                    stdout=subprocess.DEVNULL,
+                    stderr=None,  # the worker's own log
+                    start_new_session=True,
+                    close_fds=True,
+                )
         finally:
             theirs.close()
         self._sock = mine
