@@ -429,7 +429,7 @@ class WorkerDaemon:
         interval = self.config.worker.heartbeat_interval_s
         while not self.stopping.wait(interval):
             try:
-                self._reap_orphans()
+                self._reap_orphans(wait=False)
                 self.publish_heartbeat()
             except redis.RedisError as exc:
                 log.warning("worker: heartbeat failed (%s); jobs keep running", exc)
@@ -438,10 +438,12 @@ class WorkerDaemon:
             else:
                 self.ends.nudge()  # Redis answers: journaled ends can go in now
 
-    def _reap_orphans(self) -> None:
+    def _reap_orphans(self, *, wait: bool = True) -> None:
         """This worker's only children are its shim fork server and job shims. Any other child
         is a job process whose shim died (a job can kill its own shim) and was adopted by this
-        subreaper: it belongs to no live attempt, so it is killed with everything it started."""
+        subreaper: it belongs to no live attempt, so it is killed with everything it started.
+        Without `wait` (the heartbeat: leases must not wait on a process start), skipped while
+        a child is being started."""
 
         def known() -> set[int]:
             with self._lock:
@@ -449,7 +451,7 @@ class WorkerDaemon:
             server = self.shim_server.pid
             return shims if server is None else shims | {server}
 
-        sweep_orphans(known, SHIM_PATH)
+        sweep_orphans(known, SHIM_PATH, wait=wait)
 
     def _journal_loop(self) -> None:
         self.ends.run(self.stopping)

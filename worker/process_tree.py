@@ -118,12 +118,14 @@ def find_shims(shim_path: str, node: str, state_dir: str) -> list[tuple[int, int
     return found
 
 
-def sweep_orphans(known: Callable[[], set[int]], marker: str) -> None:
+def sweep_orphans(known: Callable[[], set[int]], marker: str, *, wait: bool = True) -> bool:
     """Kill (with everything it started) and reap each child of this process that is neither
     in `known()` nor running `marker` (a shim not yet registered): in a subreaper, such a child
-    is a job process whose shim died and that was adopted. Waits for a child being started
-    (CHILD_STARTS) to be registered first."""
-    with CHILD_STARTS:
+    is a job process whose shim died and that was adopted. A child being started (CHILD_STARTS)
+    is waited for, or, without `wait`, the sweep is skipped (False) and left to the next one."""
+    if not CHILD_STARTS.acquire(blocking=wait):
+        return False
+    try:
         keep = known()
         # Again while a look found anything: the process table is read one process at a time,
         # so a job process that exited during the read can show as a zombie whose child (an
@@ -145,4 +147,7 @@ def sweep_orphans(known: Callable[[], set[int]], marker: str) -> None:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(child.pid, os.WNOHANG)
             if not found:
-                return
+                break
+    finally:
+        CHILD_STARTS.release()
+    return True

@@ -41,6 +41,7 @@ SCENARIO = textwrap.dedent(
     orphan, _ = blocked_child()
     with CHILD_STARTS:
         starting, release_w = blocked_child()
+        skipped = not sweep_orphans(sweep_known, "no-such-marker", wait=False)  # the heartbeat's
         sweeper = threading.Thread(target=sweep_orphans, args=(sweep_known, "no-such-marker"))
         sweeper.start()
         sweeper.join(timeout=1.0)  # it must wait for the start to be registered, however long
@@ -52,6 +53,7 @@ SCENARIO = textwrap.dedent(
     except ChildProcessError:
         orphan_killed = True  # killed and reaped by the sweep: only the sweep reaps here
     print(json.dumps({
+        "skipped": skipped,
         "waited": waited,
         "starting_known_at_sweep": starting in seen_at_sweep[0],
         "starting_alive": os.waitpid(starting, os.WNOHANG) == (0, 0),
@@ -69,6 +71,7 @@ def test_the_sweep_waits_for_a_child_being_started_and_kills_only_orphans() -> N
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {
+        "skipped": True,
         "waited": True,
         "starting_known_at_sweep": True,
         "starting_alive": True,
