@@ -29,6 +29,7 @@ from typing import Any
 import redis
 
 from jobs import keys, scripts
+from jobs.redis_conn import queue_script
 
 MAX_ENTRY_BYTES = 64 * 1024  # one stream entry; the trim loop copies at most this per entry
 MAX_READ_BYTES = 256 * 1024  # one API answer
@@ -68,11 +69,11 @@ class JobLog:
         """Append `data` (after `skipped` bytes that were not shipped). With `pipe`, queued
         there (the shipper sends every job's news in one round trip). The answer is the new
         end offset, or -1 when a newer attempt already ships (this one is stale)."""
-        return self._append(
-            keys=[keys.job_log(job_id), keys.job_log_meta(job_id)],
-            args=[attempt, skipped, data, limits.cap_bytes, limits.head_bytes, int(limits.retention_s * 1000)],
-            client=pipe if pipe is not None else self.redis,
-        )
+        log_keys = [keys.job_log(job_id), keys.job_log_meta(job_id)]
+        args = [attempt, skipped, data, limits.cap_bytes, limits.head_bytes, int(limits.retention_s * 1000)]
+        if pipe is not None:
+            return queue_script(pipe, self._append, log_keys, args)
+        return self._append(keys=log_keys, args=args)
 
     def touch(self, pipe: Any, job_id: int, retention_s: float) -> None:
         """Keep a running job's log alive however long it stays quiet."""

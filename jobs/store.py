@@ -21,6 +21,7 @@ from jobs import keys, scripts
 from jobs.lifecycle import Fence, Transition
 from jobs.profiles import Sample
 from jobs.record import InvalidRecord, JobRecord, checked_status
+from jobs.redis_conn import queue_script
 from jobs.spec import JobSpec
 from jobs.states import JobState, Reason, sources_of
 
@@ -215,7 +216,7 @@ class JobStore:
     def queue_transition(self, pipe: redis.client.Pipeline, t: Transition) -> None:
         """Queue a transition inside a caller's MULTI (the caller has checked the state under WATCH)."""
         job_keys, args = self.transition_args(t)
-        self._transition(keys=job_keys, args=args, client=pipe)
+        queue_script(pipe, self._transition, job_keys, args)
 
     def queue_transitions(self, pipe: redis.client.Pipeline, transitions: list[Transition]) -> None:
         """`queue_transition` for a batch as ONE command (the TRANSITION_MANY script): each is
@@ -375,7 +376,7 @@ class JobStore:
     ) -> None:
         """Queue what a worker measured about a running attempt (see scripts.OBSERVE)."""
         fields = json.dumps({k: _field(v) for k, v in _checked(observed).items()})
-        self._observe(keys=[keys.job(job_id), fence.key], args=[fence.token, str(attempt), fields], client=pipe)
+        queue_script(pipe, self._observe, [keys.job(job_id), fence.key], [fence.token, str(attempt), fields])
 
     def running_event(self, job_id: int, attempt: int, fence: Fence, detail: str, fields: Mapping[str, Any]) -> int:
         """An event in a running attempt's history (see scripts.RUNNING_EVENT): 1 written,

@@ -39,6 +39,7 @@ from jobs import keys, scripts
 from jobs.config import Config
 from jobs.notify import EVENTS
 from jobs.record import JobRecord
+from jobs.redis_conn import queue_script
 from jobs.store import JobStore
 from jobs.text import safe
 from scheduler.notify import mail, settings, webhook
@@ -266,10 +267,11 @@ class Notifier:
             items = deliveries(entry_id, fields, record, self.cfg.started_late_after_s) if record else []
             pairs = [x for item in items for x in (item["id"], json.dumps(item, sort_keys=True))]
             intake_keys = [keys.NOTIFY_OUTBOX, keys.NOTIFY_DUE, keys.NOTIFY_QUEUED, keys.notify_stats(user)]
-            self._intake(
-                keys=[*intake_keys, keys.NOTIFY_EVENTS],
-                args=[keys.NOTIFY_GROUP, entry_id, user, self.cfg.max_queued_per_user, repr(time.time()), *pairs],
-                client=pipe,
+            queue_script(
+                pipe,
+                self._intake,
+                [*intake_keys, keys.NOTIFY_EVENTS],
+                [keys.NOTIFY_GROUP, entry_id, user, self.cfg.max_queued_per_user, repr(time.time()), *pairs],
             )
         pipe.execute()
 

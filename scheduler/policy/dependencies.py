@@ -54,5 +54,3 @@ def evaluate(spec: JobSpec, states: Mapping[int, tuple[str, ...] | None]) -> Ver
     if waiting:
         return Verdict(False, False, "waiting for job " + ", ".join(str(d) for d in sorted(set(waiting))) + " to end")
     return READY
-
-

@@ -13,6 +13,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from jobs import keys, lifecycle
+from jobs.joblog import JobLog, LogLimits
 from jobs.lifecycle import Attempt, Fence
 from jobs.spec import JobSpec
 from jobs.states import JobState
@@ -212,3 +213,26 @@ def test_transition_each_guards_and_answers_each_on_its_own(redis_client: redis.
     (fenced,) = store.transition_each([lifecycle.start(Attempt(d, 1, "n1", fence), 7, "/log", 30, 3.0)])
     assert isinstance(fenced, Fenced)
     assert store.raw_state(d) == JobState.ASSIGNED
+
+
+def test_scripts_queued_on_pipelines_cost_no_extra_round_trip(redis_client: redis.Redis) -> None:
+    """Queued as itself, a registered script makes redis-py send SCRIPT EXISTS before the
+    pipeline (one more round trip at every execute: log shipping, bulk transitions, the
+    notifier's intake). Queued by jobs.redis_conn.queue_script, it goes as EVAL: no extra
+    command, and nothing to fail when Redis has no script loaded (restarted, flushed)."""
+    store, joblog = JobStore(redis_client), JobLog(redis_client)
+    spec = JobSpec(command=("true",), cwd="/", mem_bytes=2**20)
+    first, second = (store.submit(spec, user="u", uid=1) for _ in range(2))
+    redis_client.script_flush()
+    redis_client.config_resetstat()
+    limits = LogLimits(cap_bytes=4096, head_bytes=512, retention_s=60.0)
+    pipe = redis_client.pipeline(transaction=False)
+    joblog.append(first, 1, b"hello\n", limits, pipe=pipe)
+    joblog.append(second, 1, b"", limits, pipe=pipe)
+    assert pipe.execute() == [6, 0]
+    held = store.transition_many([lifecycle.hold(first, "u"), lifecycle.hold(second, "u")])
+    assert held == ["PENDING", "PENDING"]
+    stats = redis_client.info("commandstats")
+    assert "cmdstat_script|exists" not in stats and "cmdstat_script|load" not in stats
+    assert stats["cmdstat_eval"]["calls"] == 4
+    assert joblog.read(first, 0).data == b"hello\n"
