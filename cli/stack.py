@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from jobs.config import Config
+from jobs.daemons import StopSignals
 from scheduler.instance import AlreadyRunning, InstanceLock, LockUnavailable, private_dir, refusal, scheduler_lock
 from scheduler.redis_server import RedisServer, RedisServerError, is_local, reachable
 
@@ -95,8 +96,7 @@ def _run_stack(config: Config, *, sim_gpus: str | None, name: str | None) -> int
     redis_server: RedisServer | None = None
     children: list[subprocess.Popen[str]] = []
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stops = StopSignals(stop)  # SIGINT, SIGTERM: its handler takes no lock (jobs/daemons.py)
     try:
         if not reachable(url):
             if not is_local(url):
@@ -134,7 +134,7 @@ def _run_stack(config: Config, *, sim_gpus: str | None, name: str | None) -> int
             if any(c.poll() is not None for c in children):
                 print("gpulab: a daemon exited; stopping the stack", file=sys.stderr)
                 return 1
-            stop.wait(0.5)
+            stops.wait(0.5)
         return 0
     except (RedisServerError, RuntimeError) as exc:
         print(f"gpulab: {exc}", file=sys.stderr)

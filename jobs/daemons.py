@@ -17,6 +17,8 @@ import contextlib
 import json
 import logging
 import os
+import select
+import signal
 import socket
 import threading
 import time
@@ -194,3 +196,46 @@ class LastWords:
         answered = within(calls, self.bound())
         self.unanswered = self.unanswered or not answered
         return answered
+
+
+class StopSignals:
+    """SIGTERM and SIGINT stop a daemon: install it on the main thread, then `wait` there.
+
+    The handler takes no lock: it only notes the signal, and the wakeup fd wakes `wait`,
+    which sets `stop` itself. A handler runs on the main thread between two of its
+    bytecodes; one that set `stop` (an Event, a lock inside) while the main thread was inside
+    `stop.wait` holding that lock waited for it forever: a scheduler ignored its SIGTERM for
+    60 s in a suite run (tests/unit/test_stop_signals.py). A second signal changes nothing."""
+
+    POLL_S = 0.25  # `stop` set by another thread (a loop that failed) is seen within this
+
+    def __init__(self, stop: threading.Event, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.stop = stop
+        self.received: int | None = None
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        for sig in signals:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def wait(self, timeout: float) -> bool:
+        """Wait at most `timeout` seconds for a stop (a signal, or `stop` set by another
+        thread); whether stopping. After a signal `stop` is set."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.received is not None:
+                self.stop.set()  # here, on the main thread's own path: never inside stop.wait
+            if self.stop.is_set():
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            select.select([self._read], [], [], min(remaining, self.POLL_S))
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._read, 512):  # drain the wakeup bytes
+                    pass

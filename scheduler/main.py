@@ -18,7 +18,7 @@ import threading
 import time
 
 from jobs.config import Config
-from jobs.daemons import Presence, within
+from jobs.daemons import Presence, StopSignals, within
 from jobs.redis_conn import connect_redis, redact
 from scheduler.api_server import ApiServer, SocketInUse
 from scheduler.daemon import Scheduler
@@ -68,12 +68,7 @@ def _serve(config: Config) -> int:
     api_thread.start()
     notifier = start_notifier(config, client, stop)  # its own threads: the loop never waits on a receiver
 
-    def _stop(signum: int, _frame: object) -> None:
-        log.info("scheduler: signal %d, stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stops = StopSignals(stop)  # SIGTERM, SIGINT: its handler takes no lock (jobs/daemons.py)
     print(
         f"gpulab scheduler ready: socket {config.socket_path}, redis {redact(config.effective_redis_url)}", flush=True
     )
@@ -89,8 +84,10 @@ def _serve(config: Config) -> int:
     )
     loop.start()
     try:
-        while not stop.wait(1.0):
+        while not stops.wait(1.0):
             pass
+        if stops.received is not None:
+            log.info("scheduler: signal %d, stopping", stops.received)
     finally:
         stop.set()
         led = leader.fence() is not None

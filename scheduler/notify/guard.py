@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from jobs.notify import NotifyError, check_url
+from scheduler.notify.pool import DaemonPool
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -25,8 +26,9 @@ _ALWAYS_INTERNAL = (
     ipaddress.ip_network("100.64.0.0/10"),  # carrier-grade NAT, Alibaba metadata at 100.100.100.200
     ipaddress.ip_network("fd00:ec2::/32"),  # AWS metadata over IPv6 (fd00:ec2::254)
 )
-# Resolution runs on a small pool so a slow resolver costs the caller at most RESOLVE_TIMEOUT_S.
-_resolver = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="notify-dns")
+# Resolution runs on a small pool so a slow resolver costs the caller at most RESOLVE_TIMEOUT_S
+# (and, its threads being daemon threads, never holds up the process's exit).
+_resolver = DaemonPool(max_workers=4, thread_name_prefix="notify-dns")
 
 
 class Refused(NotifyError):

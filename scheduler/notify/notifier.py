@@ -20,7 +20,6 @@ on every attempt, in the POST's JSON and the mail's X-Gpulab-Delivery header, fo
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import logging
@@ -44,6 +43,7 @@ from jobs.store import JobStore
 from jobs.text import safe
 from scheduler.notify import mail, settings, webhook
 from scheduler.notify.guard import RESOLVE_TIMEOUT_S, networks
+from scheduler.notify.pool import DaemonPool
 
 log = logging.getLogger("gpulab.notify")
 CLAIM_LIMIT = 1000
@@ -187,9 +187,8 @@ class Notifier:
         self._claimed: set[str] = set()  # ids of deliveries being sent by this process
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, self.cfg.max_parallel), thread_name_prefix="notify-send"
-        )
+        # Daemon threads: a stop never waits for a send (scheduler/notify/pool.py).
+        self._pool = DaemonPool(max_workers=max(1, self.cfg.max_parallel), thread_name_prefix="notify-send")
 
     # ---- threads ------------------------------------------------------------------------------
     def start(self, stop: threading.Event) -> list[threading.Thread]:
