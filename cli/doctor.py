@@ -20,7 +20,7 @@ from cli.client import ApiClient, DaemonUnreachable
 from jobs import keys
 from jobs.config import Config, ConfigError
 from jobs.invariants import violations
-from jobs.redis_conn import BadRedisUrl, make_client, redact
+from jobs.redis_conn import BadRedisUrl, describe_error, make_client, redact
 from jobs.text import safe
 from scheduler.redis_server import is_local
 
@@ -144,7 +144,8 @@ def check_redis(config: Config) -> Iterator[Check]:
         yield Check("FAIL", "redis", f"{redact(url)} refused the credentials ({exc}); check [redis] password_file")
         return
     except redis.RedisError as exc:
-        yield Check("FAIL", "redis", f"cannot reach {redact(url)} ({exc}); start it (`gpulab up`, or redis-gpulab)")
+        why = describe_error(url, exc)
+        yield Check("FAIL", "redis", f"cannot reach {redact(url)} ({why}); start it (`gpulab up`, or redis-gpulab)")
         return
     try:
         yield Check("ok", "redis", f"reachable at {redact(url)}")

@@ -12,12 +12,12 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelManagedConnection
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
 
 SENTINEL_SCHEME = "redis+sentinel"
 
@@ -27,8 +27,15 @@ class RedisUnavailable(RuntimeError):
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
+    """The URL without its password, for messages and logs (also one that does not parse)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced IPv6 bracket: mask whatever stands before an '@'
+        scheme, sep, rest = url.partition("://")
+        userinfo, at, host = rest.rpartition("@")
+        if not at or ":" not in userinfo:
+            return url
+        return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}"
     if parts.password is None:
         return url
     host = parts.netloc.rpartition("@")[2]
@@ -86,6 +93,37 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     )
 
 
+PLAIN_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_plain_url(url: str) -> None:
+    """`redis://`, `rediss://` and `unix://` URLs that redis-py would refuse with a bare
+    ValueError (a traceback in every daemon), or read wrongly: a path that is not a database
+    number is silently db 0 there, which may be another lab's data."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError: not a number, or out of range
+    except ValueError as exc:
+        raise BadRedisUrl(f"{redact(url)}: {exc}") from None
+    if parts.scheme not in PLAIN_SCHEMES:
+        raise BadRedisUrl(
+            f"{redact(url)}: the scheme must be redis://, rediss://, unix:// or {SENTINEL_SCHEME}://"
+        )  # fmt: skip
+    if parts.scheme != "unix":
+        if not parts.hostname:
+            raise BadRedisUrl(f"{redact(url)}: no host")
+        if port == 0:
+            raise BadRedisUrl(f"{redact(url)}: port 0")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise BadRedisUrl(f"{redact(url)}: the path must be the database number (/0, /1, ...), got /{db}")
+    elif not parts.path:
+        raise BadRedisUrl(f"{redact(url)}: no socket path (unix:///PATH/redis.sock)")
+    for name, value in parse_qsl(parts.query):
+        if name == "db" and not value.isdigit():
+            raise BadRedisUrl(f"{redact(url)}: db={value} is not a database number")
+
+
 def _keepalive_options() -> dict[int, int]:
     """A TCP peer that vanished (host down, network cut, a failed-over primary's machine) is
     noticed in about 10 s even on a connection idle in a long blocking read, where only the
@@ -106,7 +144,10 @@ def make_client(url: str, password: str | None = None, timeout_s: float = 15) ->
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
         "health_check_interval": 30,
     }
-    scheme = urlsplit(url).scheme
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError as exc:  # e.g. an unbalanced IPv6 bracket, in any scheme
+        raise BadRedisUrl(f"{redact(url)}: {exc}") from None
     if scheme != "unix":  # a Unix socket's connection takes no TCP options
         options |= {"socket_keepalive": True, "socket_keepalive_options": _keepalive_options()}
     if scheme == SENTINEL_SCHEME:
@@ -124,7 +165,28 @@ def make_client(url: str, password: str | None = None, timeout_s: float = 15) ->
             **options,
         )
         return client
-    return redis.Redis.from_url(url, password=password, **options)
+    check_plain_url(url)
+    try:
+        return redis.Redis.from_url(url, password=password, **options)
+    except ValueError as exc:  # anything else redis-py's parser refuses
+        raise BadRedisUrl(f"{redact(url)}: {exc}") from None
+
+
+def describe_error(url: str, exc: redis.RedisError) -> str:
+    """One short line for why Redis did not answer. redis-py's MasterNotFoundError carries
+    the repr of a whole client (a few thousand characters): say what it means instead."""
+    if isinstance(exc, MasterNotFoundError):
+        try:
+            target = parse_sentinel_url(url)
+        except BadRedisUrl:
+            return "no sentinel knows the primary"
+        where = ",".join(f"{h}:{p}" for h, p in target.sentinels)
+        return (
+            f"no sentinel at {where} answered with a primary named {target.service!r} "
+            "(are the sentinels up, and is that the service name of `sentinel monitor`?)"
+        )
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def connect_redis(url: str, who: str, password: str | None = None, timeout_s: float = 15) -> redis.Redis:
@@ -139,7 +201,7 @@ def connect_redis(url: str, who: str, password: str | None = None, timeout_s: fl
         hint = "" if password else " (set [redis] password_file or GPULAB_REDIS_PASSWORD)"
         raise RedisUnavailable(f"{who}: Redis at {redact(url)} refused the credentials: {exc}{hint}") from None
     except redis.RedisError as exc:
-        raise RedisUnavailable(f"{who}: cannot reach Redis at {redact(url)}: {exc}") from None
+        raise RedisUnavailable(f"{who}: cannot reach Redis at {redact(url)}: {describe_error(url, exc)}") from None
     return client
 
 
