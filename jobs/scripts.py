@@ -358,23 +358,47 @@ return settled
 LOG_APPEND = """
 -- KEYS: 1 the job's log stream, 2 its meta hash
 -- ARGV: 1 attempt, 2 bytes skipped before this data (not kept: the shipper's rate cap),
---       3 data, 4 cap on bytes kept, 5 head bytes (never trimmed), 6 retention ms
+--       3 data, 4 cap on bytes kept, 5 head bytes (never trimmed), 6 retention ms,
+--       7 (optional) where the skipped bytes begin in this attempt's output, as the shipper counts
 -- An older attempt than the newest seen is refused (a stale worker's late flush): -1.
+-- With ARGV[7], an append is idempotent: the meta's `apos` says how far this attempt's output
+-- is stored, and what lies before it is not stored again (a resend of an append whose answer
+-- was lost: a timeout while Redis was stalled, a dropped connection).
 -- Appends at offset `end` (the entry id's first part is the byte offset), then trims the
 -- oldest entries after the head until at most ARGV[4] bytes are kept. Returns the new end.
 local attempt = tonumber(ARGV[1])
 local seen = tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0')
 if attempt < seen then return -1 end
-if attempt > seen then redis.call('HSET', KEYS[2], 'attempt', attempt) end
+local apos = 0
+if attempt > seen then
+  redis.call('HSET', KEYS[2], 'attempt', attempt)
+  redis.call('HDEL', KEYS[2], 'apos')
+else
+  apos = tonumber(redis.call('HGET', KEYS[2], 'apos') or '0')
+end
 local skip = tonumber(ARGV[2])
+local data = ARGV[3]
+if ARGV[7] then
+  local at = tonumber(ARGV[7])
+  local first = at + skip  -- where this data begins in the attempt's output
+  local after = first + string.len(data)
+  if after <= apos and at < apos then return tonumber(redis.call('HGET', KEYS[2], 'end') or '0') end
+  if apos > first then
+    data = string.sub(data, apos - first + 1)
+    skip = 0
+  else
+    skip = first - apos  -- what the shipper skipped, and what an earlier append lost (never stored)
+  end
+  redis.call('HSET', KEYS[2], 'apos', string.format('%d', after))
+end
 local pos = tonumber(redis.call('HGET', KEYS[2], 'end') or '0') + skip
-local n = string.len(ARGV[3])
+local n = string.len(data)
 local stored = tonumber(redis.call('HGET', KEYS[2], 'stored') or '0')
 local dropped = tonumber(redis.call('HGET', KEYS[2], 'dropped') or '0') + skip
 local newest = nil
 if n > 0 then
   newest = string.format('%d-1', pos)
-  redis.call('XADD', KEYS[1], newest, 'd', ARGV[3])
+  redis.call('XADD', KEYS[1], newest, 'd', data)
   stored = stored + n
   pos = pos + n
 end

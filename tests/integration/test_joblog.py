@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import threading
 from pathlib import Path
 
 import redis
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from jobs import keys
 from jobs.config import Config, WorkerConfig
 from jobs.joblog import MAX_ENTRY_BYTES, JobLog, LogLimits, utf8_cut
+from jobs.redis_conn import make_client
 from scheduler.redis_server import RedisServer
 from worker.logship import LogShipper, plan
 
@@ -161,3 +164,55 @@ def test_the_node_budget_is_shared_by_every_job_printing_at_once(redis_client: r
         shipped.append(meta["end"] - meta["dropped"])
     assert sum(shipped) <= 2**20 + 4 * MAX_ENTRY_BYTES  # the node's burst, split four ways
     assert max(shipped) - min(shipped) <= MAX_ENTRY_BYTES
+
+
+BUSY_SCRIPT = """
+local t = redis.call('TIME')
+local until_us = (tonumber(t[1]) * 1000000 + tonumber(t[2])) + tonumber(ARGV[1]) * 1000
+repeat t = redis.call('TIME') until tonumber(t[1]) * 1000000 + tonumber(t[2]) >= until_us
+return 1
+"""
+
+
+def test_an_append_whose_answer_was_lost_is_not_stored_twice(redis_server: RedisServer, tmp_path: Path) -> None:
+    """Redis stalls (a busy script here; a slow fsync or fork in life) longer than the
+    worker's call timeout while the shipper sends new output: the client gives up and the
+    shipper sends the same bytes again, but Redis runs the first send as well once it is
+    free. The job's output must read back once, not twice."""
+    client = make_client(redis_server.url, timeout_s=0.3)  # the worker's client: calls time out
+    client.delete(keys.job_log(11), keys.job_log_meta(11))
+    shipper = LogShipper(client, Config())
+    path = tmp_path / "11.log"
+    path.write_bytes(b"first\n")
+    shipper.add(11, 1, os.open(path, os.O_RDONLY), 0)
+    shipper.tick()
+    busy_client = redis.Redis.from_url(redis_server.url)
+    busy = threading.Thread(target=lambda: busy_client.eval(BUSY_SCRIPT, 0, 1500))
+    busy.start()
+    probe = redis.Redis.from_url(redis_server.url, socket_timeout=0.05)
+    while True:  # until Redis is seen busy (a PING it does not answer)
+        try:
+            probe.ping()
+        except redis.TimeoutError:
+            break
+    with path.open("ab") as f:
+        f.write(b"second\n")
+    with contextlib.suppress(redis.RedisError):
+        shipper.tick()  # times out (perhaps after redis-py's own retries): its bytes reach Redis anyway
+    busy.join()
+    shipper.tick()  # the next tick sends what it does not know was stored
+    assert read_all(JobLog(client), 11)[0] == b"first\nsecond\n"
+    for c in (client, busy_client, probe):
+        c.close()
+
+
+def test_a_resend_planned_differently_stores_only_what_is_new(redis_client: redis.Redis) -> None:
+    """The tick after a lost answer plans again (the file grew, the budget changed): what
+    overlaps the stored part is left out, the rest is appended, the offsets stay the job's."""
+    log = JobLog(redis_client)
+    assert log.append(12, 1, b"abcdef", LIMITS, at=0) == 6
+    assert log.append(12, 1, b"defghi", LIMITS, skipped=3, at=0) == 9  # skipped 'abc', then overlaps 'def'
+    assert log.append(12, 1, b"abc", LIMITS, at=0) == 9  # wholly stored already
+    assert read_all(log, 12) == (b"abcdefghi", 0)
+    assert log.append(12, 2, b"new attempt\n", LIMITS, at=0) == 21  # another attempt counts from 0 again
+    assert read_all(log, 12)[0] == b"abcdefghinew attempt\n"
