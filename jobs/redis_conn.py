@@ -8,11 +8,12 @@ hosts"). The password is the data nodes'; the sentinels are asked without one.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -27,20 +28,28 @@ class RedisUnavailable(RuntimeError):
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and logs (also one that does not parse)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # e.g. an unbalanced IPv6 bracket: mask whatever stands before an '@'
-        scheme, sep, rest = url.partition("://")
-        userinfo, at, host = rest.rpartition("@")
-        if not at or ":" not in userinfo:
-            return url
-        return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}"
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """The URL without its password, for messages and logs. Read as a plain string, not parsed:
+    a password with an unescaped '/', '?' or '#' (a generated one) moves urllib's idea of
+    where the password ends, and pieces of it were shown. Everything between '://' and the
+    last '@' after the user name is masked, and a `password=` in the query."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        if colon:
+            rest = f"{user}:***@{host}"
+    return scheme + sep + re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", rest)
+
+
+def _unparsable(url: str, why: object) -> BadRedisUrl:
+    """A URL urllib or redis-py refused. With credentials in it, their message may quote a
+    piece of the password (the 'port' of a password with a '/'), so it is not shown."""
+    if "@" in url:
+        why = (
+            "it does not parse; a password with '/', '?', '#' or '@' must be percent-encoded "
+            "(or give it in [redis] password_file)"
+        )
+    return BadRedisUrl(f"{redact(url)}: {why}")
 
 
 class _SentinelConnection(SentinelManagedConnection):  # type: ignore[misc]  # untyped in redis-py
@@ -79,7 +88,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     for item in hosts.split(","):
         host, _, port = item.strip().rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise BadRedisUrl(f"{redact(url)}: each sentinel must be HOST:PORT, got {item.strip()!r}")
+            raise _unparsable(url, f"each sentinel must be HOST:PORT, got {item.strip()!r}")
         sentinels.append((host.strip("[]"), int(port)))
     path = [p for p in parts.path.split("/") if p]
     if not 1 <= len(path) <= 2 or (len(path) == 2 and not path[1].isdigit()):
@@ -104,7 +113,7 @@ def check_plain_url(url: str) -> None:
         parts = urlsplit(url)
         port = parts.port  # ValueError: not a number, or out of range
     except ValueError as exc:
-        raise BadRedisUrl(f"{redact(url)}: {exc}") from None
+        raise _unparsable(url, exc) from None
     if parts.scheme not in PLAIN_SCHEMES:
         raise BadRedisUrl(
             f"{redact(url)}: the scheme must be redis://, rediss://, unix:// or {SENTINEL_SCHEME}://"
@@ -116,7 +125,7 @@ def check_plain_url(url: str) -> None:
             raise BadRedisUrl(f"{redact(url)}: port 0")
         db = parts.path.strip("/")
         if db and not db.isdigit():
-            raise BadRedisUrl(f"{redact(url)}: the path must be the database number (/0, /1, ...), got /{db}")
+            raise _unparsable(url, f"the path must be the database number (/0, /1, ...), got /{db}")
     elif not parts.path:
         raise BadRedisUrl(f"{redact(url)}: no socket path (unix:///PATH/redis.sock)")
     for name, value in parse_qsl(parts.query):
@@ -147,7 +156,7 @@ def make_client(url: str, password: str | None = None, timeout_s: float = 15) ->
     try:
         scheme = urlsplit(url).scheme
     except ValueError as exc:  # e.g. an unbalanced IPv6 bracket, in any scheme
-        raise BadRedisUrl(f"{redact(url)}: {exc}") from None
+        raise _unparsable(url, exc) from None
     if scheme != "unix":  # a Unix socket's connection takes no TCP options
         options |= {"socket_keepalive": True, "socket_keepalive_options": _keepalive_options()}
     if scheme == SENTINEL_SCHEME:
@@ -169,7 +178,7 @@ def make_client(url: str, password: str | None = None, timeout_s: float = 15) ->
     try:
         return redis.Redis.from_url(url, password=password, **options)
     except ValueError as exc:  # anything else redis-py's parser refuses
-        raise BadRedisUrl(f"{redact(url)}: {exc}") from None
+        raise _unparsable(url, exc) from None
 
 
 def describe_error(url: str, exc: redis.RedisError) -> str:

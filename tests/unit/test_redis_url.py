@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.redis_conn import BadRedisUrl, RedisUnavailable, connect_redis, parse_sentinel_url
+from jobs.redis_conn import BadRedisUrl, RedisUnavailable, connect_redis, parse_sentinel_url, redact
 
 
 def test_sentinel_url_with_password_hosts_service_and_db() -> None:
@@ -88,3 +88,26 @@ def test_unknown_sentinel_service_is_one_short_line() -> None:
     line = str(info.value)
     assert f"127.0.0.1:{port}" in line and "'nosuch'" in line and "ConnectionPool" not in line, line
     assert "pw" not in line and "\n" not in line and len(line) < 400, line
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # A generated password (base64 has '/' and '+') pasted into the URL without escaping:
+        "redis+sentinel://:Zq9/Xw@127.0.0.1:1/gpulab",
+        "redis://:Zq9/Xw@127.0.0.1:1/0",
+        "redis://:Zq9#Xw@127.0.0.1:1/0",
+        "redis://:Zq9?Xw@127.0.0.1:1/0",
+        "redis://user:Zq9:Xw@127.0.0.1:1/0",
+        # redis-py also takes the password from the query string:
+        "unix:///nonexistent/redis.sock?password=Zq9Xw",
+        "redis://127.0.0.1:1/0?db=0&password=Zq9Xw",
+    ],
+)
+def test_no_part_of_a_password_is_shown(url: str) -> None:
+    """However the URL is mistyped, the line a daemon prints (into the journal) and doctor's
+    show no piece of the password."""
+    assert "Zq9" not in redact(url) and "Xw" not in redact(url), redact(url)
+    with pytest.raises(RedisUnavailable) as info:
+        connect_redis(url, "scheduler")
+    assert "Zq9" not in str(info.value) and "Xw" not in str(info.value), str(info.value)
