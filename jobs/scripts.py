@@ -18,8 +18,12 @@ SUBMIT = """
 -- All or nothing: an array's tasks appear together. Returns -1 (nothing stored) when the
 -- jobs would take their user past ARGV[3] waiting jobs, -2 past ARGV[4] bytes, else the
 -- number stored.
+-- Idempotent: the ids are reserved for this submit alone, so a first job that exists means
+-- this is a resend of a call Redis already ran (its answer lost to a timeout, a dropped
+-- connection): nothing is stored or counted again, and the answer is the first one's.
 local jobs = cjson.decode(ARGV[2])
 if #jobs == 0 then return 0 end
+if redis.call('EXISTS', KEYS[6]) == 1 then return #jobs end
 local user = jobs[1]['user']
 local waiting = tonumber(redis.call('HGET', KEYS[4], user) or '0')
 if ARGV[3] ~= '' and waiting + #jobs > tonumber(ARGV[3]) then return -1 end

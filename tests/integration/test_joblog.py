@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import threading
 from pathlib import Path
 
 import redis
@@ -18,6 +17,7 @@ from jobs.config import Config, WorkerConfig
 from jobs.joblog import MAX_ENTRY_BYTES, JobLog, LogLimits, utf8_cut
 from jobs.redis_conn import make_client
 from scheduler.redis_server import RedisServer
+from tests.helpers.stall import stalled
 from worker.logship import LogShipper, plan
 
 LIMITS = LogLimits(cap_bytes=4096, head_bytes=512, retention_s=60.0)
@@ -166,14 +166,6 @@ def test_the_node_budget_is_shared_by_every_job_printing_at_once(redis_client: r
     assert max(shipped) - min(shipped) <= MAX_ENTRY_BYTES
 
 
-BUSY_SCRIPT = """
-local t = redis.call('TIME')
-local until_us = (tonumber(t[1]) * 1000000 + tonumber(t[2])) + tonumber(ARGV[1]) * 1000
-repeat t = redis.call('TIME') until tonumber(t[1]) * 1000000 + tonumber(t[2]) >= until_us
-return 1
-"""
-
-
 def test_an_append_whose_answer_was_lost_is_not_stored_twice(redis_server: RedisServer, tmp_path: Path) -> None:
     """Redis stalls (a busy script here; a slow fsync or fork in life) longer than the
     worker's call timeout while the shipper sends new output: the client gives up and the
@@ -186,24 +178,14 @@ def test_an_append_whose_answer_was_lost_is_not_stored_twice(redis_server: Redis
     path.write_bytes(b"first\n")
     shipper.add(11, 1, os.open(path, os.O_RDONLY), 0)
     shipper.tick()
-    busy_client = redis.Redis.from_url(redis_server.url)
-    busy = threading.Thread(target=lambda: busy_client.eval(BUSY_SCRIPT, 0, 1500))
-    busy.start()
-    probe = redis.Redis.from_url(redis_server.url, socket_timeout=0.05)
-    while True:  # until Redis is seen busy (a PING it does not answer)
-        try:
-            probe.ping()
-        except redis.TimeoutError:
-            break
-    with path.open("ab") as f:
-        f.write(b"second\n")
-    with contextlib.suppress(redis.RedisError):
-        shipper.tick()  # times out (perhaps after redis-py's own retries): its bytes reach Redis anyway
-    busy.join()
+    with stalled(redis_server.url, 1500):
+        with path.open("ab") as f:
+            f.write(b"second\n")
+        with contextlib.suppress(redis.RedisError):
+            shipper.tick()  # times out (perhaps after redis-py's own retries): its bytes reach Redis anyway
     shipper.tick()  # the next tick sends what it does not know was stored
     assert read_all(JobLog(client), 11)[0] == b"first\nsecond\n"
-    for c in (client, busy_client, probe):
-        c.close()
+    client.close()
 
 
 def test_a_resend_planned_differently_stores_only_what_is_new(redis_client: redis.Redis) -> None:
