@@ -7,6 +7,7 @@ Every setting is documented in the repository's config.toml.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -229,6 +230,16 @@ _FLOAT_KEYS = {
     "auto_quantile", "auto_margin", "outlier_factor", "profile_ttl_days", "preempt_margin", "idle_max_util_percent",
 }  # fmt: skip
 _CHOICES = {"idle_action": ("flag", "notify", "stop")}
+# Durations: finite, 0 to MAX_SECONDS (31 years: more overflows a socket timeout or a PX),
+# and these more than 0 (a lease, an interval or a timeout of 0 is an error in Redis, a busy
+# loop or a division by zero).
+MAX_SECONDS = 1e9
+_POSITIVE_SECONDS = {
+    "housekeeping_interval_s", "assign_timeout_s", "api_request_timeout_s",
+    "eta_default_runtime_s", "heartbeat_interval_s", "lease_ttl_s",
+    "log_retention_s", "smtp_timeout_s", "webhook_timeout_s", "retry_base_s", "retry_max_s",
+    "estimate_timeout_s",
+}  # fmt: skip
 
 
 def _section(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -250,9 +261,17 @@ def _section(cls: type, table: dict[str, Any], where: str) -> Any:
                     raise ValueError("must be a number, 0 or more")
                 value = float(value)
             elif name.endswith("_s") or name.startswith("weight_"):
+                if isinstance(value, bool):
+                    raise ValueError("must be a number")
                 value = float(value)
+                if not math.isfinite(value):
+                    raise ValueError("must be a finite number")
                 if name == "leader_lease_s" and not 0.5 <= value <= 3600:
                     raise ValueError("must be between 0.5 and 3600 seconds")
+                if name.endswith("_s") and not 0 <= value <= MAX_SECONDS:
+                    raise ValueError(f"must be between 0 and {MAX_SECONDS:.0f} seconds")
+                if name in _POSITIVE_SECONDS and value <= 0:
+                    raise ValueError("must be more than 0 seconds")
             elif name == "enforce" and value not in ENFORCE_POLICIES:
                 raise ValueError(f"must be one of {', '.join(ENFORCE_POLICIES)}")
             elif name in ("auto_min_runs", "profile_window") and (

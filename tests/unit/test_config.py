@@ -51,3 +51,30 @@ def test_bad_config_names_the_setting(tmp_path: Path, text: str, needle: str) ->
     path.write_text(text)
     with pytest.raises(ConfigError, match=needle):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[worker]\nlease_ttl_s = 0\n",  # Redis refuses a PX of 0: a traceback at the worker's first lease
+        "[worker]\nlease_ttl_s = -1\n",
+        "[worker]\nlease_ttl_s = inf\n",  # OverflowError in the socket timeout derived from it
+        "[worker]\nheartbeat_interval_s = nan\n",  # a worker that said ready and never beat
+        "[worker]\nlog_retention_s = inf\n",  # every log shipping tick failed
+        "[worker]\nlog_retention_s = 0\n",  # every job's output deleted as it is shipped
+        "[scheduler]\nhousekeeping_interval_s = -2\n",
+        "[scheduler]\nassign_timeout_s = 1e300\n",
+        "[worker]\nheartbeat_interval_s = 0\n",  # a heartbeat loop that spins
+        "[policy]\nweight_age = nan\n",
+        "[worker]\nkill_grace_s = true\n",
+    ],
+)
+def test_durations_and_weights_must_be_finite_numbers_in_range(tmp_path: Path, text: str) -> None:
+    """A duration that is 0 (where 0 makes no sense), negative, NaN or infinite, or a weight
+    that is not a finite number, is refused with one line naming it, not found later as a
+    daemon's traceback (or a daemon that silently does nothing)."""
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    name = text.split("\n")[1].split(" =")[0]
+    with pytest.raises(ConfigError, match=name):
+        load_config(path)
