@@ -328,12 +328,24 @@ def _from_toml(data: dict[str, Any], where: str) -> Config:
         redis_password_file=str(Path(password_file).expanduser()) if password_file else "",
         state_dir=Path(state_dir).expanduser() if state_dir else default_state_dir(),
         scheduler=_section(SchedulerConfig, data.get("scheduler", {}), f"{where} [scheduler]"),
-        worker=_section(WorkerConfig, data.get("worker", {}), f"{where} [worker]"),
+        worker=_worker(data.get("worker", {}), f"{where} [worker]"),
         policy=_section(PolicyConfig, data.get("policy", {}), f"{where} [policy]"),
         notify=_notify_section(data.get("notify", {}), f"{where} [notify]"),
         memory=_memory(data.get("memory", {}), f"{where} [memory]"),
         source=where,
     )
+
+
+def _worker(table: dict[str, Any], where: str) -> WorkerConfig:
+    worker: WorkerConfig = _section(WorkerConfig, table, where)
+    if worker.heartbeat_interval_s * 2 > worker.lease_ttl_s:
+        # Each heartbeat renews the leases; a job's shim stops it at 0.75 of the lease
+        # without one, so a slower heartbeat kills every job a few seconds after its start.
+        raise ConfigError(
+            f"{where}: 'heartbeat_interval_s' ({worker.heartbeat_interval_s:g}s) must be at most half of "
+            f"'lease_ttl_s' ({worker.lease_ttl_s:g}s): jobs stop themselves at 0.75 of the lease without a renewal"
+        )
+    return worker
 
 
 def _notify_section(table: dict[str, Any], where: str) -> NotifyConfig:

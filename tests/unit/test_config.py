@@ -78,3 +78,14 @@ def test_durations_and_weights_must_be_finite_numbers_in_range(tmp_path: Path, t
     name = text.split("\n")[1].split(" =")[0]
     with pytest.raises(ConfigError, match=name):
         load_config(path)
+
+
+def test_a_heartbeat_slower_than_half_the_lease_is_refused(tmp_path: Path) -> None:
+    """Each heartbeat renews the leases, and a job's shim stops it at 0.75 of the lease
+    without a renewal: a slower heartbeat would kill every job seconds after it started."""
+    path = tmp_path / "bad.toml"
+    path.write_text("[worker]\nheartbeat_interval_s = 8\n")  # the lease stays 10 s
+    with pytest.raises(ConfigError, match=r"heartbeat_interval_s.*lease_ttl_s"):
+        load_config(path)
+    path.write_text("[worker]\nheartbeat_interval_s = 5\nlease_ttl_s = 10\n")
+    assert load_config(path).worker.heartbeat_interval_s == 5
