@@ -261,3 +261,29 @@ def test_a_submit_whose_answer_was_lost_is_stored_once(redis_server: RedisServer
     assert [e["state"] for e in store.history(job_id)] == ["PENDING"]
     assert client.xlen(keys.EVENTS) == 1
     client.close()
+
+
+def test_a_start_whose_answer_was_lost_is_not_taken_for_a_refusal(redis_server: RedisServer) -> None:
+    """Redis stalls past the worker's call timeout as it records a start: redis-py sends the
+    transition again; the first send was applied, so the second finds the job RUNNING. That
+    is this very start, not a refusal: taken for one, the worker withdrew the command, the
+    job stayed RUNNING with nothing running and no renewals, and its lease lapsed into
+    NodeLost (or a requeue) on a healthy node. Both the single and the batch path."""
+    client = make_client(redis_server.url, timeout_s=0.3)
+    client.flushall()
+    store = JobStore(client)
+    dispatcher = Dispatcher(client, store, assign_timeout_s=30)
+    warm, *jobs = [store.submit(_spec(), user="u", uid=1) for _ in range(3)]
+    dispatcher.dispatch([_assignment(j) for j in (warm, *jobs)])
+    start = [Attempt(j, 1, "n1") for j in (warm, *jobs)]
+    store.transition(lifecycle.start(start[0], 100, "/dev/null", 5, 1.0))  # the script is loaded, as in a worker
+    single = lifecycle.start(start[1], 101, "/dev/null", 5, 2.0)
+    batch = lifecycle.start(start[2], 102, "/dev/null", 5, 3.0)
+    with stalled(redis_server.url, 1500):
+        assert store.transition(single) == "ASSIGNED"  # answered by a resend: not TransitionRefused
+    with stalled(redis_server.url, 1500):
+        assert store.transition_each([batch]) == ["ASSIGNED"]
+    # A start that another one beat is still refused.
+    with pytest.raises(TransitionRefused):
+        store.transition(lifecycle.start(start[1], 999, "/dev/null", 5, 9.0))
+    client.close()
