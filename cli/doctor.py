@@ -10,7 +10,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import click
@@ -149,13 +149,20 @@ def check_redis(config: Config) -> Iterator[Check]:
         return
     try:
         yield Check("ok", "redis", f"reachable at {redact(url)}")
-        yield from check_persistence(client)
-        yield from check_clocks(client, config)
-        yield from check_leader(client, config)
         from cli.doctor_nodes import check_daemons  # it builds on this module's Check
 
-        yield from check_daemons(client)
-        yield from check_invariants(client)
+        steps: tuple[tuple[str, Callable[[], Iterator[Check]]], ...] = (
+            ("redis persistence", lambda: check_persistence(client)),
+            ("clocks", lambda: check_clocks(client, config)),
+            ("leader", lambda: check_leader(client, config)),
+            ("daemons", lambda: check_daemons(client)),
+            ("invariants", lambda: check_invariants(client)),
+        )
+        for name, step in steps:
+            try:
+                yield from step()
+            except redis.RedisError as exc:  # a command this Redis user may not run, Redis gone
+                yield Check("FAIL", name, f"Redis refused or did not answer: {describe_error(url, exc)}")
     finally:
         client.close()
 

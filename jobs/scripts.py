@@ -466,6 +466,21 @@ end
 return out
 """
 
+INVARIANT_SNAPSHOT = """
+-- KEYS: 1 ledger, 2 active, 3 pending. ARGV: 1 the lease keys' pattern.
+-- One atomic snapshot for jobs.invariants: the ledger's jobs, the active and the waiting
+-- ones, and every lease key, found with SCAN in the same script (not KEYS: it is in the ACL
+-- category @dangerous, which README "Security"'s minimal ACL takes away). Names may repeat.
+local leases = {}
+local cursor = '0'
+repeat
+  local reply = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = reply[1]
+  for _, key in ipairs(reply[2]) do leases[#leases + 1] = key end
+until cursor == '0'
+return {redis.call('HKEYS', KEYS[1]), redis.call('SMEMBERS', KEYS[2]), redis.call('ZRANGE', KEYS[3], 0, -1), leases}
+"""
+
 # ---- leader election (scheduler/leader.py; docs/ARCHITECTURE.md "Leader and fencing") -------
 # Lease times are Redis's (PX TTLs, TIME), never a scheduler's clock: a clock jump on a host
 # cannot extend or cut a lease. The fence "<epoch>:<token>" changes only when a new leadership
