@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from jobs.sizes import parse_size
+from jobs.sizes import format_size, parse_size
 
 SYSTEM_CONFIG = Path("/etc/gpulab/config.toml")
 
@@ -344,6 +344,12 @@ def _worker(table: dict[str, Any], where: str) -> WorkerConfig:
         raise ConfigError(
             f"{where}: 'heartbeat_interval_s' ({worker.heartbeat_interval_s:g}s) must be at most half of "
             f"'lease_ttl_s' ({worker.lease_ttl_s:g}s): jobs stop themselves at 0.75 of the lease without a renewal"
+        )
+    if worker.log_head_bytes > worker.log_redis_cap_bytes:
+        # The head is never trimmed: a head past the cap is what Redis keeps of every job.
+        raise ConfigError(
+            f"{where}: 'log_head' ({format_size(worker.log_head_bytes)}) must be at most "
+            f"'log_redis_cap' ({format_size(worker.log_redis_cap_bytes)}): the head is kept whole, past the cap"
         )
     return worker
 

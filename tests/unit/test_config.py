@@ -89,3 +89,12 @@ def test_a_heartbeat_slower_than_half_the_lease_is_refused(tmp_path: Path) -> No
         load_config(path)
     path.write_text("[worker]\nheartbeat_interval_s = 5\nlease_ttl_s = 10\n")
     assert load_config(path).worker.heartbeat_interval_s == 5
+
+
+def test_a_log_head_past_the_redis_cap_is_refused(tmp_path: Path) -> None:
+    """The head of a job's output is never trimmed in Redis: a head of 10 GiB under a cap of
+    1 MiB let every job keep 10 GiB there (and a noeviction Redis refuse every write when full)."""
+    path = tmp_path / "bad.toml"
+    path.write_text('[worker]\nlog_head = "10GiB"\nlog_redis_cap = "1MiB"\n')
+    with pytest.raises(ConfigError, match="'log_head'"):
+        load_config(path)
