@@ -16,14 +16,18 @@ SUBMIT = """
 --       beforehand with INCRBY), 3 max waiting jobs of this user ('' = no limit), 4 max bytes
 --       of specs of this user's waiting jobs ('' = no limit).
 -- All or nothing: an array's tasks appear together. Returns -1 (nothing stored) when the
--- jobs would take their user past ARGV[3] waiting jobs, -2 past ARGV[4] bytes, else the
--- number stored.
--- Idempotent: the ids are reserved for this submit alone, so a first job that exists means
--- this is a resend of a call Redis already ran (its answer lost to a timeout, a dropped
--- connection): nothing is stored or counted again, and the answer is the first one's.
+-- jobs would take their user past ARGV[3] waiting jobs, -2 past ARGV[4] bytes, -3 when the
+-- first id is another job's, else the number stored.
+-- Idempotent: the ids are reserved for this submit alone, so a first job that exists with
+-- this submit's time is a resend of a call Redis already ran (its answer lost to a timeout,
+-- a dropped connection): nothing is stored or counted again, and the answer is the first
+-- one's. One with another time is another job (the id counter went back): -3, nothing stored.
 local jobs = cjson.decode(ARGV[2])
 if #jobs == 0 then return 0 end
-if redis.call('EXISTS', KEYS[6]) == 1 then return #jobs end
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  if redis.call('HGET', KEYS[6], 'submitted_at') == jobs[1]['submitted_at'] then return #jobs end
+  return -3
+end
 local user = jobs[1]['user']
 local waiting = tonumber(redis.call('HGET', KEYS[4], user) or '0')
 if ARGV[3] ~= '' and waiting + #jobs > tonumber(ARGV[3]) then return -1 end

@@ -35,6 +35,10 @@ class TransitionRefused(RuntimeError):
         self.current = current
 
 
+class IdTaken(RuntimeError):
+    """A reserved id names a job that exists (the id counter went back): nothing was stored."""
+
+
 class TooManyWaiting(RuntimeError):
     """The user already has `max_pending_per_user` PENDING/HELD jobs; nothing was stored."""
 
@@ -137,6 +141,8 @@ class JobStore:
                 "" if max_bytes is None else str(max_bytes),
             ],
         )
+        if int(stored) == -3:
+            raise IdTaken(f"job id {first} is another job's already ({keys.NEXT_JOB_ID} went back); nothing stored")
         if int(stored) == -2:
             raise TooMuchStored(user)
         if int(stored) < 0:

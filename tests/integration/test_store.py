@@ -19,7 +19,7 @@ from jobs.lifecycle import Attempt, Fence
 from jobs.redis_conn import make_client
 from jobs.spec import JobSpec
 from jobs.states import JobState
-from jobs.store import Fenced, JobStore, Transition, TransitionRefused
+from jobs.store import Fenced, IdTaken, JobStore, Transition, TransitionRefused
 from scheduler.dispatch import Dispatcher
 from scheduler.policy.accounting import GpuAccount
 from scheduler.policy.placement import Assignment
@@ -287,3 +287,17 @@ def test_a_start_whose_answer_was_lost_is_not_taken_for_a_refusal(redis_server: 
     with pytest.raises(TransitionRefused):
         store.transition(lifecycle.start(start[1], 999, "/dev/null", 5, 9.0))
     client.close()
+
+
+def test_a_reserved_id_that_names_another_job_stores_nothing(redis_client: redis.Redis) -> None:
+    """The id counter went back (a hand edit, a restore of part of the data): a submit whose
+    id is another job's is refused, and that job is left as it was (it is not overwritten,
+    nor taken for a resend of this submit)."""
+    store = JobStore(redis_client)
+    first = store.submit(_spec(name="first"), user="ann", uid=1000)
+    redis_client.set(keys.NEXT_JOB_ID, first - 1)
+    with pytest.raises(IdTaken):
+        store.submit(_spec(name="second"), user="bob", uid=1001)
+    record = store.get(first)
+    assert record is not None and (record.user, record.spec.name) == ("ann", "first")
+    assert store.waiting_count("bob") == 0
