@@ -110,3 +110,24 @@ def test_a_scheduler_refused_the_socket_leaves_no_presence_behind(make_stack: Ca
     daemons, _ = live_daemons(first.redis)
     assert [d.kind for d in daemons] == ["scheduler"], daemons
     assert first.scheduler is not None and daemons[0].pid == first.scheduler.proc.pid
+
+
+def test_a_worker_that_cannot_start_says_why_in_one_line_and_leaves_no_presence(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """A worker whose node name a live worker holds, or (on a host without NVML) one started
+    without --sim-gpus: one line, exit 1, and no presence left behind in Redis (it had
+    checked in first, and counted as a live worker for 10 s); no traceback for the missing
+    driver either."""
+    stack: Stack = make_stack()
+    live = stack.start_worker("n1")
+    again = stack.cli("worker", "--name", "n1", "--sim-gpus", "1x24GiB")
+    assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    from worker.nvml_probe import nvml_available
+
+    if not nvml_available():
+        no_gpu = stack.cli("worker", "--name", "n2")
+        assert no_gpu.returncode == 1, no_gpu.stderr
+        assert "Traceback" not in no_gpu.stderr and "NVML is unavailable" in no_gpu.stderr, no_gpu.stderr
+    daemons, _ = live_daemons(stack.redis)
+    assert [(d.kind, d.pid) for d in daemons] == [("worker", live.proc.pid)], daemons
