@@ -313,7 +313,28 @@ def load_config(path: Path | None = None) -> Config:
         config = replace(config, state_dir=Path(os.environ["GPULAB_STATE_DIR"]))
     if os.environ.get("GPULAB_REDIS_PASSWORD_FILE"):
         config = replace(config, redis_password_file=os.environ["GPULAB_REDIS_PASSWORD_FILE"])
+    _check_paths(config, f"{path}: " if path is not None else "")
     return config
+
+
+MAX_SOCKET_PATH = 107  # bytes: a Unix socket address (sun_path) holds 108, with its NUL
+
+
+def _check_paths(config: Config, where: str) -> None:  # where: "FILE: " or ""
+    """Paths every process must read alike: a relative one is relative to each process's
+    working directory (the daemon's, '/' under systemd, and each user's shell's), so the CLI
+    would look for the socket elsewhere; and a socket path a Unix socket cannot bind."""
+    if not config.state_dir.is_absolute():
+        origin = "GPULAB_STATE_DIR" if os.environ.get("GPULAB_STATE_DIR") else f"{where}[paths] 'state_dir'"
+        raise ConfigError(f"{origin}: {str(config.state_dir)!r} must be an absolute path")
+    if config.scheduler.socket and not Path(config.scheduler.socket).is_absolute():
+        raise ConfigError(f"{where}[scheduler] 'socket': {config.scheduler.socket!r} must be an absolute path")
+    length = len(os.fsencode(config.socket_path))
+    if length > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"{where}the API socket {config.socket_path} is {length} bytes long; a Unix socket's path holds at "
+            f"most {MAX_SOCKET_PATH}: set [scheduler] socket (or the state directory) to a shorter path"
+        )
 
 
 def _from_toml(data: dict[str, Any], where: str) -> Config:

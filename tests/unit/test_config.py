@@ -98,3 +98,29 @@ def test_a_log_head_past_the_redis_cap_is_refused(tmp_path: Path) -> None:
     path.write_text('[worker]\nlog_head = "10GiB"\nlog_redis_cap = "1MiB"\n')
     with pytest.raises(ConfigError, match="'log_head'"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "needle"),
+    [
+        ('[paths]\nstate_dir = "gpulab-state"\n', {}, "state_dir"),  # relative: each process its own cwd's
+        ('[scheduler]\nsocket = "run/gpulab.sock"\n', {}, "socket"),
+        ("", {"GPULAB_STATE_DIR": "state"}, "GPULAB_STATE_DIR"),
+        ("", {"GPULAB_STATE_DIR": "/tmp/" + "x" * 110}, "socket"),  # past AF_UNIX's 108 bytes
+        ('[scheduler]\nsocket = "/run/' + "y" * 120 + '.sock"\n', {}, "socket"),
+    ],
+)
+def test_paths_that_daemons_and_clients_would_read_differently_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, env: dict[str, str], needle: str
+) -> None:
+    """A relative state directory or socket is relative to each process's working directory
+    (the daemon's, under systemd '/', and every user's shell's): the CLI never found the
+    scheduler. A socket path longer than a Unix socket address allows ended the scheduler in
+    an 'AF_UNIX path too long' traceback. Each is one line naming the setting."""
+    monkeypatch.delenv("GPULAB_STATE_DIR", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(path)
