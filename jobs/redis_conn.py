@@ -66,6 +66,22 @@ class _SentinelConnection(SentinelManagedConnection):  # type: ignore[misc]  # u
         )
 
 
+class _Sentinel(Sentinel):  # type: ignore[misc]  # untyped in redis-py
+    """redis-py's MasterNotFoundError names each sentinel by the repr of its whole client
+    (about 1 KB each): every retry of a daemon cut off from the sentinels logged that (the
+    leader thread every 0.5 s). The same error, in one short line."""
+
+    def discover_master(self, service_name: str) -> Any:
+        try:
+            return super().discover_master(service_name)
+        except MasterNotFoundError:
+            where = ",".join(
+                f"{c.connection_pool.connection_kwargs.get('host')}:{c.connection_pool.connection_kwargs.get('port')}"
+                for c in self.sentinels
+            )
+            raise MasterNotFoundError(f"no sentinel ({where}) answered with a primary named {service_name!r}") from None
+
+
 class BadRedisUrl(ValueError):
     """The URL does not parse; `str()` is the one line to print."""
 
@@ -161,7 +177,7 @@ def make_client(url: str, password: str | None = None, timeout_s: float = 15) ->
         options |= {"socket_keepalive": True, "socket_keepalive_options": _keepalive_options()}
     if scheme == SENTINEL_SCHEME:
         target = parse_sentinel_url(url)
-        sentinel = Sentinel(target.sentinels, sentinel_kwargs={"socket_timeout": 2, "socket_connect_timeout": 2})
+        sentinel = _Sentinel(target.sentinels, sentinel_kwargs={"socket_timeout": 2, "socket_connect_timeout": 2})
         # The pool asks the sentinels for the primary on every new connection: after a
         # failover the retries land on the new one (and READONLY from a demoted one drops the
         # connection).

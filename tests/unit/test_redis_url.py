@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
-from jobs.redis_conn import BadRedisUrl, RedisUnavailable, connect_redis, parse_sentinel_url, redact
+from jobs.redis_conn import BadRedisUrl, RedisUnavailable, connect_redis, make_client, parse_sentinel_url, redact
 
 
 def test_sentinel_url_with_password_hosts_service_and_db() -> None:
@@ -111,3 +112,16 @@ def test_no_part_of_a_password_is_shown(url: str) -> None:
     with pytest.raises(RedisUnavailable) as info:
         connect_redis(url, "scheduler")
     assert "Zq9" not in str(info.value) and "Xw" not in str(info.value), str(info.value)
+
+
+def test_a_daemon_cut_off_from_every_sentinel_logs_short_lines() -> None:
+    """A daemon's retries log what Redis answered (the leader every 0.5 s): redis-py's
+    MasterNotFoundError carried the repr of every sentinel's client, ~2 KB a line, which
+    flooded the journal for as long as the sentinels were away."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    client = make_client(f"redis+sentinel://127.0.0.1:{port}/gpulab", timeout_s=1)
+    with pytest.raises(redis.ConnectionError) as info:
+        client.ping()
+    assert "'gpulab'" in str(info.value) and len(str(info.value)) < 300, str(info.value)
