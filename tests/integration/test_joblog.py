@@ -198,3 +198,21 @@ def test_a_resend_planned_differently_stores_only_what_is_new(redis_client: redi
     assert read_all(log, 12) == (b"abcdefghi", 0)
     assert log.append(12, 2, b"new attempt\n", LIMITS, at=0) == 21  # another attempt counts from 0 again
     assert read_all(log, 12)[0] == b"abcdefghinew attempt\n"
+
+
+def test_the_cap_bounds_redis_memory_also_for_output_shipped_a_byte_at_a_time(redis_client: redis.Redis) -> None:
+    """A job printing one character per shipping tick (a row of progress dots) makes one
+    stream entry per byte, and an entry costs Redis ~26 bytes besides its data: the cap
+    counted data only, so a 1 MiB cap kept ~1M entries, ~26 MiB per job (an array of such
+    jobs fills Redis, which then refuses every write). Entries count against the cap too."""
+    log = JobLog(redis_client)
+    log.append(13, 1, b"h" * LIMITS.head_bytes, LIMITS, at=0)  # the head: one entry
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(20_000):
+        log.append(13, 1, b".", LIMITS, pipe=pipe, at=LIMITS.head_bytes + i)
+    pipe.execute()
+    used = redis_client.memory_usage(keys.job_log(13), samples=0)
+    assert used <= 2 * LIMITS.cap_bytes, used
+    data, skipped = read_all(log, 13)
+    assert data.startswith(b"h" * LIMITS.head_bytes) and data.endswith(b"." * 50)
+    assert len(data) + skipped == LIMITS.head_bytes + 20_000
