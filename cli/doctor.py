@@ -163,6 +163,8 @@ def check_redis(config: Config) -> Iterator[Check]:
                 yield from step()
             except redis.RedisError as exc:  # a command this Redis user may not run, Redis gone
                 yield Check("FAIL", name, f"Redis refused or did not answer: {describe_error(url, exc)}")
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:  # stored data of another shape
+                yield Check("FAIL", name, f"cannot read what is stored ({type(exc).__name__}: {exc})")
     finally:
         client.close()
 

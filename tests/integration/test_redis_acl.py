@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from jobs import keys
 from jobs.states import JobState
 from scheduler.redis_server import RedisServer
 from tests.helpers.stack import Stack
@@ -87,3 +88,20 @@ def test_doctor_reports_a_command_its_user_may_not_run_as_one_line(
     [line] = [x for x in doctor.stdout.splitlines() if "invariants" in x]
     assert line.startswith("FAIL") and "no permissions" in line, doctor.stdout
     assert any("clock vs redis" in x for x in doctor.stdout.splitlines())  # the other checks ran
+
+
+def test_doctor_survives_a_heartbeat_it_cannot_read(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A node's heartbeat that is not the JSON object doctor expects (a worker of another
+    version, a hand edit): that check fails with one line, the others still run."""
+    redis_client.sadd(keys.NODES, "odd")
+    redis_client.set(keys.node("odd"), "[1, 2]")
+    env = {**os.environ, "GPULAB_STATE_DIR": str(tmp_path / "state"), "GPULAB_REDIS_URL": redis_server.url}
+    (tmp_path / "state").mkdir(mode=0o700)
+    doctor = subprocess.run(
+        [sys.executable, "-m", "cli", "doctor"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert "Traceback" not in doctor.stderr, doctor.stderr
+    assert any(x.startswith("FAIL") and "clocks" in x for x in doctor.stdout.splitlines()), doctor.stdout
+    assert any("invariants" in x for x in doctor.stdout.splitlines()), doctor.stdout  # the later checks ran
