@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import threading
 from pathlib import Path
 
 import redis
@@ -216,3 +217,32 @@ def test_the_cap_bounds_redis_memory_also_for_output_shipped_a_byte_at_a_time(re
     data, skipped = read_all(log, 13)
     assert data.startswith(b"h" * LIMITS.head_bytes) and data.endswith(b"." * 50)
     assert len(data) + skipped == LIMITS.head_bytes + 20_000
+
+
+def test_the_last_output_is_shipped_when_the_end_comes_while_a_tick_is_on_its_way(
+    redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Break: a job's end (`finish`) announced while a shipping tick was on its way made the
+    shipper forget the log once that tick was answered, though the tick had been planned
+    before the job's last bytes were written: they never reached Redis, and `gpulab logs`
+    from another host missed the job's last line. The window is one round trip at every
+    job's end; a slow Redis widens it to seconds. Here Redis holds the tick's appends
+    (CLIENT PAUSE WRITE) while the job writes its last bytes and ends."""
+    shipper = LogShipper(redis_client, Config())
+    path = tmp_path / "14.log"
+    path.write_bytes(b"first\n")
+    shipper.add(14, 1, os.open(path, os.O_RDONLY), 0)
+    redis_client.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+    try:
+        tick = threading.Thread(target=shipper.tick)
+        tick.start()
+        while not any(c["cmd"] == "eval" and "b" in c["flags"] for c in redis_client.client_list()):
+            pass  # until its appends wait in Redis: planned, sent, not answered
+        with path.open("ab") as f:
+            f.write(b"last\n")  # the job's last bytes, then its end
+        shipper.finish(14, 1, wait_s=0)
+    finally:
+        redis_client.execute_command("CLIENT", "UNPAUSE")
+    tick.join()
+    shipper.tick()  # the final flush
+    assert read_all(JobLog(redis_client), 14)[0] == b"first\nlast\n"
