@@ -10,7 +10,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import click
@@ -20,7 +20,7 @@ from cli.client import ApiClient, DaemonUnreachable
 from jobs import keys
 from jobs.config import Config, ConfigError
 from jobs.invariants import violations
-from jobs.redis_conn import BadRedisUrl, make_client, redact
+from jobs.redis_conn import BadRedisUrl, describe_error, make_client, redact
 from jobs.text import safe
 from scheduler.redis_server import is_local
 
@@ -144,17 +144,27 @@ def check_redis(config: Config) -> Iterator[Check]:
         yield Check("FAIL", "redis", f"{redact(url)} refused the credentials ({exc}); check [redis] password_file")
         return
     except redis.RedisError as exc:
-        yield Check("FAIL", "redis", f"cannot reach {redact(url)} ({exc}); start it (`gpulab up`, or redis-gpulab)")
+        why = describe_error(url, exc)
+        yield Check("FAIL", "redis", f"cannot reach {redact(url)} ({why}); start it (`gpulab up`, or redis-gpulab)")
         return
     try:
         yield Check("ok", "redis", f"reachable at {redact(url)}")
-        yield from check_persistence(client)
-        yield from check_clocks(client, config)
-        yield from check_leader(client, config)
         from cli.doctor_nodes import check_daemons  # it builds on this module's Check
 
-        yield from check_daemons(client)
-        yield from check_invariants(client)
+        steps: tuple[tuple[str, Callable[[], Iterator[Check]]], ...] = (
+            ("redis persistence", lambda: check_persistence(client)),
+            ("clocks", lambda: check_clocks(client, config)),
+            ("leader", lambda: check_leader(client, config)),
+            ("daemons", lambda: check_daemons(client)),
+            ("invariants", lambda: check_invariants(client)),
+        )
+        for name, step in steps:
+            try:
+                yield from step()
+            except redis.RedisError as exc:  # a command this Redis user may not run, Redis gone
+                yield Check("FAIL", name, f"Redis refused or did not answer: {describe_error(url, exc)}")
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:  # stored data of another shape
+                yield Check("FAIL", name, f"cannot read what is stored ({type(exc).__name__}: {exc})")
     finally:
         client.close()
 

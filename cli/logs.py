@@ -82,7 +82,7 @@ class TerminalWriter:
 
 
 def _unfinished_csi(text: str) -> bool:
-    return text == "\x1b" or (text.startswith("\x1b[") and all(c.isdigit() or c == ";" for c in text[2:]))
+    return text == "\x1b" or (text.startswith("\x1b[") and all(c in "0123456789;" for c in text[2:]))
 
 
 @click.command()

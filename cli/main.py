@@ -317,11 +317,12 @@ def worker(ctx: Context, name: str | None, sim_gpus: str | None, verbose: bool, 
     from jobs.redis_conn import RedisUnavailable
     from worker.daemon import NodeNameTaken
     from worker.main import run_worker
+    from worker.nvml_probe import GpuProbeError
 
     _daemon_logging(verbose)
     try:
         sys.exit(run_worker(ctx.config, name, _sim_gpus(sim_gpus)))
-    except (RedisUnavailable, NodeNameTaken, ConfigError, VersionMismatch) as exc:
+    except (RedisUnavailable, NodeNameTaken, ConfigError, VersionMismatch, GpuProbeError) as exc:
         fail(str(exc))
 
 

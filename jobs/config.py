@@ -7,13 +7,14 @@ Every setting is documented in the repository's config.toml.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from jobs.sizes import parse_size
+from jobs.sizes import format_size, parse_size
 
 SYSTEM_CONFIG = Path("/etc/gpulab/config.toml")
 
@@ -229,6 +230,16 @@ _FLOAT_KEYS = {
     "auto_quantile", "auto_margin", "outlier_factor", "profile_ttl_days", "preempt_margin", "idle_max_util_percent",
 }  # fmt: skip
 _CHOICES = {"idle_action": ("flag", "notify", "stop")}
+# Durations: finite, 0 to MAX_SECONDS (31 years: more overflows a socket timeout or a PX),
+# and these more than 0 (a lease, an interval or a timeout of 0 is an error in Redis, a busy
+# loop or a division by zero).
+MAX_SECONDS = 1e9
+_POSITIVE_SECONDS = {
+    "housekeeping_interval_s", "assign_timeout_s", "api_request_timeout_s",
+    "eta_default_runtime_s", "heartbeat_interval_s", "lease_ttl_s",
+    "log_retention_s", "smtp_timeout_s", "webhook_timeout_s", "retry_base_s", "retry_max_s",
+    "estimate_timeout_s",
+}  # fmt: skip
 
 
 def _section(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -250,9 +261,17 @@ def _section(cls: type, table: dict[str, Any], where: str) -> Any:
                     raise ValueError("must be a number, 0 or more")
                 value = float(value)
             elif name.endswith("_s") or name.startswith("weight_"):
+                if isinstance(value, bool):
+                    raise ValueError("must be a number")
                 value = float(value)
+                if not math.isfinite(value):
+                    raise ValueError("must be a finite number")
                 if name == "leader_lease_s" and not 0.5 <= value <= 3600:
                     raise ValueError("must be between 0.5 and 3600 seconds")
+                if name.endswith("_s") and not 0 <= value <= MAX_SECONDS:
+                    raise ValueError(f"must be between 0 and {MAX_SECONDS:.0f} seconds")
+                if name in _POSITIVE_SECONDS and value <= 0:
+                    raise ValueError("must be more than 0 seconds")
             elif name == "enforce" and value not in ENFORCE_POLICIES:
                 raise ValueError(f"must be one of {', '.join(ENFORCE_POLICIES)}")
             elif name in ("auto_min_runs", "profile_window") and (
@@ -294,7 +313,28 @@ def load_config(path: Path | None = None) -> Config:
         config = replace(config, state_dir=Path(os.environ["GPULAB_STATE_DIR"]))
     if os.environ.get("GPULAB_REDIS_PASSWORD_FILE"):
         config = replace(config, redis_password_file=os.environ["GPULAB_REDIS_PASSWORD_FILE"])
+    _check_paths(config, f"{path}: " if path is not None else "")
     return config
+
+
+MAX_SOCKET_PATH = 107  # bytes: a Unix socket address (sun_path) holds 108, with its NUL
+
+
+def _check_paths(config: Config, where: str) -> None:  # where: "FILE: " or ""
+    """Paths every process must read alike: a relative one is relative to each process's
+    working directory (the daemon's, '/' under systemd, and each user's shell's), so the CLI
+    would look for the socket elsewhere; and a socket path a Unix socket cannot bind."""
+    if not config.state_dir.is_absolute():
+        origin = "GPULAB_STATE_DIR" if os.environ.get("GPULAB_STATE_DIR") else f"{where}[paths] 'state_dir'"
+        raise ConfigError(f"{origin}: {str(config.state_dir)!r} must be an absolute path")
+    if config.scheduler.socket and not Path(config.scheduler.socket).is_absolute():
+        raise ConfigError(f"{where}[scheduler] 'socket': {config.scheduler.socket!r} must be an absolute path")
+    length = len(os.fsencode(config.socket_path))
+    if length > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"{where}the API socket {config.socket_path} is {length} bytes long; a Unix socket's path holds at "
+            f"most {MAX_SOCKET_PATH}: set [scheduler] socket (or the state directory) to a shorter path"
+        )
 
 
 def _from_toml(data: dict[str, Any], where: str) -> Config:
@@ -309,12 +349,30 @@ def _from_toml(data: dict[str, Any], where: str) -> Config:
         redis_password_file=str(Path(password_file).expanduser()) if password_file else "",
         state_dir=Path(state_dir).expanduser() if state_dir else default_state_dir(),
         scheduler=_section(SchedulerConfig, data.get("scheduler", {}), f"{where} [scheduler]"),
-        worker=_section(WorkerConfig, data.get("worker", {}), f"{where} [worker]"),
+        worker=_worker(data.get("worker", {}), f"{where} [worker]"),
         policy=_section(PolicyConfig, data.get("policy", {}), f"{where} [policy]"),
         notify=_notify_section(data.get("notify", {}), f"{where} [notify]"),
         memory=_memory(data.get("memory", {}), f"{where} [memory]"),
         source=where,
     )
+
+
+def _worker(table: dict[str, Any], where: str) -> WorkerConfig:
+    worker: WorkerConfig = _section(WorkerConfig, table, where)
+    if worker.heartbeat_interval_s * 2 > worker.lease_ttl_s:
+        # Each heartbeat renews the leases; a job's shim stops it at 0.75 of the lease
+        # without one, so a slower heartbeat kills every job a few seconds after its start.
+        raise ConfigError(
+            f"{where}: 'heartbeat_interval_s' ({worker.heartbeat_interval_s:g}s) must be at most half of "
+            f"'lease_ttl_s' ({worker.lease_ttl_s:g}s): jobs stop themselves at 0.75 of the lease without a renewal"
+        )
+    if worker.log_head_bytes > worker.log_redis_cap_bytes:
+        # The head is never trimmed: a head past the cap is what Redis keeps of every job.
+        raise ConfigError(
+            f"{where}: 'log_head' ({format_size(worker.log_head_bytes)}) must be at most "
+            f"'log_redis_cap' ({format_size(worker.log_redis_cap_bytes)}): the head is kept whole, past the cap"
+        )
+    return worker
 
 
 def _notify_section(table: dict[str, Any], where: str) -> NotifyConfig:

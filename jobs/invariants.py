@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import redis
 
-from jobs import keys
+from jobs import keys, scripts
 
 
 def violations(client: redis.Redis) -> list[str]:
@@ -15,12 +15,10 @@ def violations(client: redis.Redis) -> list[str]:
     - every lease belongs to an active job;
     - no job is both waiting and active.
     """
-    pipe = client.pipeline(transaction=True)  # one MULTI: a consistent snapshot
-    pipe.hkeys(keys.LEDGER)
-    pipe.smembers(keys.ACTIVE)
-    pipe.zrange(keys.PENDING, 0, -1)
-    pipe.keys(keys.lease("*"))  # O(keys); fine for an admin check and for tests
-    raw_ledger, raw_active, raw_pending, raw_leases = pipe.execute()
+    # One script: a consistent snapshot. Its SCAN of the lease keys is O(keys); fine for an
+    # admin check and for tests.
+    snapshot = client.eval(scripts.INVARIANT_SNAPSHOT, 3, keys.LEDGER, keys.ACTIVE, keys.PENDING, keys.lease("*"))
+    raw_ledger, raw_active, raw_pending, raw_leases = snapshot
     ledger = {int(i) for i in raw_ledger}
     active = {int(i) for i in raw_active}
     pending = {int(i) for i in raw_pending}

@@ -64,13 +64,26 @@ class JobLog:
         self._read = client.register_script(scripts.LOG_READ)
 
     def append(
-        self, job_id: int, attempt: int, data: bytes, limits: LogLimits, *, skipped: int = 0, pipe: Any = None
+        self,
+        job_id: int,
+        attempt: int,
+        data: bytes,
+        limits: LogLimits,
+        *,
+        skipped: int = 0,
+        pipe: Any = None,
+        at: int | None = None,
     ) -> Any:
         """Append `data` (after `skipped` bytes that were not shipped). With `pipe`, queued
-        there (the shipper sends every job's news in one round trip). The answer is the new
-        end offset, or -1 when a newer attempt already ships (this one is stale)."""
+        there (the shipper sends every job's news in one round trip). With `at`, where the
+        skipped bytes begin in this attempt's output (the shipper's count, which never goes
+        back): an append sent again because its answer was lost stores nothing twice. The
+        answer is the new end offset, or -1 when a newer attempt already ships (this one is
+        stale)."""
         log_keys = [keys.job_log(job_id), keys.job_log_meta(job_id)]
         args = [attempt, skipped, data, limits.cap_bytes, limits.head_bytes, int(limits.retention_s * 1000)]
+        if at is not None:
+            args.append(at)
         if pipe is not None:
             return queue_script(pipe, self._append, log_keys, args)
         return self._append(keys=log_keys, args=args)

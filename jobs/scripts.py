@@ -16,10 +16,18 @@ SUBMIT = """
 --       beforehand with INCRBY), 3 max waiting jobs of this user ('' = no limit), 4 max bytes
 --       of specs of this user's waiting jobs ('' = no limit).
 -- All or nothing: an array's tasks appear together. Returns -1 (nothing stored) when the
--- jobs would take their user past ARGV[3] waiting jobs, -2 past ARGV[4] bytes, else the
--- number stored.
+-- jobs would take their user past ARGV[3] waiting jobs, -2 past ARGV[4] bytes, -3 when the
+-- first id is another job's, else the number stored.
+-- Idempotent: the ids are reserved for this submit alone, so a first job that exists with
+-- this submit's time is a resend of a call Redis already ran (its answer lost to a timeout,
+-- a dropped connection): nothing is stored or counted again, and the answer is the first
+-- one's. One with another time is another job (the id counter went back): -3, nothing stored.
 local jobs = cjson.decode(ARGV[2])
 if #jobs == 0 then return 0 end
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  if redis.call('HGET', KEYS[6], 'submitted_at') == jobs[1]['submitted_at'] then return #jobs end
+  return -3
+end
 local user = jobs[1]['user']
 local waiting = tonumber(redis.call('HGET', KEYS[4], user) or '0')
 if ARGV[3] ~= '' and waiting + #jobs > tonumber(ARGV[3]) then return -1 end
@@ -358,34 +366,64 @@ return settled
 LOG_APPEND = """
 -- KEYS: 1 the job's log stream, 2 its meta hash
 -- ARGV: 1 attempt, 2 bytes skipped before this data (not kept: the shipper's rate cap),
---       3 data, 4 cap on bytes kept, 5 head bytes (never trimmed), 6 retention ms
+--       3 data, 4 cap on bytes kept, 5 head bytes (never trimmed), 6 retention ms,
+--       7 (optional) where the skipped bytes begin in this attempt's output, as the shipper counts
 -- An older attempt than the newest seen is refused (a stale worker's late flush): -1.
+-- With ARGV[7], an append is idempotent: the meta's `apos` says how far this attempt's output
+-- is stored, and what lies before it is not stored again (a resend of an append whose answer
+-- was lost: a timeout while Redis was stalled, a dropped connection).
 -- Appends at offset `end` (the entry id's first part is the byte offset), then trims the
--- oldest entries after the head until at most ARGV[4] bytes are kept. Returns the new end.
+-- oldest entries after the head until at most ARGV[4] bytes are kept (data and the entries'
+-- own cost). Returns the new end.
 local attempt = tonumber(ARGV[1])
 local seen = tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0')
 if attempt < seen then return -1 end
-if attempt > seen then redis.call('HSET', KEYS[2], 'attempt', attempt) end
+local apos = 0
+if attempt > seen then
+  redis.call('HSET', KEYS[2], 'attempt', attempt)
+  redis.call('HDEL', KEYS[2], 'apos')
+else
+  apos = tonumber(redis.call('HGET', KEYS[2], 'apos') or '0')
+end
 local skip = tonumber(ARGV[2])
+local data = ARGV[3]
+if ARGV[7] then
+  local at = tonumber(ARGV[7])
+  local first = at + skip  -- where this data begins in the attempt's output
+  local after = first + string.len(data)
+  if after <= apos and at < apos then return tonumber(redis.call('HGET', KEYS[2], 'end') or '0') end
+  if apos > first then
+    data = string.sub(data, apos - first + 1)
+    skip = 0
+  else
+    skip = first - apos  -- what the shipper skipped, and what an earlier append lost (never stored)
+  end
+  redis.call('HSET', KEYS[2], 'apos', string.format('%d', after))
+end
 local pos = tonumber(redis.call('HGET', KEYS[2], 'end') or '0') + skip
-local n = string.len(ARGV[3])
+local n = string.len(data)
 local stored = tonumber(redis.call('HGET', KEYS[2], 'stored') or '0')
 local dropped = tonumber(redis.call('HGET', KEYS[2], 'dropped') or '0') + skip
 local newest = nil
 if n > 0 then
   newest = string.format('%d-1', pos)
-  redis.call('XADD', KEYS[1], newest, 'd', ARGV[3])
+  redis.call('XADD', KEYS[1], newest, 'd', data)
   stored = stored + n
   pos = pos + n
 end
 local cap, head = tonumber(ARGV[4]), tonumber(ARGV[5])
-while stored > cap do
+-- Each entry costs Redis about this much besides its data (measured: 26 bytes with
+-- stream-node-max-bytes 512): a job shipping a byte a tick must not keep a million entries.
+local overhead = 32
+local entries = redis.call('XLEN', KEYS[1])
+while stored + overhead * entries > cap do
   local oldest = redis.call('XRANGE', KEYS[1], string.format('%d-0', head), '+', 'COUNT', 1)
   if #oldest == 0 or oldest[1][1] == newest then break end
   local len = string.len(oldest[1][2][2])
   redis.call('XDEL', KEYS[1], oldest[1][1])
   stored = stored - len
   dropped = dropped + len
+  entries = entries - 1
 end
 redis.call('HSET', KEYS[2], 'end', string.format('%d', pos), 'stored', string.format('%d', stored),
            'dropped', string.format('%d', dropped))
@@ -436,6 +474,21 @@ while budget > 0 do
   end
 end
 return out
+"""
+
+INVARIANT_SNAPSHOT = """
+-- KEYS: 1 ledger, 2 active, 3 pending. ARGV: 1 the lease keys' pattern.
+-- One atomic snapshot for jobs.invariants: the ledger's jobs, the active and the waiting
+-- ones, and every lease key, found with SCAN in the same script (not KEYS: it is in the ACL
+-- category @dangerous, which README "Security"'s minimal ACL takes away). Names may repeat.
+local leases = {}
+local cursor = '0'
+repeat
+  local reply = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = reply[1]
+  for _, key in ipairs(reply[2]) do leases[#leases + 1] = key end
+until cursor == '0'
+return {redis.call('HKEYS', KEYS[1]), redis.call('SMEMBERS', KEYS[2]), redis.call('ZRANGE', KEYS[3], 0, -1), leases}
 """
 
 # ---- leader election (scheduler/leader.py; docs/ARCHITECTURE.md "Leader and fencing") -------

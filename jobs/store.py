@@ -35,6 +35,10 @@ class TransitionRefused(RuntimeError):
         self.current = current
 
 
+class IdTaken(RuntimeError):
+    """A reserved id names a job that exists (the id counter went back): nothing was stored."""
+
+
 class TooManyWaiting(RuntimeError):
     """The user already has `max_pending_per_user` PENDING/HELD jobs; nothing was stored."""
 
@@ -137,6 +141,8 @@ class JobStore:
                 "" if max_bytes is None else str(max_bytes),
             ],
         )
+        if int(stored) == -3:
+            raise IdTaken(f"job id {first} is another job's already ({keys.NEXT_JOB_ID} went back); nothing stored")
         if int(stored) == -2:
             raise TooMuchStored(user)
         if int(stored) < 0:
@@ -210,8 +216,32 @@ class JobStore:
         if not ok:
             if previous == "fenced":
                 raise Fenced(f"job {t.job_id}: this worker's token for its node is stale")
+            if self._resent(t, previous):
+                return self._source(t, previous)
             raise TransitionRefused(t.job_id, t.target, previous)
         return previous
+
+    def _resent(self, t: Transition, current: str) -> bool:
+        """Whether a refused guarded transition (a worker's: start, finish) was refused only
+        because an earlier send of this very call was applied: its answer was lost (a call
+        that timed out while Redis stalled, which redis-py sent again, and Redis ran both).
+        Told by the record: in the target state, with the guard and every field this
+        transition writes (a start's pid and time, an end's time). Taken for a refusal, a
+        start was withdrawn: nothing ran, and the RUNNING job's lease lapsed into NodeLost."""
+        if current != t.target.value or t.guard is None:
+            return False
+        fields = {k: _field(v) for k, v in _checked(t.writes()).items()}
+        names = ["state", t.guard[0], *fields]
+        values = self.redis.hmget(keys.job(t.job_id), names)
+        now = [v.decode() if isinstance(v, bytes) else "" for v in values]
+        wanted = [t.target.value, t.guard[1], *fields.values()]
+        return now == wanted
+
+    @staticmethod
+    def _source(t: Transition, current: str) -> str:
+        """The state a transition applied by an earlier send left: its only allowed source."""
+        sources = sorted(s.value for s in (t.expect or ()))
+        return sources[0] if len(sources) == 1 else current
 
     def queue_transition(self, pipe: redis.client.Pipeline, t: Transition) -> None:
         """Queue a transition inside a caller's MULTI (the caller has checked the state under WATCH)."""
@@ -294,6 +324,8 @@ class JobStore:
                 out.append(previous)
             elif previous == "fenced":
                 out.append(Fenced(f"job {t.job_id}: this worker's token for its node is stale"))
+            elif self._resent(t, previous):
+                out.append(self._source(t, previous))
             else:
                 out.append(TransitionRefused(t.job_id, t.target, previous))
         return out

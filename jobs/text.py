@@ -107,6 +107,7 @@ def why(job: dict[str, Any]) -> str:
 # reader's shell (`ESC[6n`, `ESC[21t`), resets, 8-bit C1 controls - is shown escaped.
 _CSI_ALLOWED_FINALS = frozenset("ABCDEFGHJKfm")
 _KEPT_CONTROLS = frozenset("\n\r\t\b")
+_CSI_PARAMETERS = frozenset("0123456789;")
 
 
 def terminal_output(text: str) -> str:
@@ -117,7 +118,7 @@ def terminal_output(text: str) -> str:
         ch = text[i]
         if ch == "\x1b" and i + 1 < n and text[i + 1] == "[":
             j = i + 2
-            while j < n and (text[j].isdigit() or text[j] == ";"):
+            while j < n and text[j] in _CSI_PARAMETERS:  # ASCII only: str.isdigit() takes '٣', '²'...
                 j += 1
             if j < n and text[j] in _CSI_ALLOWED_FINALS and j - i <= 32:
                 out.append(text[i : j + 1])

@@ -62,7 +62,12 @@ def _serve(config: Config) -> int:
     presence.check_in(first=True)  # VersionMismatch: another version is live on this Redis
     stop = threading.Event()
     presence.start(stop)
-    server = ApiServer(config.socket_path, SchedulerService(config, client))
+    try:
+        server = ApiServer(config.socket_path, SchedulerService(config, client))
+    except BaseException:  # SocketInUse: not a live scheduler after all, say so now
+        stop.set()
+        within([presence.leave], STOP_BUDGET_S)
+        raise
     start_web(config, server.service)
     api_thread = threading.Thread(target=server.serve_forever, name="api", daemon=True)
     api_thread.start()

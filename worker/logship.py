@@ -73,6 +73,7 @@ class _Tail:
     tokens: float
     last_tick: float
     last_touch: float
+    sent: int = 0  # this attempt's output Redis has taken (shipped or skipped); never goes back
     ending: bool = False
     announced: bool = False  # its meta exists in Redis (so an empty log reads as empty, not missing)
     done: threading.Event = field(default_factory=threading.Event)
@@ -138,22 +139,29 @@ class LogShipper:
             tails = list(self._tails.values())
         now = time.monotonic()
         pipe = self.redis.pipeline(transaction=False)
-        sent: list[tuple[_Tail, int, int, int]] = []  # tail, new position, its appends' answers (from, count)
+        sent: list[tuple[_Tail, int, int, int, int, bool]] = []  # tail, new position and count, answers, final
+        # Whether each job had ended, read before its size: only a flush planned after the end
+        # was announced (the job's last bytes written) is its last one. A `finish` that comes
+        # while this tick is on its way leaves the tail for the next tick (it lost the job's
+        # last line, written after this tick looked at the file).
+        endings = {id(tail): tail.ending for tail in tails}
         sizes = {id(tail): self._size(tail) for tail in tails}
         # The node's share: however many jobs print at once, this worker reads and sends at
         # most log_node_rate bytes/s (split evenly among the jobs with news), plus final flushes.
         self.node_tokens = min(self.node_burst, self.node_tokens + (now - self.node_tick) * self.node_rate)
         self.node_tick = now
-        busy = sum(1 for tail in tails if sizes[id(tail)] > tail.pos and not tail.ending)
+        busy = sum(1 for tail in tails if sizes[id(tail)] > tail.pos and not endings[id(tail)])
         share = self.node_tokens / max(1, busy)
         for tail in tails:
             tail.tokens = min(self.burst, tail.tokens + (now - tail.last_tick) * self.rate)
             tail.last_tick = now
-            budget = int(max(tail.tokens, FINAL_BYTES) if tail.ending else min(tail.tokens, share))
+            ending = endings[id(tail)]
+            budget = int(max(tail.tokens, FINAL_BYTES) if ending else min(tail.tokens, share))
             size = sizes[id(tail)]
             if size < tail.pos:  # the job truncated its own log: follow it from its start
                 tail.pos = 0
             first, queued, pos, shipped = len(pipe), 0, tail.pos, 0
+            at = tail.sent  # the attempt's output as counted across truncations: resends are recognised
             for segment in plan(tail.pos, size, tail.head_end, budget):
                 skipped, got = segment.skipped, 0
                 while got < segment.length:
@@ -164,7 +172,10 @@ class LogShipper:
                         data = b""
                     if not data:
                         break
-                    self.joblog.append(tail.job_id, tail.attempt, data, self.limits, skipped=skipped, pipe=pipe)
+                    self.joblog.append(
+                        tail.job_id, tail.attempt, data, self.limits, skipped=skipped, pipe=pipe, at=at
+                    )  # fmt: skip
+                    at += skipped + len(data)
                     queued += 1
                     skipped = 0
                     got += len(data)
@@ -173,10 +184,10 @@ class LogShipper:
                 if got < segment.length:
                     break
             if not queued and not tail.announced:
-                self.joblog.append(tail.job_id, tail.attempt, b"", self.limits, pipe=pipe)
+                self.joblog.append(tail.job_id, tail.attempt, b"", self.limits, pipe=pipe, at=at)
                 queued = 1
             tail.announced = True
-            if not tail.ending:
+            if not ending:
                 self.node_tokens = max(0.0, self.node_tokens - shipped)
             if queued:
                 tail.tokens = max(0.0, tail.tokens - shipped)
@@ -184,12 +195,12 @@ class LogShipper:
             elif now - tail.last_touch >= TOUCH_EVERY_S:
                 self.joblog.touch(pipe, tail.job_id, self.limits.retention_s)
                 tail.last_touch = now
-            sent.append((tail, pos, first, queued))
+            sent.append((tail, pos, at, first, queued, ending))
         answers = pipe.execute() if len(pipe) else []
-        for tail, pos, first, queued in sent:
+        for tail, pos, at, first, queued, ending in sent:
             stale = any(isinstance(a, int) and a < 0 for a in answers[first : first + queued])
-            tail.pos = pos
-            if stale or tail.ending:
+            tail.pos, tail.sent = pos, at
+            if stale or ending:
                 self._forget(tail)
 
     @staticmethod

@@ -56,9 +56,13 @@ def run_worker(config: Config, name: str | None = None, sim_gpus: list[int] | No
     rq_client = connect_redis(config.effective_redis_url, who, config.redis_password())
     presence = Presence(client, "worker", node)
     presence.check_in(first=True)  # VersionMismatch: another version is live on this Redis
-    probe, simulated = make_probe(config, node, sim_gpus)
-    daemon = WorkerDaemon(config, client, probe, node, simulated=simulated)
-    daemon.start()
+    try:
+        probe, simulated = make_probe(config, node, sim_gpus)  # GpuProbeError: no NVML here
+        daemon = WorkerDaemon(config, client, probe, node, simulated=simulated)
+        daemon.start()  # NodeNameTaken: a live worker has this name
+    except BaseException:  # not a live worker after all: say so now, not in 10 s
+        stop_words().say([presence.leave])
+        raise
     presence.start(daemon.stopping)
     tasks.CURRENT = daemon
     queue = Queue(keys.node_queue_name(node), connection=rq_client, serializer=JSONSerializer)

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import threading
 from pathlib import Path
 
 import redis
@@ -14,7 +16,9 @@ from hypothesis import strategies as st
 from jobs import keys
 from jobs.config import Config, WorkerConfig
 from jobs.joblog import MAX_ENTRY_BYTES, JobLog, LogLimits, utf8_cut
+from jobs.redis_conn import make_client
 from scheduler.redis_server import RedisServer
+from tests.helpers.stall import stalled
 from worker.logship import LogShipper, plan
 
 LIMITS = LogLimits(cap_bytes=4096, head_bytes=512, retention_s=60.0)
@@ -161,3 +165,84 @@ def test_the_node_budget_is_shared_by_every_job_printing_at_once(redis_client: r
         shipped.append(meta["end"] - meta["dropped"])
     assert sum(shipped) <= 2**20 + 4 * MAX_ENTRY_BYTES  # the node's burst, split four ways
     assert max(shipped) - min(shipped) <= MAX_ENTRY_BYTES
+
+
+def test_an_append_whose_answer_was_lost_is_not_stored_twice(redis_server: RedisServer, tmp_path: Path) -> None:
+    """Redis stalls (a busy script here; a slow fsync or fork in life) longer than the
+    worker's call timeout while the shipper sends new output: the client gives up and the
+    shipper sends the same bytes again, but Redis runs the first send as well once it is
+    free. The job's output must read back once, not twice."""
+    client = make_client(redis_server.url, timeout_s=0.3)  # the worker's client: calls time out
+    client.delete(keys.job_log(11), keys.job_log_meta(11))
+    shipper = LogShipper(client, Config())
+    path = tmp_path / "11.log"
+    path.write_bytes(b"first\n")
+    shipper.add(11, 1, os.open(path, os.O_RDONLY), 0)
+    shipper.tick()
+    with stalled(redis_server.url, 1500):
+        with path.open("ab") as f:
+            f.write(b"second\n")
+        with contextlib.suppress(redis.RedisError):
+            shipper.tick()  # times out (perhaps after redis-py's own retries): its bytes reach Redis anyway
+    shipper.tick()  # the next tick sends what it does not know was stored
+    assert read_all(JobLog(client), 11)[0] == b"first\nsecond\n"
+    client.close()
+
+
+def test_a_resend_planned_differently_stores_only_what_is_new(redis_client: redis.Redis) -> None:
+    """The tick after a lost answer plans again (the file grew, the budget changed): what
+    overlaps the stored part is left out, the rest is appended, the offsets stay the job's."""
+    log = JobLog(redis_client)
+    assert log.append(12, 1, b"abcdef", LIMITS, at=0) == 6
+    assert log.append(12, 1, b"defghi", LIMITS, skipped=3, at=0) == 9  # skipped 'abc', then overlaps 'def'
+    assert log.append(12, 1, b"abc", LIMITS, at=0) == 9  # wholly stored already
+    assert read_all(log, 12) == (b"abcdefghi", 0)
+    assert log.append(12, 2, b"new attempt\n", LIMITS, at=0) == 21  # another attempt counts from 0 again
+    assert read_all(log, 12)[0] == b"abcdefghinew attempt\n"
+
+
+def test_the_cap_bounds_redis_memory_also_for_output_shipped_a_byte_at_a_time(redis_client: redis.Redis) -> None:
+    """A job printing one character per shipping tick (a row of progress dots) makes one
+    stream entry per byte, and an entry costs Redis ~26 bytes besides its data: the cap
+    counted data only, so a 1 MiB cap kept ~1M entries, ~26 MiB per job (an array of such
+    jobs fills Redis, which then refuses every write). Entries count against the cap too."""
+    log = JobLog(redis_client)
+    log.append(13, 1, b"h" * LIMITS.head_bytes, LIMITS, at=0)  # the head: one entry
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(20_000):
+        log.append(13, 1, b".", LIMITS, pipe=pipe, at=LIMITS.head_bytes + i)
+    pipe.execute()
+    used = redis_client.memory_usage(keys.job_log(13), samples=0)
+    assert used <= 2 * LIMITS.cap_bytes, used
+    data, skipped = read_all(log, 13)
+    assert data.startswith(b"h" * LIMITS.head_bytes) and data.endswith(b"." * 50)
+    assert len(data) + skipped == LIMITS.head_bytes + 20_000
+
+
+def test_the_last_output_is_shipped_when_the_end_comes_while_a_tick_is_on_its_way(
+    redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Break: a job's end (`finish`) announced while a shipping tick was on its way made the
+    shipper forget the log once that tick was answered, though the tick had been planned
+    before the job's last bytes were written: they never reached Redis, and `gpulab logs`
+    from another host missed the job's last line. The window is one round trip at every
+    job's end; a slow Redis widens it to seconds. Here Redis holds the tick's appends
+    (CLIENT PAUSE WRITE) while the job writes its last bytes and ends."""
+    shipper = LogShipper(redis_client, Config())
+    path = tmp_path / "14.log"
+    path.write_bytes(b"first\n")
+    shipper.add(14, 1, os.open(path, os.O_RDONLY), 0)
+    redis_client.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+    try:
+        tick = threading.Thread(target=shipper.tick)
+        tick.start()
+        while not any(c["cmd"] == "eval" and "b" in c["flags"] for c in redis_client.client_list()):
+            pass  # until its appends wait in Redis: planned, sent, not answered
+        with path.open("ab") as f:
+            f.write(b"last\n")  # the job's last bytes, then its end
+        shipper.finish(14, 1, wait_s=0)
+    finally:
+        redis_client.execute_command("CLIENT", "UNPAUSE")
+    tick.join()
+    shipper.tick()  # the final flush
+    assert read_all(JobLog(redis_client), 14)[0] == b"first\nlast\n"

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jobs import keys
+from jobs.daemons import live_daemons
 from jobs.invariants import violations
 from jobs.states import JobState
 from scheduler.dispatch import STOP_BEFORE_EXEC_ENV
@@ -95,3 +96,38 @@ def test_a_leader_frozen_before_its_dispatch_exec_cannot_write_after_a_successor
     assert successor.wait_state(later, *FINAL).state == JobState.COMPLETED
     successor.assert_ran_once(later)
     assert int(successor.redis.get(keys.LEADER_EPOCH)) == epoch
+
+
+def test_a_scheduler_refused_the_socket_leaves_no_presence_behind(make_stack: Callable[..., Stack]) -> None:
+    """A second scheduler (its own state dir) pointed at a socket another one serves stops with
+    one line; it had already checked in, and its presence stayed in Redis for 10 s as a live
+    scheduler: `gpulab doctor` listed it, and a daemon of another version was refused meanwhile."""
+    first: Stack = make_stack()
+    first.start_scheduler()
+    second: Stack = make_stack(scheduler={"socket": str(first.state_dir / "gpulab.sock")})
+    refused = second.cli("scheduler")
+    assert refused.returncode == 1 and "another process serves" in refused.stderr, refused.stderr
+    daemons, _ = live_daemons(first.redis)
+    assert [d.kind for d in daemons] == ["scheduler"], daemons
+    assert first.scheduler is not None and daemons[0].pid == first.scheduler.proc.pid
+
+
+def test_a_worker_that_cannot_start_says_why_in_one_line_and_leaves_no_presence(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """A worker whose node name a live worker holds, or (on a host without NVML) one started
+    without --sim-gpus: one line, exit 1, and no presence left behind in Redis (it had
+    checked in first, and counted as a live worker for 10 s); no traceback for the missing
+    driver either."""
+    stack: Stack = make_stack()
+    live = stack.start_worker("n1")
+    again = stack.cli("worker", "--name", "n1", "--sim-gpus", "1x24GiB")
+    assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    from worker.nvml_probe import nvml_available
+
+    if not nvml_available():
+        no_gpu = stack.cli("worker", "--name", "n2")
+        assert no_gpu.returncode == 1, no_gpu.stderr
+        assert "Traceback" not in no_gpu.stderr and "NVML is unavailable" in no_gpu.stderr, no_gpu.stderr
+    daemons, _ = live_daemons(stack.redis)
+    assert [(d.kind, d.pid) for d in daemons] == [("worker", live.proc.pid)], daemons

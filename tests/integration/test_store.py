@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -15,12 +16,15 @@ from rq.serializers import JSONSerializer
 from jobs import keys, lifecycle
 from jobs.joblog import JobLog, LogLimits
 from jobs.lifecycle import Attempt, Fence
+from jobs.redis_conn import make_client
 from jobs.spec import JobSpec
 from jobs.states import JobState
-from jobs.store import Fenced, JobStore, Transition, TransitionRefused
+from jobs.store import Fenced, IdTaken, JobStore, Transition, TransitionRefused
 from scheduler.dispatch import Dispatcher
 from scheduler.policy.accounting import GpuAccount
 from scheduler.policy.placement import Assignment
+from scheduler.redis_server import RedisServer
+from tests.helpers.stall import stalled
 
 
 def _spec(**kw: object) -> JobSpec:
@@ -236,3 +240,64 @@ def test_scripts_queued_on_pipelines_cost_no_extra_round_trip(redis_client: redi
     assert "cmdstat_script|exists" not in stats and "cmdstat_script|load" not in stats
     assert stats["cmdstat_eval"]["calls"] == 4
     assert joblog.read(first, 0).data == b"hello\n"
+
+
+def test_a_submit_whose_answer_was_lost_is_stored_once(redis_server: RedisServer) -> None:
+    """Redis stalls past the client's call timeout while a submit is on its way: redis-py
+    sends the script again, and Redis runs both sends once it is free. The job must be stored
+    once: one history entry, and its user counted once among the waiting (a double count
+    stays for good and ends in a refused submit at max_pending_per_user)."""
+    client = make_client(redis_server.url, timeout_s=0.3)
+    client.flushall()
+    store = JobStore(client)
+    store.submit(_spec(), user="warm", uid=2)  # as in a running scheduler: the script is loaded
+    client.delete(keys.EVENTS)
+    job_id = store.reserve_ids(1)
+    with stalled(redis_server.url, 1500), contextlib.suppress(redis.RedisError):
+        # It may answer (a retry), or fail after its retries: stored all the same.
+        store.submit_reserved(job_id, [_spec()], user="u", uid=1)
+    assert [int(i) for i in client.zrange(keys.PENDING, 0, -1)] == [job_id - 1, job_id]
+    assert store.waiting_count("u") == 1
+    assert [e["state"] for e in store.history(job_id)] == ["PENDING"]
+    assert client.xlen(keys.EVENTS) == 1
+    client.close()
+
+
+def test_a_start_whose_answer_was_lost_is_not_taken_for_a_refusal(redis_server: RedisServer) -> None:
+    """Redis stalls past the worker's call timeout as it records a start: redis-py sends the
+    transition again; the first send was applied, so the second finds the job RUNNING. That
+    is this very start, not a refusal: taken for one, the worker withdrew the command, the
+    job stayed RUNNING with nothing running and no renewals, and its lease lapsed into
+    NodeLost (or a requeue) on a healthy node. Both the single and the batch path."""
+    client = make_client(redis_server.url, timeout_s=0.3)
+    client.flushall()
+    store = JobStore(client)
+    dispatcher = Dispatcher(client, store, assign_timeout_s=30)
+    warm, *jobs = [store.submit(_spec(), user="u", uid=1) for _ in range(3)]
+    dispatcher.dispatch([_assignment(j) for j in (warm, *jobs)])
+    start = [Attempt(j, 1, "n1") for j in (warm, *jobs)]
+    store.transition(lifecycle.start(start[0], 100, "/dev/null", 5, 1.0))  # the script is loaded, as in a worker
+    single = lifecycle.start(start[1], 101, "/dev/null", 5, 2.0)
+    batch = lifecycle.start(start[2], 102, "/dev/null", 5, 3.0)
+    with stalled(redis_server.url, 1500):
+        assert store.transition(single) == "ASSIGNED"  # answered by a resend: not TransitionRefused
+    with stalled(redis_server.url, 1500):
+        assert store.transition_each([batch]) == ["ASSIGNED"]
+    # A start that another one beat is still refused.
+    with pytest.raises(TransitionRefused):
+        store.transition(lifecycle.start(start[1], 999, "/dev/null", 5, 9.0))
+    client.close()
+
+
+def test_a_reserved_id_that_names_another_job_stores_nothing(redis_client: redis.Redis) -> None:
+    """The id counter went back (a hand edit, a restore of part of the data): a submit whose
+    id is another job's is refused, and that job is left as it was (it is not overwritten,
+    nor taken for a resend of this submit)."""
+    store = JobStore(redis_client)
+    first = store.submit(_spec(name="first"), user="ann", uid=1000)
+    redis_client.set(keys.NEXT_JOB_ID, first - 1)
+    with pytest.raises(IdTaken):
+        store.submit(_spec(name="second"), user="bob", uid=1001)
+    record = store.get(first)
+    assert record is not None and (record.user, record.spec.name) == ("ann", "first")
+    assert store.waiting_count("bob") == 0
