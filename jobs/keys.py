@@ -67,6 +67,12 @@ def node_owner(name: str) -> str:
     return f"{PREFIX}:node:{name}:owner"
 
 
+def gpu_owner(uuid: str) -> str:
+    """The node serving one physical GPU ("<node> <host:pid>"), with the heartbeat's TTL: two
+    workers on one host under different names would each offer the same GPUs."""
+    return f"{PREFIX}:gpu:{uuid}:owner"
+
+
 def node_epoch(name: str) -> str:
     """The node's fencing token: the epoch of the worker that holds the name now. Every write a
     worker makes checks it atomically, so a frozen worker that resumes after a replacement

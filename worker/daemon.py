@@ -62,6 +62,10 @@ class NodeNameTaken(RuntimeError):
     pass
 
 
+class GpuTaken(NodeNameTaken):
+    """A GPU of this host is served by another live worker (another node name)."""
+
+
 class WorkerDaemon:
     def __init__(self, config: Config, client: redis.Redis, probe: GpuProbe, node: str, *, simulated: bool) -> None:
         self.config = config
@@ -88,6 +92,7 @@ class WorkerDaemon:
         self._threads: list[threading.Thread] = []
         self.gpu_totals: dict[str, int] = {}
         self._shim_python: dict[tuple[int, int], str] = {}
+        self._gpu_uuids: list[str] = []  # the GPUs this worker claimed (keys.gpu_owner)
         folder = config.state_dir / "worker" / re.sub(r"[^A-Za-z0-9._-]", "_", node) / "journal"
         self.ends = EndRecorder(self.store, Journal(folder), lambda: self.fence, self._on_fenced)
         self.logs = LogShipper(client, config)
@@ -140,7 +145,46 @@ class WorkerDaemon:
         or its claim lapsed (a frozen or cut-off worker). Taking the name bumps the node's
         epoch: the new token fences every write of the previous holder."""
         self._take_name()
+        try:
+            self._take_gpus()
+        except (GpuTaken, redis.RedisError):
+            with contextlib.suppress(redis.RedisError):  # the name is free again at once
+                if self.redis.get(keys.node_owner(self.node)) == self.owner.encode():
+                    self.redis.delete(keys.node_owner(self.node))
+            raise
         self.fence = Fence(keys.node_epoch(self.node), str(self.redis.incr(keys.node_epoch(self.node))))
+
+    @property
+    def gpu_claim(self) -> str:
+        return f"{self.node} {self.owner}"
+
+    def _take_gpus(self) -> None:
+        """One worker per physical GPU: two workers on one host under different names would
+        each offer every GPU, and the scheduler would book each twice (OOMs). A GPU held by
+        another node's live worker is refused; one held by this node's previous worker, or by
+        a dead worker of this host, or whose claim lapsed, is taken."""
+        uuids = sorted(d.uuid for d in self.probe.snapshot().devices)
+        self._gpu_uuids = uuids
+        if not uuids:
+            return
+        claims = [keys.gpu_owner(u) for u in uuids]
+        ttl_ms = int(self.config.worker.lease_ttl_s * 1000)
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(*claims)
+                for uuid, raw in zip(uuids, pipe.mget(claims), strict=True):
+                    node, _, holder = (raw or b"").decode(errors="replace").partition(" ")
+                    if raw is not None and node != self.node and not _dead_local_owner(holder):
+                        raise GpuTaken(
+                            f"GPU {uuid} is served by node '{node}' (worker {holder}); one worker per "
+                            "GPU: stop that worker, or start this one under its name (--name)"
+                        )
+                pipe.multi()
+                for claim in claims:
+                    pipe.set(claim, self.gpu_claim, px=ttl_ms)
+                pipe.execute()
+            except redis.WatchError:
+                raise GpuTaken("another worker is claiming this host's GPUs just now; try again") from None
 
     def _take_name(self) -> None:
         key = keys.node_owner(self.node)
@@ -205,7 +249,7 @@ class WorkerDaemon:
         try:
             pipe = self.redis.pipeline(transaction=False)
             if not self.fenced.is_set():  # a fenced worker's node belongs to its successor
-                pipe.delete(keys.node(self.node), keys.node_owner(self.node))
+                pipe.delete(keys.node(self.node), keys.node_owner(self.node), *map(keys.gpu_owner, self._gpu_uuids))
             pipe.lpush(keys.WAKE, "node-down")
             pipe.execute()
         except redis.RedisError as exc:
@@ -492,6 +536,8 @@ class WorkerDaemon:
         if not self.draining.is_set():
             pipe.set(keys.node(self.node), json.dumps(beat.to_json()), px=ttl_ms)
         pipe.set(keys.node_owner(self.node), self.owner, px=ttl_ms)
+        for uuid in self._gpu_uuids:
+            pipe.set(keys.gpu_owner(uuid), self.gpu_claim, px=ttl_ms)
         pipe.sadd(keys.NODES, self.node)
         for runner in running:
             fields: dict[str, object] = {"current_bytes": runner.current, "peak_bytes": runner.peak}
