@@ -169,6 +169,23 @@ return out
 """
 )
 
+RENEW_GPU_CLAIMS = """
+-- KEYS: the worker's GPU claims (keys.gpu_owner). ARGV: 1 its claim value, 2 ttl ms.
+-- Renews each claim the worker holds and takes back one that lapsed (nobody holds it); one
+-- that another worker holds is left alone (this one was frozen past its TTL meanwhile).
+-- Returns the 1-based positions of the claims another worker holds.
+local lost = {}
+for i = 1, #KEYS do
+  local holder = redis.call('GET', KEYS[i])
+  if not holder or holder == ARGV[1] then
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+  else
+    table.insert(lost, i)
+  end
+end
+return lost
+"""
+
 RENEW_LEASES = """
 -- KEYS: 1 the worker's fence key, then the lease keys. ARGV: 1 ttl ms, 2 lease value (node),
 --       3 the worker's fencing token.

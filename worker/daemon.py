@@ -27,7 +27,7 @@ from collections import defaultdict
 import psutil
 import redis
 
-from jobs import keys
+from jobs import keys, scripts
 from jobs.config import Config
 from jobs.daemons import LastWords
 from jobs.gpus import GpuSnapshot, JobGpuUsage, NodeHeartbeat
@@ -35,6 +35,7 @@ from jobs.lifecycle import Fence, Transition
 from jobs.notify_events import emit
 from jobs.profiles import Sample
 from jobs.record import JobRecord
+from jobs.redis_conn import queue_script
 from jobs.states import JobState, Reason
 from jobs.store import Fenced, JobStore, TransitionRefused
 from jobs.text import duration
@@ -93,6 +94,7 @@ class WorkerDaemon:
         self.gpu_totals: dict[str, int] = {}
         self._shim_python: dict[tuple[int, int], str] = {}
         self._gpu_uuids: list[str] = []  # the GPUs this worker claimed (keys.gpu_owner)
+        self._renew_gpu_claims = client.register_script(scripts.RENEW_GPU_CLAIMS)
         folder = config.state_dir / "worker" / re.sub(r"[^A-Za-z0-9._-]", "_", node) / "journal"
         self.ends = EndRecorder(self.store, Journal(folder), lambda: self.fence, self._on_fenced)
         self.logs = LogShipper(client, config)
@@ -536,8 +538,10 @@ class WorkerDaemon:
         if not self.draining.is_set():
             pipe.set(keys.node(self.node), json.dumps(beat.to_json()), px=ttl_ms)
         pipe.set(keys.node_owner(self.node), self.owner, px=ttl_ms)
-        for uuid in self._gpu_uuids:
-            pipe.set(keys.gpu_owner(uuid), self.gpu_claim, px=ttl_ms)
+        claims_at = len(pipe)
+        if self._gpu_uuids:
+            claims = [keys.gpu_owner(u) for u in self._gpu_uuids]
+            queue_script(pipe, self._renew_gpu_claims, claims, [self.gpu_claim, ttl_ms])
         pipe.sadd(keys.NODES, self.node)
         for runner in running:
             fields: dict[str, object] = {"current_bytes": runner.current, "peak_bytes": runner.peak}
@@ -554,8 +558,12 @@ class WorkerDaemon:
         idle = [r for r in running if r.idle_due]
         for runner in idle:
             self._report_idle(pipe, runner)
-        pipe.execute()
+        replies = pipe.execute()
         self._beats_done = seq
+        if self._gpu_uuids and replies[claims_at]:
+            taken = ", ".join(self._gpu_uuids[int(i) - 1] for i in replies[claims_at])
+            self._on_fenced(f"GPU {taken} is served by another worker now (this one was frozen or cut off)")
+            return
         if self.config.policy.idle_action == "stop":
             for runner in idle:
                 runner.stop("idle")
@@ -604,14 +612,15 @@ class WorkerDaemon:
         if policy.idle_action == "notify":
             emit(pipe, runner.job_id, "idle", detail)
 
-    def _on_fenced(self) -> None:
-        """Another worker took this node's name while this one was frozen or cut off: every
-        job here may already run there. Stop them all (their outcomes are refused: the
-        successor and the scheduler decide) and leave."""
+    def _on_fenced(self, why: str = "") -> None:
+        """Another worker took this node's name (or its GPUs) while this one was frozen or cut
+        off: every job here may already run there. Stop them all (their outcomes are refused:
+        the successor and the scheduler decide) and leave."""
         if self.fenced.is_set():
             return
         self.fenced.set()
-        log.error("worker: node %s was taken over by another worker; stopping every job here and exiting", self.node)
+        why = why or f"node {self.node} was taken over by another worker"
+        log.error("worker: %s; stopping every job here and exiting", why)
         with self._lock:
             runners = list(self.runners.values())
         for runner in runners:

@@ -12,8 +12,9 @@ import redis
 
 from jobs import keys
 from jobs.config import Config, WorkerConfig
+from tests.helpers.stack import Stack, eventually
 from worker.daemon import GpuTaken, WorkerDaemon
-from worker.sim_probe import SimProbe
+from worker.sim_probe import SimProbe, sim_uuid
 
 
 def _worker(tmp_path: Path, client: redis.Redis, name: str) -> WorkerDaemon:
@@ -58,3 +59,16 @@ def test_the_heartbeat_renews_the_claims_and_a_restart_under_the_same_name_takes
     again = _worker(tmp_path, redis_client, "a")
     again._claim_name()
     assert redis_client.get(keys.gpu_owner(uuid)) == again.gpu_claim.encode()
+
+
+def test_a_worker_whose_gpu_another_worker_took_stops_instead_of_offering_it(stack: Stack) -> None:
+    """A worker frozen past its lease whose GPU a worker of another name claimed meanwhile
+    must not take it back with its next heartbeat (both would offer it): it stops, like a
+    worker whose name was taken, and leaves the claim to the other."""
+    worker = stack.start_worker("n1")
+    claim = keys.gpu_owner(sim_uuid("n1", 0))
+    eventually(lambda: stack.redis.get(claim) is not None)
+    stack.redis.set(claim, b"other other-host:1", px=60_000)  # what the other worker's start wrote
+    worker.wait_line("is served by another worker now")
+    assert worker.proc.wait(timeout=60) == 0
+    assert stack.redis.get(claim) == b"other other-host:1"
