@@ -383,7 +383,8 @@ return settled
 LOG_APPEND = """
 -- KEYS: 1 the job's log stream, 2 its meta hash
 -- ARGV: 1 attempt, 2 bytes skipped before this data (not kept: the shipper's rate cap),
---       3 data, 4 cap on bytes kept, 5 head bytes (never trimmed), 6 retention ms,
+--       3 data, 4 cap on bytes kept, 5 head bytes (never trimmed; in at most ARGV[5] / 32
+--       entries), 6 retention ms,
 --       7 (optional) where the skipped bytes begin in this attempt's output, as the shipper counts
 -- An older attempt than the newest seen is refused (a stale worker's late flush): -1.
 -- With ARGV[7], an append is idempotent: the meta's `apos` says how far this attempt's output
@@ -421,20 +422,33 @@ local pos = tonumber(redis.call('HGET', KEYS[2], 'end') or '0') + skip
 local n = string.len(data)
 local stored = tonumber(redis.call('HGET', KEYS[2], 'stored') or '0')
 local dropped = tonumber(redis.call('HGET', KEYS[2], 'dropped') or '0') + skip
+local cap, head = tonumber(ARGV[4]), tonumber(ARGV[5])
+-- Each entry costs Redis about this much besides its data (measured: 26 bytes with
+-- stream-node-max-bytes 512): a job shipping a byte a tick must not keep a million entries.
+local overhead = 32
+-- The head (never trimmed) ends at offset `hend`: ARGV[5], or sooner, once it holds
+-- ARGV[5] / overhead entries (`hcount`): a byte a tick from the start must not make
+-- thousands of untrimmable entries, while a head shipped in ordinary lines stays whole.
+local hend = tonumber(redis.call('HGET', KEYS[2], 'hend') or ARGV[5])
 local newest = nil
 if n > 0 then
+  if pos < hend then
+    local hcount = tonumber(redis.call('HGET', KEYS[2], 'hcount') or '0') + 1
+    if hcount > math.max(1, math.floor(head / overhead)) then
+      hend = pos  -- this entry and every later one are trimmable
+      redis.call('HSET', KEYS[2], 'hend', string.format('%d', hend))
+    else
+      redis.call('HSET', KEYS[2], 'hcount', string.format('%d', hcount))
+    end
+  end
   newest = string.format('%d-1', pos)
   redis.call('XADD', KEYS[1], newest, 'd', data)
   stored = stored + n
   pos = pos + n
 end
-local cap, head = tonumber(ARGV[4]), tonumber(ARGV[5])
--- Each entry costs Redis about this much besides its data (measured: 26 bytes with
--- stream-node-max-bytes 512): a job shipping a byte a tick must not keep a million entries.
-local overhead = 32
 local entries = redis.call('XLEN', KEYS[1])
 while stored + overhead * entries > cap do
-  local oldest = redis.call('XRANGE', KEYS[1], string.format('%d-0', head), '+', 'COUNT', 1)
+  local oldest = redis.call('XRANGE', KEYS[1], string.format('%d-0', hend), '+', 'COUNT', 1)
   if #oldest == 0 or oldest[1][1] == newest then break end
   local len = string.len(oldest[1][2][2])
   redis.call('XDEL', KEYS[1], oldest[1][1])

@@ -219,6 +219,23 @@ def test_the_cap_bounds_redis_memory_also_for_output_shipped_a_byte_at_a_time(re
     assert len(data) + skipped == LIMITS.head_bytes + 20_000
 
 
+def test_the_head_bounds_redis_memory_also_for_output_shipped_a_byte_at_a_time(redis_client: redis.Redis) -> None:
+    """The head (the first log_head bytes, never trimmed) was bounded in bytes only: a job
+    printing one character per tick from its start kept log_head entries untrimmable, ~26
+    bytes of Redis each besides the byte (1.7 MB per job at the default 64 KiB). The head
+    now ends after log_head / 32 entries; what comes after is trimmable like the rest."""
+    log = JobLog(redis_client)
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(20_000):
+        log.append(15, 1, b".", LIMITS, pipe=pipe, at=i)
+    pipe.execute()
+    used = redis_client.memory_usage(keys.job_log(15), samples=0)
+    assert used <= 2 * (LIMITS.cap_bytes + LIMITS.head_bytes), used
+    data, skipped = read_all(log, 15)
+    assert data.startswith(b"." * 10) and data.endswith(b"." * 50)
+    assert len(data) + skipped == 20_000
+
+
 def test_the_last_output_is_shipped_when_the_end_comes_while_a_tick_is_on_its_way(
     redis_client: redis.Redis, tmp_path: Path
 ) -> None:
