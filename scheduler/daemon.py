@@ -138,7 +138,7 @@ class Scheduler:
         if self.leader is None:
             return True
         previous = self.fence
-        self.fence = self.dispatcher.fence = self.leader.fence()
+        self.fence = self.dispatcher.fence = self.forecaster.fence = self.leader.fence()
         if self.fence != previous:
             # A new term: another leader may have written meanwhile (reasons make no event),
             # so what this one kept in memory is read again whole.

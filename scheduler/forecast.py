@@ -27,9 +27,10 @@ import redis
 
 from jobs import keys
 from jobs.config import Config
+from jobs.lifecycle import Fence
 from jobs.record import JobRecord
 from jobs.states import JobState
-from jobs.store import JobStore
+from jobs.store import Fenced, JobStore
 from scheduler.offload import in_child
 from scheduler.policy.accounting import AccountingPolicy, GpuAccount
 from scheduler.policy.forecast import expected_end, forecast_starts
@@ -60,7 +61,7 @@ class DurationHistory:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
-    def learn(self, records: list[JobRecord]) -> None:
+    def learn(self, records: list[JobRecord], fence: Fence | None = None) -> None:
         done = [r for r in records if r.state == JobState.COMPLETED and r.started_at and r.ended_at]
         if not done:
             return
@@ -81,11 +82,22 @@ class DurationHistory:
             run = max(0.0, r.ended_at - r.started_at)
             n = min(n + 1, 20)  # a running mean over about the last 20 runs
             means[key] = (n, mean + (run - mean) / n)
-        pipe = self.redis.pipeline(transaction=True)
-        if full:  # bounded: past MAX_LEARNED names the history starts over
-            pipe.delete(keys.DURATIONS)
-        pipe.hset(keys.DURATIONS, mapping={k: json.dumps({"n": n, "mean": round(m, 3)}) for k, (n, m) in means.items()})
-        pipe.execute()
+        with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                # A leader's write: refused once a newer leader holds the fence (a paused
+                # ex-leader that resumes must not count completions the new one counts too).
+                if fence is not None:
+                    pipe.watch(fence.key)
+                    if pipe.get(fence.key) != fence.token.encode():
+                        raise Fenced("learned durations refused: a newer leader holds the fence")
+                pipe.multi()
+                if full:  # bounded: past MAX_LEARNED names the history starts over
+                    pipe.delete(keys.DURATIONS)
+                mapping = {k: json.dumps({"n": n, "mean": round(m, 3)}) for k, (n, m) in means.items()}
+                pipe.hset(keys.DURATIONS, mapping=mapping)
+                pipe.execute()
+            except redis.WatchError:
+                raise Fenced("learned durations refused: a newer leader holds the fence") from None
 
     def all(self) -> dict[str, float]:
         out = {}
@@ -112,6 +124,7 @@ class Forecaster:
         self.store = JobStore(client)
         self.config = config
         self.history = DurationHistory(client)
+        self.fence: Fence | None = None  # the leader's, set by the loop before each pass
         self._at = -float("inf")
         self._queue: frozenset[int] = frozenset()
         self._active: dict[int, JobRecord] = {}  # the active jobs of the last pass
@@ -161,7 +174,7 @@ class Forecaster:
                 )
             except ValueError:
                 continue  # not ours to judge: quarantine reads records, learning skips them
-        self.history.learn(ended)
+        self.history.learn(ended, self.fence)
 
     def due(self, now: float, queue: frozenset[int]) -> bool:
         interval = self.config.scheduler.eta_interval_s

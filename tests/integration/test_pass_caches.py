@@ -17,15 +17,15 @@ import redis
 from jobs import keys, lifecycle
 from jobs.config import Config, SchedulerConfig
 from jobs.gpus import GpuDevice, GpuSnapshot, NodeHeartbeat
-from jobs.lifecycle import Transition
+from jobs.lifecycle import Fence, Transition
 from jobs.record import JobRecord
 from jobs.spec import JobSpec
 from jobs.states import JobState
-from jobs.store import JobStore
+from jobs.store import Fenced, JobStore
 from scheduler.active import ActiveReader
 from scheduler.cluster import Ledger, NodeReader, read_ledger
 from scheduler.daemon import Scheduler, collect_and_freeze
-from scheduler.forecast import duration_key
+from scheduler.forecast import DurationHistory, duration_key
 from scheduler.pending import ESTIMATES_PER_PASS
 from scheduler.policy.accounting import build_accounts
 from scheduler.policy.cluster_state import ClusterBase
@@ -124,6 +124,24 @@ def test_run_times_of_completed_jobs_are_learned_as_they_leave(redis_client: red
     scheduler.run_pass()
     learned = scheduler.forecaster.history.all()
     assert learned == {duration_key("alice", "train"): 200.0}  # running mean of 100 and 300
+
+
+def test_a_stale_leaders_learned_durations_are_refused(redis_client: redis.Redis) -> None:
+    """The learned durations are a leader's write like any other: an ex-leader that resumes
+    after a newer one took the fence must not count completions again (found by the attack
+    round: every other write of the loop was fenced, this one was not)."""
+    store = JobStore(redis_client)
+    [job_id] = submit(store, 1, name="train")
+    waiting = store.get(job_id)
+    assert waiting is not None
+    record = waiting.updated(state=JobState.COMPLETED, started_at=1000.0, ended_at=1100.0)
+    history = DurationHistory(redis_client)
+    redis_client.set(keys.LEADER_FENCE, "2:new")
+    with pytest.raises(Fenced):
+        history.learn([record], Fence(keys.LEADER_FENCE, "1:old"))
+    assert history.all() == {}
+    history.learn([record], Fence(keys.LEADER_FENCE, "2:new"))
+    assert history.all() == {duration_key("alice", "train"): 100.0}
 
 
 def stored_reasons(client: redis.Redis, ids: list[int]) -> list[tuple[str, str]]:
