@@ -95,6 +95,14 @@ def scheduler_lock(state_dir: Path) -> InstanceLock:
     return InstanceLock(state_dir / "scheduler.lock", "gpulab scheduler", state_dir)
 
 
+def socket_lock(socket_path: Path) -> InstanceLock:
+    """Held by the scheduler that serves `socket_path`, next to it. Two schedulers with state
+    directories of their own, given one socket path and started at once, each found no live
+    socket there, and one could unlink the other's between its bind and its listen (finding
+    a stale socket and replacing it are not one step)."""
+    return InstanceLock(socket_path.with_name(socket_path.name + ".lock"), "gpulab scheduler", socket_path)
+
+
 def private_dir(path: Path, mode: int = 0o755) -> Path:
     """Create `path` (and parents) for a daemon's state, and make sure no one else can write
     to it (a directory others can write to lets them replace the API socket or the lock

@@ -22,7 +22,7 @@ from jobs.daemons import Presence, StopSignals, within
 from jobs.redis_conn import connect_redis, redact
 from scheduler.api_server import ApiServer, SocketInUse
 from scheduler.daemon import Scheduler
-from scheduler.instance import AlreadyRunning, LockUnavailable, private_dir, refusal, scheduler_lock
+from scheduler.instance import AlreadyRunning, LockUnavailable, private_dir, refusal, scheduler_lock, socket_lock
 from scheduler.leader import Leadership, holder_name
 from scheduler.notify.notifier import start_notifier
 from scheduler.service import SchedulerService
@@ -38,6 +38,11 @@ def run_scheduler(config: Config) -> int:
         if config.socket_path.parent != config.state_dir:
             private_dir(config.socket_path.parent)
         lock = scheduler_lock(config.state_dir).acquire()
+        try:
+            serving = socket_lock(config.socket_path).acquire()
+        except BaseException:
+            lock.release()
+            raise
     except (AlreadyRunning, LockUnavailable) as exc:
         print(refusal(exc), file=sys.stderr, flush=True)
         return 1
@@ -50,6 +55,7 @@ def run_scheduler(config: Config) -> int:
         print(f"gpulab scheduler: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        serving.release()
         lock.release()
 
 

@@ -28,15 +28,17 @@ def test_a_scheduler_on_another_state_dir_does_not_take_over_a_live_socket(
 ) -> None:
     """Break (found): the state-dir lock alone does not cover `[scheduler] socket` set to the
     same path for two state dirs: the second scheduler would unlink the live socket. It now
-    refuses any socket path something answers on."""
+    refuses a socket path another scheduler holds (its lock, `<socket>.lock`) or something
+    answers on."""
     shared_socket = tmp_path / "run" / "gpulab.sock"
     first = make_stack(scheduler={"socket": str(shared_socket)})
     first.start_scheduler()
     second = make_stack(scheduler={"socket": str(shared_socket)})
     daemon = Daemon([*cli_argv(first), "scheduler"], second.env)
     assert daemon.proc.wait(timeout=60) == 1, daemon.lines
-    assert any("another process serves" in line for line in daemon.lines), daemon.lines
     assert first.scheduler is not None and first.scheduler.proc.poll() is None
+    holder = f"gpulab scheduler is already running (pid {first.scheduler.proc.pid})"
+    assert any(holder in line for line in daemon.lines), daemon.lines
     assert ApiClient(shared_socket).request("GET", f"{API_PREFIX}/health") == {"ok": True}
 
 

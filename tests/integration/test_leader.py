@@ -5,8 +5,10 @@ hands the loop over with no job lost or doubled, and a leader frozen at the wors
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from jobs import keys
@@ -14,6 +16,7 @@ from jobs.daemons import live_daemons
 from jobs.invariants import violations
 from jobs.states import JobState
 from scheduler.dispatch import STOP_BEFORE_EXEC_ENV
+from scheduler.instance import socket_lock
 from tests.helpers.stack import Stack, release
 
 # A short lease keeps the tests quick; the default (3 s) is what BENCHMARKS.md measures.
@@ -106,10 +109,29 @@ def test_a_scheduler_refused_the_socket_leaves_no_presence_behind(make_stack: Ca
     first.start_scheduler()
     second: Stack = make_stack(scheduler={"socket": str(first.state_dir / "gpulab.sock")})
     refused = second.cli("scheduler")
-    assert refused.returncode == 1 and "another process serves" in refused.stderr, refused.stderr
+    assert refused.returncode == 1 and "gpulab scheduler is already running" in refused.stderr, refused.stderr
+    assert str(first.state_dir / "gpulab.sock") in refused.stderr
     daemons, _ = live_daemons(first.redis)
     assert [d.kind for d in daemons] == ["scheduler"], daemons
     assert first.scheduler is not None and daemons[0].pid == first.scheduler.proc.pid
+
+
+def test_a_socket_path_is_served_by_one_scheduler_even_before_its_socket_exists(
+    make_stack: Callable[..., Stack], tmp_path: Path
+) -> None:
+    """Two schedulers with state directories of their own, given one socket path and started
+    at once, each found no live socket there, and one could unlink the other's between its
+    bind and listen. The socket path is locked (`<socket>.lock`) for a scheduler's life: one
+    that holds it, even before its socket exists, refuses the other."""
+    sock = tmp_path / "shared" / "api.sock"
+    sock.parent.mkdir()
+    with socket_lock(sock):  # a scheduler about to bind there
+        stack: Stack = make_stack(scheduler={"socket": str(sock)})
+        refused = stack.cli("scheduler")
+    assert refused.returncode == 1 and f"gpulab scheduler is already running (pid {os.getpid()}) on {sock}" in (
+        refused.stderr
+    ), refused.stderr
+    assert not sock.exists()
 
 
 def test_a_worker_that_cannot_start_says_why_in_one_line_and_leaves_no_presence(
