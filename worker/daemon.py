@@ -93,6 +93,7 @@ class WorkerDaemon:
         self._threads: list[threading.Thread] = []
         self.gpu_totals: dict[str, int] = {}
         self._shim_python: dict[tuple[int, int], str] = {}
+        self._probes: set[int] = set()  # shim_python's self-checks running now (the sweep spares them)
         self._gpu_uuids: list[str] = []  # the GPUs this worker claimed (keys.gpu_owner)
         self._renew_gpu_claims = client.register_script(scripts.RENEW_GPU_CLAIMS)
         folder = config.state_dir / "worker" / re.sub(r"[^A-Za-z0-9._-]", "_", node) / "journal"
@@ -414,7 +415,7 @@ class WorkerDaemon:
         for python in dict.fromkeys([sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]):
             tried.append(python)
             try:
-                with CHILD_STARTS:  # its command line names the shim once Popen returns
+                with CHILD_STARTS:  # until its pid is where the orphan sweep looks
                     probe = subprocess.Popen(
                         [python, "-I", "-S", SHIM_PATH, "--self-check"],
                         cwd="/",
@@ -426,6 +427,8 @@ class WorkerDaemon:
                         group=run_as.gid,
                         extra_groups=list(run_as.groups),
                     )
+                    with self._lock:
+                        self._probes.add(probe.pid)
             except (OSError, subprocess.SubprocessError):
                 continue
             try:
@@ -434,6 +437,9 @@ class WorkerDaemon:
                 probe.kill()
                 probe.wait()
                 continue
+            finally:
+                with self._lock:
+                    self._probes.discard(probe.pid)
             if probe.returncode == 0:
                 self._shim_python[key] = python
                 return python
@@ -493,11 +499,11 @@ class WorkerDaemon:
 
         def known() -> set[int]:
             with self._lock:
-                shims = {r.proc.pid for r in self.runners.values() if r.proc is not None}
+                shims = {r.proc.pid for r in self.runners.values() if r.proc is not None} | self._probes
             server = self.shim_server.pid
             return shims if server is None else shims | {server}
 
-        sweep_orphans(known, SHIM_PATH, wait=wait)
+        sweep_orphans(known, wait=wait)
 
     def _journal_loop(self) -> None:
         self.ends.run(self.stopping)

@@ -118,11 +118,12 @@ def find_shims(shim_path: str, node: str, state_dir: str) -> list[tuple[int, int
     return found
 
 
-def sweep_orphans(known: Callable[[], set[int]], marker: str, *, wait: bool = True) -> bool:
-    """Kill (with everything it started) and reap each child of this process that is neither
-    in `known()` nor running `marker` (a shim not yet registered): in a subreaper, such a child
-    is a job process whose shim died and that was adopted. A child being started (CHILD_STARTS)
-    is waited for, or, without `wait`, the sweep is skipped (False) and left to the next one."""
+def sweep_orphans(known: Callable[[], set[int]], *, wait: bool = True) -> bool:
+    """Kill (with everything it started) and reap each child of this process that is not in
+    `known()`: in a subreaper, such a child is a job process whose shim died and that was
+    adopted. A child being started (CHILD_STARTS) is waited for, or, without `wait`, the sweep
+    is skipped (False) and left to the next one. Nothing is spared for its command line: a job
+    can put anything there (one that named the shim's path was spared, with its tree)."""
     if not CHILD_STARTS.acquire(blocking=wait):
         return False
     try:
@@ -136,7 +137,7 @@ def sweep_orphans(known: Callable[[], set[int]], marker: str, *, wait: bool = Tr
             for child in psutil.Process().children():
                 try:
                     zombie = child.status() == psutil.STATUS_ZOMBIE
-                    if child.pid in keep or (not zombie and marker in child.cmdline()):
+                    if child.pid in keep:
                         continue
                     found = True
                     if not zombie:

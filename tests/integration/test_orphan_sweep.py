@@ -41,8 +41,8 @@ SCENARIO = textwrap.dedent(
     orphan, _ = blocked_child()
     with CHILD_STARTS:
         starting, release_w = blocked_child()
-        skipped = not sweep_orphans(sweep_known, "no-such-marker", wait=False)  # the heartbeat's
-        sweeper = threading.Thread(target=sweep_orphans, args=(sweep_known, "no-such-marker"))
+        skipped = not sweep_orphans(sweep_known, wait=False)  # the heartbeat's
+        sweeper = threading.Thread(target=sweep_orphans, args=(sweep_known,))
         sweeper.start()
         sweeper.join(timeout=1.0)  # it must wait for the start to be registered, however long
         waited = sweeper.is_alive()
