@@ -485,10 +485,12 @@ def run_shim(opts: Options) -> int:
 # (the shims it forks keep that command line: a restarted worker finds them like exec'd ones)
 #
 # Worker -> server: `spawn <json>` with three fds (SCM_RIGHTS): the shim's stdin, its report
-# pipe and the job's log. The json: job, attempt, uid/gid/groups/umask (null: stay as is),
-# lease_ttl, kill_grace. Server -> worker: `spawned <pid>` with a pidfd of the new shim (so
-# the worker signals that process and no other, even after the pid is reused), or
-# `error <why>`; and `exit <pid> <wait status>` for every shim it reaped.
+# pipe and the job's log. The json: seq (the request's number), job, attempt,
+# uid/gid/groups/umask (null: stay as is), lease_ttl, kill_grace. Server -> worker:
+# `spawned <seq> <pid>` with a pidfd of the new shim (so the worker signals that process and
+# no other, even after the pid is reused), or `error <seq> <why>` (seq `-` if unreadable); and
+# `exit <pid> <wait status>` for every shim it reaped. The seq lets the worker drop an answer
+# that came after it gave up on that request (each later spawn took the previous one's).
 # The forked child drops to the job's user (setgroups, setresgid, setresuid: exactly what
 # Popen's user/group/extra_groups did), leads its own session, has only its three fds and
 # then is a shim like an exec'd one (run_shim: subreaper, parent-death signal and
@@ -574,8 +576,10 @@ def _spawn(sock: socket.socket, data: bytes, fds: list[int]) -> None:
         request = json.loads(rest) if word == "spawn" else None
     except ValueError:
         request = None
+    seq = request.get("seq") if isinstance(request, dict) else None
+    tag = str(seq) if isinstance(seq, int) else "-"
     if not isinstance(request, dict) or len(fds) != 3:
-        _send(sock, "error malformed spawn request")
+        _send(sock, f"error {tag} malformed spawn request")
         return
     server_pid = os.getpid()
     pid = os.fork()
@@ -589,10 +593,10 @@ def _spawn(sock: socket.socket, data: bytes, fds: list[int]) -> None:
         pidfd = os.pidfd_open(pid)  # not reaped yet (only this loop reaps): it is the shim
     except OSError as exc:
         os.kill(pid, signal.SIGKILL)
-        _send(sock, f"error cannot hold the shim: {_why(exc)}")
+        _send(sock, f"error {tag} cannot hold the shim: {_why(exc)}")
         return
     try:
-        _send(sock, f"spawned {pid}", (pidfd,))
+        _send(sock, f"spawned {tag} {pid}", (pidfd,))
     finally:
         os.close(pidfd)
 

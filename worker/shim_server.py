@@ -111,6 +111,8 @@ class ShimServer:
         self._reply = threading.Condition(self._state)
         self._shims: dict[int, ServedShim] = {}
         self._early: dict[int, int] = {}  # exit reports that came before their spawn reply
+        self._seq = 0  # the number of the last spawn request
+        self._dropped: set[int] = set()  # shims whose spawn was given up on: their exits are dropped
 
     @property
     def pid(self) -> int | None:
@@ -160,6 +162,8 @@ class ShimServer:
                     shim = self._shims.pop(pid, None)
                     if shim is not None:
                         shim._exited(status)
+                    elif pid in self._dropped:
+                        self._dropped.discard(pid)
                     else:
                         self._early[pid] = status
                 else:
@@ -191,7 +195,9 @@ class ShimServer:
                 sock = self._sock
             if sock is None:
                 sock = self._start()
-            payload = ("spawn " + json.dumps(request)).encode()
+            self._seq += 1
+            seq = str(self._seq)
+            payload = ("spawn " + json.dumps({**request, "seq": self._seq})).encode()
             fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (stdin_r, report_w, log_fd))
             try:
                 sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
@@ -199,15 +205,20 @@ class ShimServer:
                 raise ShimServerError(f"the shim server does not take requests: {exc.strerror or exc}") from None
             deadline = time.monotonic() + SPAWN_ANSWER_S
             with self._state:
-                while not self._replies:
-                    if self._sock is not sock:
-                        raise ShimServerError("the shim server exited")
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise ShimServerError(f"the shim server did not answer within {SPAWN_ANSWER_S:.0f}s")
-                    self._reply.wait(remaining)
-                text, pidfd = self._replies.pop(0)
-                word, _, rest = text.partition(" ")
+                while True:
+                    while not self._replies:
+                        if self._sock is not sock:
+                            raise ShimServerError("the shim server exited")
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise ShimServerError(f"the shim server did not answer within {SPAWN_ANSWER_S:.0f}s")
+                        self._reply.wait(remaining)
+                    text, pidfd = self._replies.pop(0)
+                    word, _, rest = text.partition(" ")
+                    answered, _, rest = rest.partition(" ")
+                    if answered == seq or answered == "-":
+                        break
+                    self._drop(word, rest, pidfd)  # the answer to a spawn given up on
                 if word != "spawned" or pidfd is None or not rest.isdigit():
                     if pidfd is not None:
                         os.close(pidfd)
@@ -219,6 +230,18 @@ class ShimServer:
                 else:
                     self._shims[shim.pid] = shim
                 return shim
+
+    def _drop(self, word: str, rest: str, pidfd: int | None) -> None:
+        """A late answer (under _state): its shim, whose caller gave up, is killed."""
+        if pidfd is None:
+            return
+        if word == "spawned" and rest.isdigit():
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            pid = int(rest)
+            if self._early.pop(pid, None) is None:
+                self._dropped.add(pid)
+        os.close(pidfd)
 
     def close(self) -> None:
         """Shutdown (every job already stopped): EOF tells the server to exit."""

@@ -8,9 +8,13 @@ import os
 import signal
 import sys
 
+import pytest
+
 from jobs.states import JobState
 from tests.helpers.stack import Stack
-from worker.runner import SHIM_PATH
+from worker import shim_server
+from worker.runner import SHIM_ENV, SHIM_PATH
+from worker.shim_server import ServedShim, ShimServer, ShimServerError
 
 FINAL_STATES = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
 
@@ -63,3 +67,60 @@ def test_an_orphan_that_names_the_shim_in_its_command_line_is_still_killed(stack
         if escapee and _pid_alive(escapee):
             with contextlib.suppress(OSError):
                 os.kill(escapee, signal.SIGKILL)
+
+
+def _request(job: int) -> dict[str, object]:
+    return {"node": "served-test", "job": job, "attempt": 1, "uid": None, "gid": None, "groups": None,
+            "umask": None, "lease_ttl": 30.0, "kill_grace": 5.0}  # fmt: skip
+
+
+def _spawn(server: ShimServer, job: int) -> tuple[ServedShim | ShimServerError, int, list[int]]:
+    """A spawn of job `job`'s shim: (the shim or the error, the inode of its stdin pipe, the
+    caller's ends to close: a shim whose spawn failed is kept waiting for its launch)."""
+    stdin_r, stdin_w = os.pipe()
+    report_r, report_w = os.pipe()
+    log = os.open(os.devnull, os.O_WRONLY)
+    inode = os.fstat(stdin_r).st_ino
+    try:
+        shim: ServedShim | ShimServerError = server.spawn(_request(job), stdin_r, report_w, log, stdin_w)
+    except ShimServerError as exc:
+        shim = exc
+    finally:
+        for fd in (stdin_r, report_w, log):
+            os.close(fd)
+    return shim, inode, [report_r] if isinstance(shim, ServedShim) else [report_r, stdin_w]
+
+
+def test_a_spawn_answered_late_is_not_taken_for_the_next_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spawn whose answer came after it gave up (the server or the whole worker was stopped
+    past SPAWN_ANSWER_S) left that answer queued, and the next spawn took it: each launch after
+    got the previous one's shim (its pid and pidfd), and failed ("not a child of its own")."""
+    server = ShimServer(SHIM_PATH, SHIM_ENV, ["--node", "served-test", "--state-dir", "/nonexistent"])
+    to_close: list[int] = []
+    try:
+        first, _, fds = _spawn(server, 1)  # starts the server
+        to_close += fds
+        assert isinstance(first, ServedShim), first
+        assert server.pid is not None
+        server_pid = server.pid
+        os.kill(server_pid, signal.SIGSTOP)
+        monkeypatch.setattr(shim_server, "SPAWN_ANSWER_S", 0.2)
+        late, _, fds = _spawn(server, 2)
+        to_close += fds
+        assert isinstance(late, ShimServerError), late
+        os.kill(server_pid, signal.SIGCONT)  # it serves the late request, then the next one
+        monkeypatch.setattr(shim_server, "SPAWN_ANSWER_S", 30.0)
+        third, inode, fds = _spawn(server, 3)
+        to_close += fds
+        assert isinstance(third, ServedShim), third
+        assert os.stat(f"/proc/{third.pid}/fd/0").st_ino == inode, (
+            f"the spawn of job 3 was answered with pid {third.pid}, the late shim of job 2"
+        )
+        first.kill()
+        third.kill()
+        first.wait(timeout=30)
+        third.wait(timeout=30)
+    finally:
+        server.close()
+        for fd in to_close:
+            os.close(fd)
