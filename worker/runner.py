@@ -330,10 +330,17 @@ class JobRunner:
         try:
             with self._lock:
                 self.proc = self.shim_server.spawn(request, stdin_r, report_w, log_fd, stdin_w)
-        except (OSError, ShimServerError) as exc:
+        except ShimServerError as exc:
+            # The worker's own fork server failed (it died, or did not answer): nothing of
+            # the job ran and nothing is wrong with it; it waits again (the next launch
+            # starts a new server).
             os.close(report_r)
             os.close(stdin_w)
-            message = f"cannot start the job's launcher: {getattr(exc, 'strerror', None) or exc}"
+            self._not_started(f"the shim server failed: {exc}")
+        except OSError as exc:
+            os.close(report_r)
+            os.close(stdin_w)
+            message = f"cannot start the job's launcher: {exc.strerror or exc}"
             self._end_launch(message)
             raise LaunchError(message) from None
         finally:

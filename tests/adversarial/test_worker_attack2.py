@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 
+import psutil
 import pytest
 
 from jobs.states import JobState
-from tests.helpers.stack import Stack
+from tests.helpers.stack import Stack, eventually
 from worker import shim_server
 from worker.runner import SHIM_ENV, SHIM_PATH
 from worker.shim_server import ServedShim, ShimServer, ShimServerError
@@ -124,3 +126,32 @@ def test_a_spawn_answered_late_is_not_taken_for_the_next_ones(monkeypatch: pytes
         server.close()
         for fd in to_close:
             os.close(fd)
+
+
+def _queued_for(pid: int) -> int:
+    """Bytes waiting in process `pid`'s fd 0 (a Unix socket: the fork server's), per `ss`."""
+    out = subprocess.run(["ss", "-x", "-a", "-p"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if f"pid={pid},fd=0)" in line:
+            return int(line.split()[2])
+    return 0
+
+
+def _fork_server(worker_pid: int) -> int:
+    return next(c.pid for c in psutil.Process(worker_pid).children() if "--serve" in c.cmdline())
+
+
+def test_a_launch_whose_fork_server_died_waits_again_instead_of_failing(stack: Stack) -> None:
+    """The fork server died while a launch waited for its shim: nothing of the job ran and
+    nothing was wrong with it, yet it failed for good (LaunchFailed)."""
+    stack.start_scheduler()
+    worker = stack.start_worker()
+    first = stack.submit("--", "true")
+    stack.wait_state(first, JobState.COMPLETED)  # the fork server runs now
+    server = _fork_server(worker.proc.pid)
+    os.kill(server, signal.SIGSTOP)
+    job = stack.submit("--", "true")
+    eventually(lambda: _queued_for(server) > 0)  # its spawn request waits in the server's socket
+    os.kill(server, signal.SIGKILL)
+    done = stack.wait_state(job, *FINAL_STATES, JobState.HELD)
+    assert done.state == JobState.COMPLETED, (done.state, done.reason, done.detail)
