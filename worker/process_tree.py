@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 import psutil
@@ -85,18 +86,38 @@ def signal_tree(root_pid: int, sig: int) -> None:
             os.kill(pid, sig)
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a zombie is dead: it waits only for its parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split(b" ", 2)[1]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def _await_dead(pids: set[int], timeout: float = 0.2) -> None:
+    """Until every one of `pids` is dead or a zombie (SIGKILLed: at once), `timeout` at most."""
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def kill_tree(root_pid: int) -> None:
     """SIGKILL a whole tree: the descendants first, while the root (a subreaper) still holds
-    them, then the root. Repeated while the tree still has members (it may be forking)."""
+    them, then the root. Repeated while the tree still has live members (it may be forking).
+
+    Zombies count as dead: one whose parent never reaps it stays until that parent dies, and
+    waiting for it to go made each such tree cost 50 rounds of 0.2 s (a job's escapee keeping
+    an unreaped child held the orphan sweep 10 s, its lease lapsing meanwhile)."""
     for _ in range(KILL_ROUNDS):
-        descendants = tree_pids(root_pid) - {root_pid}
+        descendants = {pid for pid in tree_pids(root_pid) - {root_pid} if _alive(pid)}
         if not descendants:
             break
         for pid in descendants:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(psutil.Error):
-            psutil.wait_procs([psutil.Process(p) for p in descendants if psutil.pid_exists(p)], timeout=0.2)
+        _await_dead(descendants)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(root_pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -128,27 +149,32 @@ def sweep_orphans(known: Callable[[], set[int]], *, wait: bool = True) -> bool:
         return False
     try:
         keep = known()
+        me = os.getpid()
         # Again while a look found anything: the process table is read one process at a time,
         # so a job process that exited during the read can show as a zombie whose child (an
         # escapee it forked) was listed under it, not yet under this process (found by
-        # test_round2's shim-killing job, once in a suite run).
+        # test_round2's shim-killing job, once in a suite run). A forking tree's new members,
+        # their parents killed, are this process's children at the next look.
         for _ in range(ORPHAN_LOOKS):
-            found = False
-            for child in psutil.Process().children():
-                try:
-                    zombie = child.status() == psutil.STATUS_ZOMBIE
-                    if child.pid in keep:
-                        continue
-                    found = True
-                    if not zombie:
-                        log.warning("worker: killing pid %s, left behind by a job whose shim died", child.pid)
-                        kill_tree(child.pid)
-                except psutil.Error:
-                    continue
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(child.pid, os.WNOHANG)
-            if not found:
+            # One read of the process table per look, every orphan's tree killed at once: a
+            # kill_tree per orphan read the whole table per orphan, and an array of jobs that
+            # killed their shims leaving escapees held the heartbeat's sweep for seconds (every
+            # lease of the node lapsed).
+            table = children_by_parent()
+            orphans = [pid for pid in table.get(me, ()) if pid not in keep]
+            if not orphans:
                 break
+            members = {pid for orphan in orphans for pid in tree_pids(orphan, table) if _alive(pid)}
+            for pid in orphans:
+                if pid in members:
+                    log.warning("worker: killing pid %s, left behind by a job whose shim died", pid)
+            for pid in members:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            _await_dead(members)
+            for pid in orphans:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
     finally:
         CHILD_STARTS.release()
     return True

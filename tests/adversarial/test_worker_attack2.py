@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import subprocess
 import sys
 
@@ -93,6 +94,11 @@ def _spawn(server: ShimServer, job: int) -> tuple[ServedShim | ShimServerError, 
     return shim, inode, [report_r] if isinstance(shim, ServedShim) else [report_r, stdin_w]
 
 
+def _pipe_stat(path: str) -> os.stat_result | None:
+    found = os.stat(path)
+    return found if stat.S_ISFIFO(found.st_mode) else None
+
+
 def test_a_spawn_answered_late_is_not_taken_for_the_next_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     """A spawn whose answer came after it gave up (the server or the whole worker was stopped
     past SPAWN_ANSWER_S) left that answer queued, and the next spawn took it: each launch after
@@ -115,9 +121,9 @@ def test_a_spawn_answered_late_is_not_taken_for_the_next_ones(monkeypatch: pytes
         third, inode, fds = _spawn(server, 3)
         to_close += fds
         assert isinstance(third, ServedShim), third
-        assert os.stat(f"/proc/{third.pid}/fd/0").st_ino == inode, (
-            f"the spawn of job 3 was answered with pid {third.pid}, the late shim of job 2"
-        )
+        # (Its fd 0 is the server's socket until the forked child has moved its own fds in.)
+        stdin = eventually(lambda: _pipe_stat(f"/proc/{third.pid}/fd/0"))
+        assert stdin.st_ino == inode, f"the spawn of job 3 was answered with pid {third.pid}, the late shim of job 2"
         first.kill()
         third.kill()
         first.wait(timeout=30)
@@ -155,3 +161,64 @@ def test_a_launch_whose_fork_server_died_waits_again_instead_of_failing(stack: S
     os.kill(server, signal.SIGKILL)
     done = stack.wait_state(job, *FINAL_STATES, JobState.HELD)
     assert done.state == JobState.COMPLETED, (done.state, done.reason, done.detail)
+
+
+# A job whose escapee leaves its session and keeps a zombie child it never reaps, then kills
+# its shim. The worker's sweep killed the escapee's tree waiting for each member to be gone,
+# and a zombie never is while its parent lives: 50 rounds of 0.2 s (10 s) per such escapee,
+# while the job's lease was no longer renewed (its runner already forgotten) and every other
+# sweep (a launch's server start, each unclean end, the heartbeat's own) waited behind it.
+_ZOMBIE_KEEPER = r"""
+import os, signal, sys, time
+pidfile = sys.argv[1]
+shim = os.getppid()
+r, w = os.pipe()
+keeper = os.fork()
+if keeper == 0:
+    os.setsid()
+    zombie = os.fork()
+    if zombie == 0:
+        os._exit(0)
+    while open(f"/proc/{zombie}/stat").read().rpartition(")")[2].split()[0] != "Z":
+        time.sleep(0.01)
+    os.write(w, b"x")
+    time.sleep(1000)  # never reaps it
+    os._exit(0)
+os.read(r, 1)
+with open(pidfile, "w") as f:
+    f.write(str(keeper))
+os.kill(shim, signal.SIGKILL)
+time.sleep(60)
+"""
+
+
+def test_an_escapee_that_keeps_a_zombie_child_does_not_stall_the_sweep(stack: Stack) -> None:
+    stack.start_scheduler()
+    stack.start_worker()
+    pidfile = stack.tmp_path / "keeper.pid"
+    job_id = stack.submit("--mem", "1GiB", "--", sys.executable, "-c", _ZOMBIE_KEEPER, str(pidfile))
+    done = stack.wait_state(job_id, *FINAL_STATES)
+    keeper = int(pidfile.read_text())
+    try:
+        assert "lease expired" not in done.detail, (
+            f"job {job_id}'s end was not recorded by its worker: {done.reason} ({done.detail})"
+        )
+        assert not _pid_alive(keeper)
+    finally:
+        if _pid_alive(keeper):
+            os.kill(keeper, signal.SIGKILL)
+
+
+def test_an_array_of_jobs_that_kill_their_shims_leaving_escapees_is_recorded_by_its_worker(stack: Stack) -> None:
+    """200 jobs, each leaving two setsid'd escapees (one with children) and killing its shim:
+    the orphan sweep killed each orphan's tree with a read of the whole process table per
+    orphan, and held the heartbeat (or the ends) for seconds: every job's lease lapsed and
+    the scheduler declared them all lost with their node ('lease expired')."""
+    stack.start_scheduler()
+    worker = stack.start_worker()
+    escape = "setsid sleep 1007 & setsid sh -c 'sleep 1007 & sleep 1007' & kill -9 $PPID; sleep 1007"
+    first = stack.submit("--mem", "100MiB", "--array", "0-199", "--", "sh", "-c", escape)
+    ends = [stack.wait_state(job_id, *FINAL_STATES) for job_id in range(first, first + 200)]
+    lapsed = [r.job_id for r in ends if "lease expired" in r.detail]
+    assert not lapsed, f"{len(lapsed)} of 200 ends not recorded by the worker: their leases lapsed"
+    eventually(lambda: len(psutil.Process(worker.proc.pid).children()) <= 1)  # its fork server
