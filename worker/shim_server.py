@@ -183,10 +183,14 @@ class ShimServer:
             self._reply.notify_all()
         with contextlib.suppress(OSError):
             sock.close()
-        for shim in orphans:
-            while not shim._gone():
-                time.sleep(0.05)  # the pidfd turns readable when it exits; it is killing its tree
-            shim._exited(LOST_STATUS)
+        # All watched at once: one that its job SIGSTOPped (same user) goes only once the
+        # worker kills it (a cancel), and the others' ends waited behind it.
+        while orphans:
+            for shim in [s for s in orphans if s._gone()]:
+                shim._exited(LOST_STATUS)
+                orphans.remove(shim)
+            if orphans:
+                time.sleep(0.05)  # a pidfd turns readable when its shim exits; each is killing its tree
 
     def spawn(self, request: dict[str, object], stdin_r: int, report_w: int, log_fd: int, stdin_w: int) -> ServedShim:
         """A new shim, forked by the server as the request says; ShimServerError if not."""

@@ -222,3 +222,20 @@ def test_an_array_of_jobs_that_kill_their_shims_leaving_escapees_is_recorded_by_
     lapsed = [r.job_id for r in ends if "lease expired" in r.detail]
     assert not lapsed, f"{len(lapsed)} of 200 ends not recorded by the worker: their leases lapsed"
     eventually(lambda: len(psutil.Process(worker.proc.pid).children()) <= 1)  # its fork server
+
+
+def test_a_job_that_stops_its_shim_does_not_hold_up_the_others_when_the_server_dies(stack: Stack) -> None:
+    """The fork server died (killed by root, or by the OOM killer) and the worker reported its
+    shims' ends one after the other, each once it was gone: a shim its job had SIGSTOPped
+    (same user) never goes by itself, and every other job's end waited behind it."""
+    stack.start_scheduler()
+    worker = stack.start_worker()
+    stopper = stack.submit("--mem", "1GiB", "--", "sh", "-c", "kill -STOP $PPID; sleep 1000")
+    stack.wait_state(stopper, JobState.RUNNING)
+    other = stack.submit("--mem", "1GiB", "--", "sleep", "1000")
+    stack.wait_state(other, JobState.RUNNING)
+    os.kill(_fork_server(worker.proc.pid), signal.SIGKILL)
+    done = stack.wait_state(other, *FINAL_STATES, JobState.PENDING)
+    assert done.state == JobState.FAILED, (done.state, done.reason, done.detail)
+    assert stack.cli("cancel", str(stopper)).returncode == 0  # its shim is killed then
+    stack.wait_state(stopper, *FINAL_STATES)
