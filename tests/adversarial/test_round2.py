@@ -12,6 +12,7 @@ from pathlib import Path
 from jobs.api import job_path
 from jobs.states import JobState
 from tests.adversarial.support import api
+from tests.chaos.markers import pid_alive
 from tests.helpers.stack import Stack, eventually
 from tests.helpers.users import as_user, needs_users
 
@@ -48,15 +49,6 @@ def _run_script_as_alice(stack: Stack, users: dict[str, pwd.struct_passwd], work
     return int(payload["id"])  # type: ignore[index]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rpartition(b")")[2].split()[0]
-    except OSError:
-        return False
-    return state not in (b"Z", b"X")
-
-
 # A job that forks a child and, microseconds later, SIGKILLs its own shim (its parent's parent:
 # the shim runs as the job's user). The child was never seen by a heartbeat's `track`, and
 # with the shim gone it reparents to init, out of every tree the worker looks at.
@@ -88,13 +80,13 @@ def test_job_that_kills_its_own_shim_leaves_no_process_behind(
     try:
         done = multi_stack.wait_state(job_id, *FINAL_STATES)
         escapee = int(pidfile.read_text())
-        assert not _pid_alive(escapee), (
+        assert not pid_alive(escapee), (
             f"job {job_id} is {done.state.value} and its GPUs are free again, "
             f"but its process {escapee} (forked before it killed its shim) still runs"
         )
     finally:
         stopfile.touch()
-        if escapee and _pid_alive(escapee):
+        if escapee and pid_alive(escapee):
             with contextlib.suppress(OSError):
                 os.kill(escapee, signal.SIGKILL)
 

@@ -14,21 +14,13 @@ import psutil
 import pytest
 
 from jobs.states import JobState
+from tests.chaos.markers import pid_alive
 from tests.helpers.stack import Stack, eventually
 from worker import shim_server
 from worker.runner import SHIM_ENV, SHIM_PATH
 from worker.shim_server import ServedShim, ShimServer, ShimServerError
 
 FINAL_STATES = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rpartition(b")")[2].split()[0]
-    except OSError:
-        return False
-    return state not in (b"Z", b"X")
 
 
 # A job that forks an escapee, has it leave its session and re-exec itself with the shim's
@@ -61,13 +53,13 @@ def test_an_orphan_that_names_the_shim_in_its_command_line_is_still_killed(stack
     try:
         done = stack.wait_state(job_id, *FINAL_STATES)
         escapee = int(pidfile.read_text())
-        assert not _pid_alive(escapee), (
+        assert not pid_alive(escapee), (
             f"job {job_id} is {done.state.value}, but its process {escapee}, which names the shim "
             "in its command line, still runs"
         )
     finally:
         stopfile.touch()
-        if escapee and _pid_alive(escapee):
+        if escapee and pid_alive(escapee):
             with contextlib.suppress(OSError):
                 os.kill(escapee, signal.SIGKILL)
 
@@ -203,9 +195,9 @@ def test_an_escapee_that_keeps_a_zombie_child_does_not_stall_the_sweep(stack: St
         assert "lease expired" not in done.detail, (
             f"job {job_id}'s end was not recorded by its worker: {done.reason} ({done.detail})"
         )
-        assert not _pid_alive(keeper)
+        assert not pid_alive(keeper)
     finally:
-        if _pid_alive(keeper):
+        if pid_alive(keeper):
             os.kill(keeper, signal.SIGKILL)
 
 
