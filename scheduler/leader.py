@@ -61,6 +61,7 @@ class Leadership:
         self._lock = threading.Lock()
         self._fence: str | None = None
         self._valid_until = 0.0  # monotonic
+        self._releasing: str | None = None  # the fence release() is handing back, until Redis answers
         self.gained = threading.Event()  # set on taking the lease: wakes a waiting loop at once
 
     @property
@@ -129,9 +130,18 @@ class Leadership:
             stop.wait(self.renew_every_s if self.fence() is not None else self.poll_s)
         self.release()
 
+    def unreleased_epoch(self) -> int | None:
+        """The epoch of a lease this scheduler holds or is handing back and Redis has not yet
+        taken back: for a stopping scheduler whose release() is stuck on a Redis that does
+        not answer (its `fence()` is already None then)."""
+        with self._lock:
+            held = self._fence or self._releasing
+        return fence_epoch(held) if held else None
+
     def release(self) -> None:
         with self._lock:
             mine, self._fence = self._fence, None
+            self._releasing = mine
         try:
             self._release(keys=[keys.LEADER, keys.SCHEDULERS], args=[mine or "", self.holder])
         except redis.RedisError as exc:
@@ -141,6 +151,9 @@ class Leadership:
                     fence_epoch(mine), exc, self.lease_s,
                 )  # fmt: skip
             return
+        finally:
+            with self._lock:
+                self._releasing = None
         if mine is not None:
             log.info("leader: released the lease (epoch %d)", fence_epoch(mine))
 

@@ -101,16 +101,16 @@ def _serve(config: Config) -> int:
             log.info("scheduler: signal %d, stopping", stops.received)
     finally:
         stop.set()
-        led = leader.fence() is not None
         deadline = time.monotonic() + STOP_BUDGET_S
         loop.join(timeout=STOP_BUDGET_S / 2)
         # What is left to tell Redis, within the budget: the lease (a successor takes over at
         # once; else it lapses by itself), deliveries claimed but not sent (due again at once;
         # else when their claim lapses), and this daemon's presence (else it expires).
         leader_thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        if leader_thread.is_alive() and led:
-            log.warning("leader: could not release the lease (Redis did not answer); it lapses within %gs",
-                        config.scheduler.leader_lease_s)  # fmt: skip
+        epoch = leader.unreleased_epoch()
+        if leader_thread.is_alive() and epoch is not None:
+            log.warning("leader: could not release the lease (epoch %d, Redis did not answer); it lapses within %gs",
+                        epoch, config.scheduler.leader_lease_s)  # fmt: skip
         goodbyes = [presence.leave] + ([notifier.close] if notifier is not None else [])
         if not within(goodbyes, deadline - time.monotonic()):
             log.warning("scheduler: Redis did not answer while stopping; what was left unsaid expires by itself")

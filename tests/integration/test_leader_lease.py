@@ -4,6 +4,7 @@ contenders, and every kind of loop write refused once a newer leadership exists
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from dataclasses import replace
@@ -22,7 +23,8 @@ from scheduler.dispatch import Dispatcher
 from scheduler.leader import Leadership, read_leader
 from scheduler.policy.accounting import GpuAccount
 from scheduler.policy.placement import Assignment
-from tests.helpers.stack import eventually
+from scheduler.redis_server import RedisServer
+from tests.helpers.stack import eventually, free_port
 
 
 def _spec() -> JobSpec:
@@ -164,3 +166,31 @@ def test_doctor_fails_without_a_leader_while_schedulers_are_alive(redis_client: 
     redis_client.delete(keys.LEADER)  # the lease gone, schedulers still alive
     [check] = check_leader(redis_client, config)
     assert check.level == "FAIL" and "no scheduler holds the leader lease while 2 scheduler(s) alive" in check.message
+
+
+def test_a_release_stuck_on_a_silent_redis_still_names_the_lease_it_holds(tmp_path: Path) -> None:
+    """Break (a suite run): a SIGTERM'd leader cut off from Redis did not say its lease was left
+    to lapse. Its release() forgets the fence at once (the loop must stop believing it leads)
+    and then waits on Redis; the stopping main thread asked `fence()` and heard "not leading"."""
+    server = RedisServer(tmp_path / "silent-redis", port=free_port())
+    server.start()
+    assert server.proc is not None
+    client = redis.Redis.from_url(server.url, socket_timeout=30)
+    leader = Leadership(client, 5.0, "h:1 /s1")
+    leader.tick()
+    epoch = leader.unreleased_epoch()
+    assert epoch is not None and leader.fence() is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    releasing = threading.Thread(target=leader.release, daemon=True)
+    try:
+        releasing.start()
+        eventually(lambda: leader.fence() is None)
+        assert releasing.is_alive()  # still waiting for Redis
+        assert leader.unreleased_epoch() == epoch
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    releasing.join(timeout=30)
+    assert not releasing.is_alive()
+    assert leader.unreleased_epoch() is None  # Redis answered: handed back
+    assert client.get(keys.LEADER) is None
+    server.stop()
