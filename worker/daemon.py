@@ -175,12 +175,17 @@ class WorkerDaemon:
         with self.redis.pipeline() as pipe:
             try:
                 pipe.watch(*claims)
-                for uuid, raw in zip(uuids, pipe.mget(claims), strict=True):
+                for uuid, claim, raw in zip(uuids, claims, pipe.mget(claims), strict=True):
                     node, _, holder = (raw or b"").decode(errors="replace").partition(" ")
                     if raw is not None and node != self.node and not _dead_local_owner(holder):
+                        # A claim without a TTL (written by hand, a restored dump) never lapses:
+                        # say which key to delete, or the GPU stays blocked with no clue why.
+                        left_ms = int(pipe.pttl(claim))
+                        lapses = "it never lapses" if left_ms < 0 else f"it lapses within {left_ms / 1000:.1f}s"
                         raise GpuTaken(
-                            f"GPU {uuid} is served by node '{node}' (worker {holder}); one worker per "
-                            "GPU: stop that worker, or start this one under its name (--name)"
+                            f"GPU {uuid} is served by node '{node}' (worker {holder}; Redis key {claim}: "
+                            f"{lapses}); one worker per GPU: stop that worker, or start this one under "
+                            "its name (--name)"
                         )
                 pipe.multi()
                 for claim in claims:

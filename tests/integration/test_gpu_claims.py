@@ -72,3 +72,19 @@ def test_a_worker_whose_gpu_another_worker_took_stops_instead_of_offering_it(sta
     worker.wait_line("is served by another worker now")
     assert worker.proc.wait(timeout=60) == 0
     assert stack.redis.get(claim) == b"other other-host:1"
+
+
+def test_a_claim_left_without_expiry_is_refused_with_the_key_to_delete(
+    tmp_path: Path, redis_client: redis.Redis
+) -> None:
+    """Found by the attack round: a claim key holding garbage and no TTL (written by hand, or a
+    restored dump) blocks its GPU for good, and the refusal named only a holder that does not
+    exist. It must name the key and say that it never lapses."""
+    worker = _worker(tmp_path, redis_client, "a")
+    uuid = sorted(d.uuid for d in worker.probe.snapshot().devices)[0]
+    redis_client.set(keys.gpu_owner(uuid), "garbage")
+    with pytest.raises(GpuTaken) as refused:
+        worker._claim_name()
+    assert keys.gpu_owner(uuid) in str(refused.value)
+    assert "never lapses" in str(refused.value)
+    assert redis_client.get(keys.node_owner("a")) is None  # refused whole
