@@ -30,7 +30,12 @@ from jobs.record import GpuAssignment, JobRecord
 from jobs.states import JobState
 from jobs.store import JobStore
 
-FIELDS = ("state", "attempt", "node", "gpus", "assigned_at", "started_at", "peak_bytes", "cancel_requested")
+# `submitted_at` never changes: it tells a job from another with the same id (an id counter
+# that went back with a flushed Redis, scheduler/pending.py `_instance`). Cancel stays last.
+FIELDS = (
+    "state", "attempt", "node", "gpus", "assigned_at", "started_at", "peak_bytes", "submitted_at", "cancel_requested",
+)  # fmt: skip
+_SUBMITTED = FIELDS.index("submitted_at")
 ACTIVE_STATES = frozenset({JobState.ASSIGNED.value, JobState.RUNNING.value})
 PAGE = 2000
 
@@ -98,10 +103,14 @@ class ActiveReader:
         out: dict[int, JobRecord] = {}
         unknown = []
         for job_id, row in rows.items():
-            if job_id in self._cache:
+            if self._same_job(job_id, row):
                 continue
             waited = self._known(job_id)
-            if waited is not None and str(waited.attempt + 1) == row[1]:
+            if (
+                waited is not None
+                and str(waited.attempt + 1) == row[1]
+                and repr(waited.submitted_at) == row[_SUBMITTED]
+            ):
                 out[job_id] = waited
             else:
                 unknown.append(job_id)
@@ -111,12 +120,18 @@ class ActiveReader:
     def _current(self, job_id: int, row: tuple[str | None, ...], parsed: dict[int, JobRecord]) -> JobRecord | None:
         """The job's record as of `row`: the cached one (refreshed when its fields changed), else
         the one just parsed; None when it could not be parsed (quarantine's business)."""
-        if job_id in self._cache:
+        if self._same_job(job_id, row):
             seen, record = self._cache[job_id]
             return record if row == seen else _refreshed(record, row)
         if job_id in parsed:
             return _refreshed(parsed[job_id], row)
         return None
+
+    def _same_job(self, job_id: int, row: tuple[str | None, ...]) -> bool:
+        """Whether the cached record is of the job `row` was read from (not of an older job
+        that had its id before Redis was flushed or lost its last writes)."""
+        entry = self._cache.get(job_id)
+        return entry is not None and entry[0][_SUBMITTED] == row[_SUBMITTED]
 
     def lapsed(self) -> list[Active]:
         """The active jobs (as of the last read or update) whose lease no longer exists now:
@@ -164,7 +179,7 @@ def _float(value: str | None) -> float | None:
 
 
 def _refreshed(record: JobRecord, row: tuple[str | None, ...]) -> JobRecord:
-    state, attempt, node, gpus, assigned_at, started_at, peak, _cancel = row
+    state, attempt, node, gpus, assigned_at, started_at, peak, _submitted, _cancel = row
     return record.updated(
         state=JobState(state or record.state.value),
         attempt=int(attempt or 0),

@@ -90,7 +90,9 @@ class Scheduler:
         self.usage = UsageTracker(client, config.policy.fairshare_half_life_s)
         self.forecaster = Forecaster(client, config)
         self._queue = WaitingQueue()  # the eligible jobs, grouped for placement
-        self._queued: dict[int, int] = {}  # job id -> the attempt queued
+        # job id -> the attempt queued, and of which job (an id names another job once Redis
+        # was flushed or lost its last writes: scheduler/pending.py, `_instance`)
+        self._queued: dict[int, tuple[int, float]] = {}
         self._with_deps: dict[int, JobRecord] = {}  # waiting jobs that name dependencies
         self.changes = ChangeFeed(client)
         self._last_full = -RESYNC_S  # time.monotonic() of the last full read of the waiting jobs
@@ -345,9 +347,9 @@ class Scheduler:
             if record is None or record.state is not pending or job_id in blocked:
                 if self._queued.pop(job_id, None) is not None:
                     self._queue.discard(job_id)
-            elif self._queued.get(job_id) != record.attempt:
+            elif self._queued.get(job_id) != (record.attempt, record.submitted_at):
                 self._queue.add(pending_job(record))
-                self._queued[job_id] = record.attempt
+                self._queued[job_id] = (record.attempt, record.submitted_at)
 
     def _track_dependencies(self, touched: set[int] | None) -> None:
         """Keep `_with_deps` (the waiting jobs that name dependencies) current."""

@@ -27,7 +27,9 @@ from jobs.store import JobStore
 from scheduler.policy.forecast import same_estimate
 from scheduler.policy.types import Waiting
 
-MUTABLE = ("state", "reason", "detail", "attempt", "est_start_at")
+# The fields read again for every job that changed; `submitted_at` never changes, it tells a
+# job from another one with the same id (see `_instance`).
+MUTABLE = ("state", "reason", "detail", "attempt", "est_start_at", "submitted_at")
 WAITING = frozenset({JobState.PENDING.value, JobState.HELD.value})
 PAGE = 2000  # jobs per script call: keeps each call short for Redis's other clients
 ESTIMATES_PER_PASS = 50  # estimate-only rewrites a pass makes at most (see `stale_reasons`)
@@ -94,7 +96,7 @@ class PendingReader:
                 else:
                     self._cache.pop(job_id, None)  # started, ended, or gone
         cache = self._cache
-        fresh = [i for i, values in current.items() if i not in cache or _attempt(cache[i][0]) != _attempt(values)]
+        fresh = [i for i, values in current.items() if i not in cache or _instance(cache[i][0]) != _instance(values)]
         parsed = {r.id: r for r in self.store.get_many(fresh, invalid)}
         appended_before_end = False
         last = next(reversed(self._cache), 0) if self._cache else 0
@@ -227,9 +229,10 @@ class PendingReader:
             if len(ids) < PAGE:
                 break
             after = ids[-1]
-        # A new attempt may come with a new spec (an OOM retry raises --mem): read it whole.
+        # A new attempt may come with a new spec (an OOM retry raises --mem), and a job id may
+        # name another job now (see `_instance`): read those whole.
         stale = {
-            i for i, values in current.items() if i in self._cache and _attempt(self._cache[i][0]) != _attempt(values)
+            i for i, values in current.items() if i in self._cache and _instance(self._cache[i][0]) != _instance(values)
         }
         for job_id in stale:
             del self._cache[job_id]
@@ -246,8 +249,15 @@ class PendingReader:
         return [record for _, record in cache.values()]
 
 
-def _attempt(values: tuple[str | None, ...]) -> str | None:
-    return values[MUTABLE.index("attempt")]
+_ATTEMPT, _SUBMITTED = MUTABLE.index("attempt"), MUTABLE.index("submitted_at")
+
+
+def _instance(values: tuple[str | None, ...]) -> tuple[str | None, str | None]:
+    """Which job and attempt a cached record stands for. The attempt alone is not enough: after
+    Redis was flushed, replaced or restarted from an AOF that lost its last second, the job id
+    counter starts again below ids the scheduler still remembers, and a new job 2 (attempt 0)
+    was taken for the old job 2, spec and all (it waited on the old one's dependencies)."""
+    return values[_ATTEMPT], values[_SUBMITTED]
 
 
 def _field(record: JobRecord, name: str) -> str | None:
@@ -260,7 +270,7 @@ def _field(record: JobRecord, name: str) -> str | None:
 
 
 def _refreshed(record: JobRecord, values: tuple[str | None, ...]) -> JobRecord:
-    state, reason, detail, attempt, est = (v or "" for v in values)
+    state, reason, detail, attempt, est, _submitted = (v or "" for v in values)
     return record.updated(
         state=JobState(state),
         reason=reason,

@@ -1,0 +1,90 @@
+"""Attacks on the picture of waiting and active jobs the scheduler keeps between passes
+(scheduler/changes.py, pending.py, active.py, dependencies.py): whatever happened in Redis,
+the next pass (or at worst the next resync) must decide as a scheduler that reads everything
+afresh would."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from jobs import lifecycle
+from jobs.config import Config
+from jobs.spec import JobSpec
+from jobs.states import JobState, Reason
+from jobs.store import JobStore
+from scheduler.daemon import RESYNC_S, Scheduler
+
+ENV = {"PATH": "/usr/bin:/bin"}
+
+
+def spec(
+    *, mem_bytes: int = 2**30, hold: bool = False, after_ok: tuple[int, ...] = (), after_any: tuple[int, ...] = ()
+) -> JobSpec:
+    return JobSpec(
+        command=("true",), cwd="/", mem_bytes=mem_bytes, env=ENV, hold=hold, after_ok=after_ok, after_any=after_any
+    )
+
+
+def submit(store: JobStore, *specs: JobSpec, user: str = "alice") -> list[int]:
+    return store.submit_reserved(store.reserve_ids(len(specs)), list(specs), user=user, uid=1000)
+
+
+def resync(scheduler: Scheduler) -> None:
+    """The pass after RESYNC_S: everything is read again (what the scheduler does every minute)."""
+    scheduler._last_full = -RESYNC_S
+    scheduler.run_pass()
+
+
+def test_a_job_id_used_again_after_a_flush_is_read_as_the_new_job(redis_client: redis.Redis) -> None:
+    """Redis flushed (or restarted from an AOF that lost the last second, or replaced): job ids
+    start again, and job 2 is now another job. The scheduler remembered the old job 2's record
+    (waiting, attempt 0) and kept it for the new one, whose attempt is 0 too: the new job, which
+    depends on nothing, waited forever 'for job 1 to end' (the old job's --after), resync or not."""
+    store = JobStore(redis_client)
+    scheduler = Scheduler(Config(), redis_client)
+    first, second = submit(store, spec(hold=True), spec(after_ok=(1,)))
+    assert (first, second) == (1, 2)
+    scheduler.run_pass()
+    assert store.get(2).reason == Reason.DEPENDENCY.value  # type: ignore[union-attr]
+
+    redis_client.flushall()
+    assert submit(store, spec(hold=True), spec(mem_bytes=3 * 2**30)) == [1, 2]
+    scheduler.run_pass()  # the entry it stopped at is gone: a gap, everything is read again
+    resync(scheduler)
+
+    record = store.get(2)
+    assert record is not None and record.state == JobState.PENDING
+    assert record.reason != Reason.DEPENDENCY.value, record
+    assert 2 in scheduler._queue  # considered for placement
+    assert scheduler._queue.by_id[2].mem_bytes == 3 * 2**30
+    known = scheduler.pending.known(2)
+    assert known is not None and known.spec == record.spec
+
+
+def test_an_active_job_id_used_again_after_a_flush_is_read_as_the_new_job(redis_client: redis.Redis) -> None:
+    """The same for the active jobs: a scheduler that comes back to leading (another led while
+    Redis was flushed and dispatched the new job 1) took the new job 1 for the old one it
+    remembered running: another user's job, charged and limited as the old one's."""
+    store = JobStore(redis_client)
+    scheduler = Scheduler(Config(), redis_client)
+    gpus = [{"index": 0, "uuid": "GPU-0"}]
+
+    def dispatched(user: str, mem_bytes: int) -> None:  # as a leader's dispatch writes it
+        (job_id,) = submit(store, spec(mem_bytes=mem_bytes), user=user)
+        reservation = {"node": "n1", "gpus": {"GPU-0": mem_bytes}}
+        store.transition(lifecycle.assign(job_id, 1, "n1", gpus, reservation, 600, time.time()))
+
+    dispatched("alice", 2**30)
+    scheduler.run_pass()
+    assert scheduler.active.records[1].user == "alice"
+
+    redis_client.flushall()
+    dispatched("bob", 3 * 2**30)
+    scheduler.changes.forget()  # a new term: everything is read again
+    scheduler.run_pass()
+    resync(scheduler)
+
+    record = scheduler.active.records[1]
+    assert (record.user, record.spec.mem_bytes) == ("bob", 3 * 2**30)
