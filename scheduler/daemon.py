@@ -234,6 +234,8 @@ class Scheduler:
         whole_gpu_bytes = self.book.largest_gpu
         usage = self.usage.update(now, active, ledger, whole_gpu_bytes)
         touched = self.pending.take_touched()
+        if full:
+            self.dependencies.forget()
         self._track_dependencies(touched)
         blocked = self._dependencies()
         reasons = {k: v for k, v in blocked.items() if v.reason == Reason.DEPENDENCY}

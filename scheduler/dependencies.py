@@ -23,6 +23,12 @@ class DependencyReader:
         self.redis = client
         self._final: dict[int, tuple[str, ...]] = {}
 
+    def forget(self) -> None:
+        """Drop what is remembered (at every full read): a job id names another job once Redis
+        was flushed, replaced or lost its last writes, and an ended job 1 remembered then let
+        a job --after-any 1 start while the new job 1 had not run."""
+        self._final.clear()
+
     def states(self, records: Iterable[JobRecord]) -> dict[int, tuple[str, ...] | None]:
         needed = {d for r in records for d in dependency_ids(r.spec)}
         out: dict[int, tuple[str, ...] | None] = {d: self._final[d] for d in needed if d in self._final}

@@ -88,3 +88,24 @@ def test_an_active_job_id_used_again_after_a_flush_is_read_as_the_new_job(redis_
 
     record = scheduler.active.records[1]
     assert (record.user, record.spec.mem_bytes) == ("bob", 3 * 2**30)
+
+
+def test_a_dependency_id_used_again_after_a_flush_is_not_taken_as_ended(redis_client: redis.Redis) -> None:
+    """The dependency reader remembers the states of dependencies that ended (they never change
+    again). After a flush job 1 is another job, still waiting: a job --after-any 1 started at
+    once on the old job 1's end, and one --after 1 would have been cancelled on an old failure."""
+    store = JobStore(redis_client)
+    scheduler = Scheduler(Config(), redis_client)
+    assert submit(store, spec(), spec(after_any=(1,))) == [1, 2]
+    store.transition(lifecycle.cancel(1, JobState.PENDING, "by alice", time.time()))
+    scheduler.run_pass()  # job 1 ended: remembered as CANCELLED; job 2 free to run
+    assert 2 in scheduler._queue
+
+    redis_client.flushall()
+    assert submit(store, spec(hold=True), spec(after_any=(1,))) == [1, 2]
+    scheduler.run_pass()
+    resync(scheduler)
+
+    record = store.get(2)
+    assert record is not None and record.reason == Reason.DEPENDENCY.value, record
+    assert 2 not in scheduler._queue
