@@ -359,7 +359,13 @@ class JobStore:
     def _queue_cancel_request(pipe: redis.client.Pipeline, job_id: int, node: str, attempt: int, by: str) -> None:
         pipe.hset(keys.job(job_id), "cancel_requested", "1")
         event = {"state": JobState.RUNNING.value, "reason": "", "detail": f"cancel requested by {by}"}
-        pipe.xadd(keys.job_events(job_id), {**event, "at": repr(time.time())})
+        now = repr(time.time())
+        pipe.xadd(keys.job_events(job_id), {**event, "at": now})
+        # The scheduler keeps `cancel_requested` with the active jobs (its reaper cancels, not
+        # requeues, a job whose node died before it stopped it): the global stream names the
+        # job, as a transition would, or a --requeue job cancelled as its node died ran again.
+        # No state: it is not a transition (scheduler/counters.py counts those).
+        pipe.xadd(keys.EVENTS, {"job": job_id, "at": now}, maxlen=keys.EVENTS_MAXLEN, approximate=True)
         pipe.rpush(keys.node_control(node), f"cancel {job_id} {attempt}")
 
     def add_event(self, pipe: redis.client.Pipeline, job_id: int, state: str, reason: str, detail: str) -> None:

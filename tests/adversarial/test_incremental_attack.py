@@ -5,16 +5,18 @@ afresh would."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import redis
 
-from jobs import lifecycle
+from jobs import keys, lifecycle
 from jobs.config import Config
 from jobs.spec import JobSpec
 from jobs.states import JobState, Reason
 from jobs.store import JobStore
 from scheduler.daemon import RESYNC_S, Scheduler
+from tests.helpers.stack import Stack, eventually
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -109,3 +111,35 @@ def test_a_dependency_id_used_again_after_a_flush_is_not_taken_as_ended(redis_cl
     record = store.get(2)
     assert record is not None and record.reason == Reason.DEPENDENCY.value, record
     assert 2 not in scheduler._queue
+
+
+def pass_after(stack: Stack, moment: float) -> float:
+    """Await a scheduling pass that ended after `moment`; return when it ended."""
+
+    def ended() -> float | None:
+        at = stack.redis.hget(keys.SCHEDULER_STATUS, "last_pass_at")
+        return float(at) if at is not None and float(at) > moment else None
+
+    value: float = eventually(ended)
+    return value
+
+
+def test_a_running_job_cancelled_as_its_node_dies_is_not_requeued(stack: Stack) -> None:
+    """`gpulab cancel` of a running job only marks it (`cancel_requested`) and tells its worker;
+    if the worker is gone, the reaper ends it CANCELLED when its lease lapses. The mark made no
+    event, so the scheduler's picture of the active job kept 'not cancelled' until its next
+    full read, and the reaper requeued the --requeue job: cancelled, it ran again."""
+    stack.start_scheduler()
+    worker = stack.start_worker()
+    job = stack.submit("--mem", "1GiB", "--requeue", "--", "sleep", "1000")
+    started = stack.wait_state(job, JobState.RUNNING).started_at
+    assert started is not None
+    seen = pass_after(stack, started)  # a pass ended after the start ...
+    pass_after(stack, seen)  # ... and the next one began after it: it has read the job RUNNING
+    worker.proc.send_signal(signal.SIGSTOP)  # frozen: it never hears the cancel
+    result = stack.cli("cancel", str(job))
+    assert result.returncode == 0, result.stderr
+    worker.proc.send_signal(signal.SIGKILL)  # the host is gone: the lease lapses
+    worker.proc.wait()
+    done = stack.wait_state(job, JobState.CANCELLED, JobState.PENDING, JobState.HELD, JobState.FAILED)
+    assert done.state == JobState.CANCELLED, (done.state, done.reason, done.detail)
