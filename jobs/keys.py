@@ -17,7 +17,6 @@ LEDGER = f"{PREFIX}:ledger"  # hash job id -> JSON reservation {node, gpus: {uui
 NODES = f"{PREFIX}:nodes"  # set of node names ever seen
 WAKE = f"{PREFIX}:wake"  # list; a push wakes the scheduler loop
 EVENTS = f"{PREFIX}:events"  # global stream of transitions (capped)
-EVENTS_MAXLEN = 10_000  # its cap (jobs/scripts.py writes the same number)
 SCHEDULER_STATUS = f"{PREFIX}:scheduler"  # hash: last pass stats, pid, heartbeat
 FAIRSHARE = f"{PREFIX}:fairshare"  # hash: user -> decayed usage (byte-seconds), "_at" -> charged until
 DRAINED = f"{PREFIX}:drained"  # hash: node name -> why (admin `gpulab node drain`); no new jobs there

@@ -232,6 +232,24 @@ end
 return written
 """
 
+REQUEST_CANCEL = """
+-- KEYS: job, job_events, the node's control list, the global events stream.
+-- ARGV: attempt, event detail, now, this job's id.
+-- Ask a running attempt's worker to stop it for a cancel: only while that attempt is still
+-- RUNNING. Written blind, the mark landed on a job requeued meanwhile (node lost, preempted):
+-- it waited again, its user told CANCELLING, and ran again in full. The global stream names
+-- the job (no state: not a transition): the scheduler keeps the mark with the active jobs,
+-- and its reaper cancels, not requeues, a marked job whose node died.
+-- Returns 1 if asked, 0 if the attempt no longer runs (the caller looks at the job again).
+local h = redis.call('HMGET', KEYS[1], 'state', 'attempt')
+if h[1] ~= 'RUNNING' or h[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+redis.call('XADD', KEYS[2], '*', 'state', 'RUNNING', 'reason', '', 'detail', ARGV[2], 'at', ARGV[3])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'job', ARGV[4], 'at', ARGV[3])
+redis.call('RPUSH', KEYS[3], 'cancel ' .. ARGV[4] .. ' ' .. ARGV[1])
+return 1
+"""
+
 REQUEST_PREEMPT = """
 -- KEYS: job, job_events, the node's control list, the leader's fence key.
 -- ARGV: attempt, job preempted for, event detail, now, the scheduler's fence ('' = none),

@@ -71,6 +71,7 @@ class JobStore:
         self._profile_add = client.register_script(scripts.PROFILE_ADD)
         self._running_event = client.register_script(scripts.RUNNING_EVENT)
         self._request_preempt = client.register_script(scripts.REQUEST_PREEMPT)
+        self._request_cancel = client.register_script(scripts.REQUEST_CANCEL)
 
     # ---- writes -------------------------------------------------------------------------
     def reserve_ids(self, count: int) -> int:
@@ -330,14 +331,15 @@ class JobStore:
                 out.append(TransitionRefused(t.job_id, t.target, previous))
         return out
 
-    def request_cancel_many(self, running: list[tuple[int, str, int]], by: str) -> None:
-        """`request_cancel` for many (job id, node, attempt) in one round trip (one MULTI)."""
+    def request_cancel_many(self, running: list[tuple[int, str, int]], by: str) -> list[bool]:
+        """`request_cancel` for many (job id, node, attempt) in one round trip: for each, in
+        order, whether it was asked."""
         if not running:
-            return
-        pipe = self.redis.pipeline(transaction=True)
+            return []
+        pipe = self.redis.pipeline(transaction=False)
         for job_id, node, attempt in running:
             self._queue_cancel_request(pipe, job_id, node, attempt, by)
-        pipe.execute()
+        return [int(done) == 1 for done in pipe.execute()]
 
     def renew_leases(self, job_ids: Iterable[int], node: str, ttl_s: float, fence: Fence) -> list[int]:
         """Renew this node's leases; return the jobs whose lease it no longer holds. Raise
@@ -349,24 +351,16 @@ class JobStore:
             raise Fenced(f"node {node}: another worker holds this node name now")
         return [ids[int(i) - 1] for i in lost]
 
-    def request_cancel(self, job_id: int, node: str, attempt: int, by: str) -> None:
-        """Mark a running job for cancelling and tell its worker, which stops its whole tree."""
-        pipe = self.redis.pipeline(transaction=True)
-        self._queue_cancel_request(pipe, job_id, node, attempt, by)
-        pipe.execute()
+    def request_cancel(self, job_id: int, node: str, attempt: int, by: str) -> bool:
+        """Mark a running attempt for cancelling and tell its worker, which stops its whole
+        tree (scripts.REQUEST_CANCEL). False when that attempt no longer runs (it ended or was
+        requeued meanwhile): nothing was written, the caller looks at the job again."""
+        return self.request_cancel_many([(job_id, node, attempt)], by)[0]
 
-    @staticmethod
-    def _queue_cancel_request(pipe: redis.client.Pipeline, job_id: int, node: str, attempt: int, by: str) -> None:
-        pipe.hset(keys.job(job_id), "cancel_requested", "1")
-        event = {"state": JobState.RUNNING.value, "reason": "", "detail": f"cancel requested by {by}"}
-        now = repr(time.time())
-        pipe.xadd(keys.job_events(job_id), {**event, "at": now})
-        # The scheduler keeps `cancel_requested` with the active jobs (its reaper cancels, not
-        # requeues, a job whose node died before it stopped it): the global stream names the
-        # job, as a transition would, or a --requeue job cancelled as its node died ran again.
-        # No state: it is not a transition (scheduler/counters.py counts those).
-        pipe.xadd(keys.EVENTS, {"job": job_id, "at": now}, maxlen=keys.EVENTS_MAXLEN, approximate=True)
-        pipe.rpush(keys.node_control(node), f"cancel {job_id} {attempt}")
+    def _queue_cancel_request(self, pipe: redis.client.Pipeline, job_id: int, node: str, attempt: int, by: str) -> None:
+        job_keys = [keys.job(job_id), keys.job_events(job_id), keys.node_control(node), keys.EVENTS]
+        args = [str(attempt), f"cancel requested by {by}", repr(time.time()), str(job_id)]
+        queue_script(pipe, self._request_cancel, job_keys, args)
 
     def add_event(self, pipe: redis.client.Pipeline, job_id: int, state: str, reason: str, detail: str) -> None:
         """An event in the job's history that is not a transition (e.g. found idle)."""

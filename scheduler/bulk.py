@@ -102,7 +102,10 @@ def _apply(svc: SchedulerService, caller: Caller, verb: str, batch: list[int]) -
             transitions.append(lifecycle.hold(job_id, caller.user))
         else:
             transitions.append(lifecycle.release(job_id, caller.user))
-    svc.store.request_cancel_many([(r.id, r.node, r.attempt) for r in running], caller.user)
+    asked = svc.store.request_cancel_many([(r.id, r.node, r.attempt) for r in running], caller.user)
+    for record, done in zip(running, asked, strict=True):
+        if not done:  # that attempt ended or was requeued since we read it: the single-job path retries
+            out[record.id] = _one(svc, caller, verb, record.id)
     # One wake for the batch, after it, instead of one scheduler pass per job.
     transitions = [replace(t, wake=False) for t in transitions]
     outcomes = svc.store.transition_many(transitions)

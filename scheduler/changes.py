@@ -1,8 +1,8 @@
 """Which jobs changed since the last pass, from the global event stream (keys.EVENTS).
 
 Every submit and every state transition appends `job <id>` to that stream in the same
-atomic script that changes the record (jobs/scripts.py), and so does a cancel request (its
-MULTI, jobs/store.py: the active jobs' `cancel_requested` is kept), so a pass that knows
+atomic script that changes the record (jobs/scripts.py), and so does a cancel request
+(REQUEST_CANCEL: the active jobs' `cancel_requested` is kept), so a pass that knows
 where it stopped reading can re-read only the jobs that moved instead of every waiting job.
 
 A gap means the in-memory picture may be wrong, and the caller must read everything again:

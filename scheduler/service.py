@@ -89,7 +89,8 @@ class SchedulerService:
             return {"id": job_id, "state": record.state.value, "note": "already finished"}
         if record.state == JobState.RUNNING:
             # The worker owns the process: ask it to stop the whole tree; it records CANCELLED.
-            self.store.request_cancel(job_id, record.node, record.attempt, caller.user)
+            if not self.store.request_cancel(job_id, record.node, record.attempt, caller.user):
+                return self.cancel(caller, job_id)  # that attempt ended or was requeued meanwhile
             return {"id": job_id, "state": "CANCELLING"}
         try:
             self.store.transition(

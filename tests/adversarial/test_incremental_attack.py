@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import replace
 
 import redis
 
@@ -143,3 +144,28 @@ def test_a_running_job_cancelled_as_its_node_dies_is_not_requeued(stack: Stack) 
     worker.proc.wait()
     done = stack.wait_state(job, JobState.CANCELLED, JobState.PENDING, JobState.HELD, JobState.FAILED)
     assert done.state == JobState.CANCELLED, (done.state, done.reason, done.detail)
+
+
+def test_a_cancel_request_for_an_attempt_that_no_longer_runs_changes_nothing(redis_client: redis.Redis) -> None:
+    """`gpulab cancel` reads the job RUNNING and asks its worker to stop it; if the attempt was
+    requeued in between (node lost, preempted), the request was written anyway: the job waited
+    again marked cancel_requested, the user was told CANCELLING, and the job ran again in full
+    (only a worker's stop or a reaped lease reads the mark). The request is refused instead, so
+    the API cancels the waiting job (`SchedulerService.cancel` tries again)."""
+    store = JobStore(redis_client)
+    (job,) = submit(store, spec())
+    reservation = {"node": "n1", "gpus": {"GPU-0": 2**30}}
+    store.transition(lifecycle.assign(job, 1, "n1", [{"index": 0, "uuid": "GPU-0"}], reservation, 600, time.time()))
+    store.transition(lifecycle.start(lifecycle.Attempt(job, 1, "n1"), 4242, "/dev/null", 600, time.time()))
+    running = store.get(job)
+    assert running is not None and running.state == JobState.RUNNING
+    # The reaper's verdict on its lapsed lease, between the API's read and its request:
+    requeue = replace(spec(), requeue=True)
+    store.transition(lifecycle.lost(job, JobState.RUNNING, 1, "n1", requeue, False, 3, time.time()))
+
+    assert store.request_cancel(job, running.node, running.attempt, "alice") is False
+    assert store.request_cancel_many([(job, running.node, running.attempt)], "alice") == [False]
+    record = store.get(job)
+    assert record is not None and record.state == JobState.PENDING
+    assert redis_client.hget(keys.job(job), "cancel_requested") is None
+    assert redis_client.llen(keys.node_control("n1")) == 0  # the worker is not told either
