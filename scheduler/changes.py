@@ -53,14 +53,17 @@ class ChangeFeed:
         if not entries or entries[0][0] != self._last:
             return None, int(waiting), int(active)
         changed: set[int] = set()
-        page = entries[1:]
         while True:
-            for entry_id, fields in page:
+            for entry_id, fields in entries[1:]:
                 job = fields.get(b"job")
                 if job is not None and job.isdigit():
                     changed.add(int(job))
                 self._last = entry_id
-            if len(page) < BATCH - 1:
+            if len(entries) < BATCH:
                 return changed, int(waiting), int(active)
-            assert self._last is not None  # set by the full page just read
-            page = self.redis.xrange(keys.EVENTS, b"(" + self._last, "+", count=BATCH)
+            # The next page from the entry just read, inclusive like the first: a burst past the
+            # cap between two pages (a 20k-task array is one script) may have trimmed it, and a
+            # page that began after it would skip the trimmed entries unnoticed.
+            entries = self.redis.xrange(keys.EVENTS, self._last, "+", count=BATCH)
+            if not entries or entries[0][0] != self._last:
+                return None, int(waiting), int(active)

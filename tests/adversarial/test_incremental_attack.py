@@ -8,7 +8,9 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import replace
+from typing import Any
 
+import pytest
 import redis
 
 from jobs import keys, lifecycle
@@ -16,6 +18,7 @@ from jobs.config import Config
 from jobs.spec import JobSpec
 from jobs.states import JobState, Reason
 from jobs.store import JobStore
+from scheduler import changes
 from scheduler.daemon import RESYNC_S, Scheduler
 from tests.helpers.stack import Stack, eventually
 
@@ -169,3 +172,33 @@ def test_a_cancel_request_for_an_attempt_that_no_longer_runs_changes_nothing(red
     assert record is not None and record.state == JobState.PENDING
     assert redis_client.hget(keys.job(job), "cancel_requested") is None
     assert redis_client.llen(keys.node_control("n1")) == 0  # the worker is not told either
+
+
+def test_a_stream_trimmed_while_a_pass_reads_it_page_by_page_is_a_gap(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst larger than a page is read page after page; a burst past the stream's cap
+    (one 20k-task array is one script) landing between two pages trimmed the entries after the
+    page just read, and the next page, read from after that entry, began further on without
+    noticing: the jobs in between were missing until the next resync (the count check runs
+    only when nothing changed)."""
+    monkeypatch.setattr(changes, "BATCH", 10)  # pages of 10 entries instead of 5000
+    store = JobStore(redis_client)
+    scheduler = Scheduler(Config(), redis_client)
+    first = submit(store, spec())
+    scheduler.run_pass()  # a full read: it knows where the stream ends now
+    first += submit(store, *[spec()] * 15)  # two pages
+    real_xrange = redis_client.xrange
+    burst: list[int] = []
+
+    def xrange_after_a_burst(*args: Any, **kwargs: Any) -> Any:
+        """The next page's read, with a burst just before it (injected at that point)."""
+        if not burst:
+            burst.extend(submit(store, *[spec()] * 5))
+            redis_client.xtrim(keys.EVENTS, maxlen=5)  # as if the burst reached the cap
+        return real_xrange(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler.changes.redis, "xrange", xrange_after_a_burst)
+    scheduler.run_pass()
+    assert burst
+    assert set(scheduler.pending.ids()) == set(first) | set(burst)
