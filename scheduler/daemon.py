@@ -209,6 +209,10 @@ class Scheduler:
                 log.warning("waiting jobs: %d in Redis, %d known; reading them all", waiting_count, len(self.pending))
                 full = True
                 self.changes.mark()
+                # The entries since the poll are skipped by that mark: the active jobs and the
+                # ledger they changed are read again too (a job that ended then kept its GPUs).
+                current = self.active.read(invalid)
+                self._ledger = self.ledger.read()
         if full:
             self._last_full = clock
             self.pending.read(invalid)

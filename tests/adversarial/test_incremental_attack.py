@@ -202,3 +202,38 @@ def test_a_stream_trimmed_while_a_pass_reads_it_page_by_page_is_a_gap(
     scheduler.run_pass()
     assert burst
     assert set(scheduler.pending.ids()) == set(first) | set(burst)
+
+
+def test_a_count_check_that_reads_the_waiting_jobs_again_does_not_skip_the_active_ones(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When nothing changed but the waiting count differs from Redis's, the pass notes the
+    stream's end and reads the waiting jobs again; a job that ended after the poll had its
+    entry skipped by that note while the active jobs were not read again: it stayed in the
+    picture, its reservation holding its GPU memory, until a quiet pass or the next resync."""
+    store = JobStore(redis_client)
+    scheduler = Scheduler(Config(), redis_client)
+    (job,) = submit(store, spec())
+    reservation = {"node": "n1", "gpus": {"GPU-0": 2**30}}
+    store.transition(lifecycle.assign(job, 1, "n1", [{"index": 0, "uuid": "GPU-0"}], reservation, 600, time.time()))
+    attempt = lifecycle.Attempt(job, 1, "n1")
+    store.transition(lifecycle.start(attempt, 4242, "/dev/null", 600, time.time()))
+    (gone,) = submit(store, spec())
+    scheduler.run_pass()
+    scheduler.run_pass()
+    assert job in scheduler.active.records and job in scheduler._ledger
+    redis_client.zrem(keys.PENDING, gone)  # behind every script's back: no event, the counts differ
+    redis_client.delete(keys.job(gone))
+    real_mark = scheduler.changes.mark
+
+    def mark_after_an_end() -> None:
+        """The job ends between the poll and the note of the stream's end (injected there)."""
+        store.transition(lifecycle.finish(attempt, JobState.COMPLETED, Reason.NONE, "", {}, time.time()))
+        monkeypatch.setattr(scheduler.changes, "mark", real_mark)
+        real_mark()
+
+    monkeypatch.setattr(scheduler.changes, "mark", mark_after_an_end)
+    scheduler.run_pass()
+    submit(store, spec())  # the next pass has a change: no count check
+    scheduler.run_pass()
+    assert job not in scheduler.active.records and job not in scheduler._ledger
