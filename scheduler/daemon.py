@@ -185,24 +185,21 @@ class Scheduler:
         if full:
             self.changes.mark()  # before reading everything: later changes show in the next poll
             self._last_lease_check = clock
-            current = self.active.read(invalid)
+            current = self._read_active_whole(invalid)
             lapsed = [a for a in current if not a.has_lease]
-            self._ledger = self.ledger.read()
         else:
             current = self.active.update(changed or set(), invalid)
             self._ledger = self.ledger.update(changed or set())
             if not changed and active_count != len(current):
                 log.warning("active jobs: %d in Redis, %d known; reading them all", active_count, len(current))
-                current = self.active.read(invalid)
+                current = self._read_active_whole(invalid)
                 lapsed = [a for a in current if not a.has_lease]
-                self._ledger = self.ledger.read()
             if clock - self._last_lease_check >= self.config.scheduler.housekeeping_interval_s:
                 self._last_lease_check = clock
                 lapsed = self.active.lapsed()
         reaped = self.reap(lapsed) if lapsed else 0
         if reaped:
-            current = self.active.read(invalid)
-            self._ledger = self.ledger.read()
+            current = self._read_active_whole(invalid)
         if not full and changed is not None:
             self.pending.apply(changed, invalid)
             if not changed and waiting_count != len(self.pending):
@@ -211,12 +208,17 @@ class Scheduler:
                 self.changes.mark()
                 # The entries since the poll are skipped by that mark: the active jobs and the
                 # ledger they changed are read again too (a job that ended then kept its GPUs).
-                current = self.active.read(invalid)
-                self._ledger = self.ledger.read()
+                current = self._read_active_whole(invalid)
         if full:
             self._last_full = clock
             self.pending.read(invalid)
         return current, reaped, full
+
+    def _read_active_whole(self, invalid: dict[int, str]) -> list[Active]:
+        """Every active job and the ledger read again, together: the ledger is what they hold."""
+        current = self.active.read(invalid)
+        self._ledger = self.ledger.read()
+        return current
 
     def _run_pass(self) -> PassStats:
         started = time.perf_counter()
