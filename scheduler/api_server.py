@@ -43,6 +43,12 @@ _BULK_RE = re.compile(rf"^{API_PREFIX}/jobs/({'|'.join(JOB_ACTIONS)})$")
 _NODE_RE = re.compile(rf"^{API_PREFIX}/nodes/([A-Za-z0-9][A-Za-z0-9._:+@=-]{{0,127}})/(drain|resume)$")
 
 
+REDIS_SILENT = (
+    "Redis did not answer the scheduler in time; what you asked may or may not be done: "
+    "look (gpulab show), then try again"
+)
+
+
 class SocketInUse(RuntimeError):
     """Something answers on the API socket's path: another scheduler. We never replace it."""
 
@@ -96,6 +102,8 @@ class _Handler(BaseHTTPRequestHandler):
             status, data = exc.status, _error(exc.message)
         except redis.ConnectionError:
             status, data = 503, _error("the scheduler cannot reach Redis right now; try again shortly")
+        except redis.TimeoutError:  # a stalled or cut-off Redis: the call may still have been applied
+            status, data = 503, _error(REDIS_SILENT)
         except Exception:  # one bad request must never take the API down
             log.exception("api: unexpected error in %s %s", method, one_line(self.path, 200))
             status, data = 500, _error("internal error in the scheduler (see its log)")
