@@ -11,12 +11,15 @@ import click
 from cli.client import ApiClient, DaemonUnreachable
 from jobs.api import ApiError
 from jobs.config import Config, ConfigError, load_config
+from jobs.text import safe
 
 EXIT_USAGE = 2
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"gpulab: {message}", err=True)
+    # One printable line: a message may quote what Redis held (a worker's refusal names the
+    # holder of a GPU claim, which anyone able to write Redis can set to escape sequences).
+    click.echo(f"gpulab: {safe(message, 2000)}", err=True)
     sys.exit(code)
 
 

@@ -88,3 +88,14 @@ def test_a_claim_left_without_expiry_is_refused_with_the_key_to_delete(
     assert keys.gpu_owner(uuid) in str(refused.value)
     assert "never lapses" in str(refused.value)
     assert redis_client.get(keys.node_owner("a")) is None  # refused whole
+
+
+def test_a_refused_worker_says_why_in_one_printable_line(stack: Stack) -> None:
+    """Break (final attack pass): the refusal quotes the claim's holder as Redis holds it, and
+    escape sequences or a newline written there reached the operator's terminal raw."""
+    stack.redis.set(keys.gpu_owner(sim_uuid("n1", 0)), "evil\x1b[2J\x07node holder\nnext")
+    refused = stack.cli("worker", "--name", "n1", "--sim-gpus", "1x24GiB")
+    assert refused.returncode == 1
+    lines = refused.stderr.splitlines()
+    assert len(lines) == 1 and "it never lapses" in lines[0], refused.stderr
+    assert "\x1b" not in refused.stderr and "\x07" not in refused.stderr
