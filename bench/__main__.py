@@ -16,6 +16,7 @@
     python -m bench dispatch [--batch 130] [--nodes 64]   one Dispatcher.dispatch(): wall, CPU (own + Redis)
     python -m bench drain [--tasks 1000] [--runs 1]   a 1,000-task array of `true` vs xargs -P 8
     python -m bench logs [--lines 40] [--flood-s 10]   job output through Redis: latency, floods, bytes
+    python -m bench gate [--launches 300] [--rounds 3]   one job start in the shim's gate: C vs Python
 
 Each writes what it printed to bench/results/ as markdown (replay also a .png).
 """
@@ -41,6 +42,7 @@ from bench import (
     memprof,
     notify_burst,
     placement_throughput,
+    shim_gate,
     training_overhead,
 )
 from bench.replay import preempt
@@ -70,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     dispatch_cost.add_arguments(sub.add_parser("dispatch", help="one Dispatcher.dispatch(): wall, CPU"))
     array_drain.add_arguments(sub.add_parser("drain", help="a 1,000-task array of `true` vs xargs -P 8"))
     log_shipping.add_arguments(sub.add_parser("logs", help="job output through Redis: latency, floods, bytes"))
+    shim_gate.add_arguments(sub.add_parser("gate", help="one job start in the shim's gate: C vs Python"))
     return p
 
 
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         save(f"preempt_{args.trace}{'_quick' if args.quick else ''}", preempt.run(args))
     elif args.command == "logs":
         save("log_shipping", log_shipping.run(args))
+    elif args.command == "gate":
+        save("shim_gate", shim_gate.run(args))
     elif args.command == "replay":
         replay.run(args)
     elif args.command == "memprof":
