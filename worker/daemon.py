@@ -76,6 +76,9 @@ class WorkerDaemon:
         self.node = node
         self.simulated = simulated
         self.runners: dict[int, JobRunner] = {}
+        # Jobs whose shim has exited and whose end is being made (orphans killed, GPUs
+        # published, the end journaled): out of `runners`, but their leases are still renewed.
+        self._ending: dict[int, JobRunner] = {}
         self.foreign_peak: dict[tuple[str, int], int] = {}  # (uuid, pid) -> peak bytes
         # What the last full heartbeat measured, for the light one after a job end.
         self._last_usage: tuple[JobGpuUsage, ...] = ()
@@ -455,7 +458,11 @@ class WorkerDaemon:
         # Publish the GPUs as they are after the exit before the finish wakes the scheduler,
         # so the next pass sees the memory back instead of a stale snapshot. Whatever of the
         # job this worker adopted (its shim was killed) dies first: the end is recorded only
-        # once the whole tree is gone.
+        # once the whole tree is gone. Its lease is renewed until its end is journaled (then
+        # the journal holds it): killing what a shim-killing job left can take longer than the
+        # lease under load, and a lapsed lease ended 200 such jobs as lost with their node.
+        with self._lock:
+            self._ending[runner.job_id] = runner
         self._forget(runner)
         if runner.proc is None or runner.proc.poll() != 0:
             # Only a shim that did not end cleanly can have left its tree to this worker: one
@@ -595,8 +602,13 @@ class WorkerDaemon:
     def _renew_leases(self, started: list[JobRunner]) -> bool:
         """Renew the started jobs' leases and tell their shims; stop the jobs whose lease is
         gone. False when this worker was fenced (it is stopping everything)."""
-        # A job whose end waits in the journal is still this worker's: keep its lease.
-        held = [r.job_id for r in started] + self.ends.pending_jobs()
+        # A job whose end is being made or waits in the journal is still this worker's: keep
+        # its lease. (A runner is done once its end is journaled, or could not be.)
+        with self._lock:
+            for job_id in [j for j, r in self._ending.items() if r.done.is_set()]:
+                del self._ending[job_id]
+            ending = list(self._ending)
+        held = [r.job_id for r in started] + ending + self.ends.pending_jobs()
         before = time.monotonic()  # each renewed lease lasts at least until before + ttl
         try:
             lost = self.store.renew_leases(held, self.node, self.config.worker.lease_ttl_s, self.fence)
